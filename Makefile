@@ -1,0 +1,29 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RUN ?= runs/shapes
+DEMO_PROMPTS := "a red circle" "a blue square" "a yellow triangle" "a green circle" "a purple square" "an orange triangle"
+
+.PHONY: install demo test clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Train the default model (preset chosen by device) unless $(RUN) already holds one, then sample a grid.
+$(RUN)/model.safetensors: | install
+	$(PY) train.py --out $(RUN)
+
+demo: $(RUN)/model.safetensors
+	$(PY) sample.py --model $(RUN) --prompt $(DEMO_PROMPTS) --num-images 4 --out $(RUN)/demo.png --overwrite
+	$(PY) -m minidiff.evaluate --model $(RUN)
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

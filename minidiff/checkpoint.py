@@ -1,0 +1,115 @@
+"""Saving and loading models: config.json beside model.safetensors, nothing else.
+
+Only JSON and safetensors are ever read from a checkpoint folder: no pickle, so opening a
+checkpoint from someone else cannot run their code. Every write goes to a temporary file
+that is synced and then renamed over the target, so a crash mid-save leaves the previous
+file intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .model import ModelConfig, TextToImageModel
+
+FORMAT_NAME = "minidiff"
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded; the message says why and what to do."""
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call write(tmp_path), fsync, then rename onto `path` (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, data: dict) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def read_json(path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error}); the checkpoint is corrupt") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object; the checkpoint is corrupt")
+    return data
+
+
+def read_safetensors(path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({error}); the checkpoint is corrupt") from None
+
+
+def save_model(directory, model: TextToImageModel, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write `directory`/config.json and model.safetensors (by default, the model's own weights)."""
+    directory = Path(directory)
+    write_safetensors(directory / WEIGHTS_NAME, state_dict if state_dict is not None else model.state_dict())
+    config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **model.config.to_dict()}
+    write_json(directory / CONFIG_NAME, config)
+
+
+def load_model(directory, device: torch.device | str = "cpu") -> TextToImageModel:
+    """Rebuild a model from `directory`, checking that the folder is a complete minidiff checkpoint."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"model folder {directory} does not exist; train one with `python train.py --out {directory}`")
+    raw = read_json(directory / CONFIG_NAME)
+    if raw.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{directory} is not a minidiff checkpoint (its config.json has no \"format\": \"minidiff\")")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{directory} was written by an incompatible minidiff (checkpoint format {version}, this version reads "
+            f"{FORMAT_VERSION}); retrain it or use the minidiff version that wrote it"
+        )
+    try:
+        config = ModelConfig.from_dict(raw)
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{directory / CONFIG_NAME} does not describe a valid model ({error})") from None
+    model = TextToImageModel(config)
+    weights = read_safetensors(directory / WEIGHTS_NAME)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError:  # a tensor of the wrong shape
+        missing, unexpected = ["(shape mismatch)"], []
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{directory / WEIGHTS_NAME} does not match its config.json "
+            f"({len(missing)} missing, {len(unexpected)} unexpected tensors); the checkpoint is partial or corrupt"
+        )
+    return model.to(device).eval()

@@ -1,0 +1,79 @@
+"""The calls every backend answers: minidiff's toy model and the Stable Diffusion 3.5 bridge.
+
+The keywords mean what they mean in diffusers:
+
+- `prompt`: a string or a list of strings; `negative_prompt` likewise (what to steer away
+  from; it replaces the empty prompt in classifier-free guidance).
+- `num_inference_steps`: denoising steps for a full run (img2img/inpaint run a fraction).
+- `guidance_scale`: classifier-free guidance weight w in eps_uncond + w (eps_cond - eps_uncond);
+  at 1 or below only the conditional prediction is used.
+- `generator`: a `torch.Generator`; the same seed gives the same images.
+- `num_images_per_prompt`: images per prompt; `images` lists them prompt by prompt.
+- `strength` (img2img, inpaint): 0 returns the input, 1 ignores it; int(N * strength) of
+  the N steps run.
+- `mask_image` (inpaint): grayscale, white is replaced, black is kept.
+- `callback`: called after every step with a plain dict (k-diffusion style), keys
+  "i" (step index), "t" (timestep), "x" (x_t, the sample after the step), "denoised"
+  (predicted x_0) and "noise_pred"; images in [-1, 1], shape (B, 3, H, W).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+
+@dataclass
+class ImageOutput:
+    images: list[Image.Image]  # num_images_per_prompt images for each prompt, in prompt order
+    trace: list[dict] = field(default_factory=list)  # steps captured on request, see each backend
+
+
+def check_arguments(num_inference_steps=None, guidance_scale=None, strength=None, num_images_per_prompt=1) -> None:
+    """Raise ValueError with one clear sentence for a value no backend can use."""
+    if num_inference_steps is not None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
+        raise ValueError(f"num_inference_steps must be a whole number >= 1, got {num_inference_steps}")
+    if guidance_scale is not None and not guidance_scale >= 0:
+        raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+    if strength is not None and not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be between 0 and 1, got {strength}")
+    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt must be a whole number >= 1, got {num_images_per_prompt}")
+
+
+def as_prompt_list(prompt, negative_prompt=None) -> tuple[list[str], list[str]]:
+    """Normalise prompt and negative prompt to two lists of equal length."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if negative_prompt is None:
+        negatives = [""] * len(prompts)
+    elif isinstance(negative_prompt, str):
+        negatives = [negative_prompt] * len(prompts)
+    else:
+        negatives = list(negative_prompt)
+    if len(negatives) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(negatives)} negative prompts")
+    return prompts, negatives
+
+
+class TextToImagePipeline(ABC):
+    """What `MiniDiffusionPipeline` and `bridge.SD3Bridge` both implement."""
+
+    default_num_inference_steps: int = 50
+    default_guidance_scale: float = 4.0
+
+    @abstractmethod
+    def sample(self, prompt, *, negative_prompt=None, num_inference_steps=None, guidance_scale=None,
+               generator=None, num_images_per_prompt=1, callback=None) -> ImageOutput:
+        """Text to image, starting from pure noise."""
+
+    @abstractmethod
+    def img2img(self, prompt, image, *, strength=0.7, negative_prompt=None, num_inference_steps=None,
+                guidance_scale=None, generator=None, num_images_per_prompt=1, callback=None) -> ImageOutput:
+        """Start from `image` noised to `strength`, then denoise towards `prompt`."""
+
+    @abstractmethod
+    def inpaint(self, prompt, image, mask_image, *, strength=0.99, negative_prompt=None, num_inference_steps=None,
+                guidance_scale=None, generator=None, num_images_per_prompt=1, callback=None) -> ImageOutput:
+        """Regenerate the white part of `mask_image`, keep the black part of `image`."""

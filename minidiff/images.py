@@ -1,0 +1,68 @@
+"""The one home of image conversion and I/O: PIL <-> tensors, loading user files, grids."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+
+
+class ImageInputError(ValueError):
+    """A user-supplied image or mask that cannot be used; the message says why."""
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL image -> float tensor (3, H, W) in [-1, 1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """Float tensor (B, 3, H, W) in [-1, 1] -> list of PIL RGB images."""
+    array = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in array]
+
+
+def load_image(image, size: int | tuple[int, int] | None = None, what: str = "image") -> Image.Image:
+    """A PIL image or a path -> RGB PIL image, resized to `size` (with a warning) when given."""
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with Image.open(image) as opened:
+                image = opened.convert("RGB")
+        except FileNotFoundError:
+            raise ImageInputError(f"{what} file not found: {image}") from None
+        except (UnidentifiedImageError, OSError) as error:
+            raise ImageInputError(f"{what} file {image} is not a readable image ({error})") from None
+    elif not isinstance(image, Image.Image):
+        raise ImageInputError(f"{what} must be a PIL image or a path, got {type(image).__name__}")
+    image = image.convert("RGB")
+    if size is not None:
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        if image.size != size:
+            warnings.warn(f"{what} of size {image.size[0]}x{image.size[1]} resized to {size[0]}x{size[1]}", stacklevel=3)
+            image = image.resize(size, Image.Resampling.BICUBIC)
+    return image
+
+
+def make_grid(images: list[Image.Image], labels: list[str] | None = None, columns: int | None = None,
+              scale: int = 1) -> Image.Image:
+    """Lay images out in a grid, each (optionally) with a text label underneath."""
+    columns = columns or len(images)
+    rows = (len(images) + columns - 1) // columns
+    w, h = images[0].size[0] * scale, images[0].size[1] * scale
+    font = ImageFont.load_default()
+    label_h = 12 if labels else 0
+    if labels:  # widen cells so the longest label fits
+        w = max(w, max(int(ImageDraw.Draw(images[0]).textlength(lbl, font=font)) + 4 for lbl in labels))
+    grid = Image.new("RGB", (columns * w, rows * (h + label_h)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for i, image in enumerate(images):
+        x, y = (i % columns) * w, (i // columns) * (h + label_h)
+        tile = image.resize((images[0].size[0] * scale, images[0].size[1] * scale), Image.Resampling.NEAREST)
+        grid.paste(tile, (x + (w - tile.size[0]) // 2, y))
+        if labels:
+            draw.text((x + 2, y + h), labels[i], fill=(0, 0, 0), font=font)
+    return grid

@@ -1,0 +1,208 @@
+"""The noise schedule and the two samplers, DDPM and DDIM, written from scratch.
+
+Conventions (Ho et al. 2020, "Denoising Diffusion Probabilistic Models"):
+t = 0 is (almost) clean data, t = T - 1 is (almost) pure Gaussian noise. The model
+predicts the noise epsilon that was added.
+
+Code name            paper symbol
+-------------------  ------------------------------------------------
+betas[t]             beta_t, variance of the noise added at step t
+alphas[t]            alpha_t = 1 - beta_t
+alphas_cumprod[t]    alpha-bar_t = prod_{s<=t} alpha_s          (Ho eq. 4)
+sample               x_t
+model_output         epsilon_theta(x_t, t)
+pred_original_sample x_0 predicted from x_t and epsilon       (Ho eq. 15)
+eta                  eta of Song et al. 2021 (DDIM), 0 = deterministic
+
+The names mirror diffusers' schedulers (`num_train_timesteps`, `beta_schedule`,
+`set_timesteps`, `timesteps`, `step`, `add_noise`) so that a reader can hold the two side
+by side; tests check every step against diffusers' DDPMScheduler and DDIMScheduler.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+BETA_SCHEDULES = ("linear", "cosine")
+
+
+@dataclass
+class SchedulerConfig:
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "cosine"  # "linear" (Ho et al.) or "cosine" (Nichol & Dhariwal)
+    beta_start: float = 0.0001  # linear schedule only
+    beta_end: float = 0.02  # linear schedule only
+    clip_sample: bool = True  # clamp the predicted x_0 to [-1, 1]
+    timestep_spacing: str = "leading"
+    steps_offset: int = 0
+
+    def __post_init__(self):
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
+        if self.timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {self.timestep_spacing!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SchedulerStepOutput:
+    prev_sample: torch.Tensor  # x_{t-1} (or x_{t - stride} when skipping steps)
+    pred_original_sample: torch.Tensor  # predicted x_0
+
+
+def make_betas(config: SchedulerConfig) -> torch.Tensor:
+    """beta_1..beta_T. Linear: Ho et al. 2020 sec. 4. Cosine: Nichol & Dhariwal 2021 eq. 17,
+    betas derived from alpha-bar(t) = cos^2(((t/T + s) / (1 + s)) * pi/2), s = 0.008, capped at 0.999
+    (diffusers calls this schedule "squaredcos_cap_v2")."""
+    T = config.num_train_timesteps
+    if config.beta_schedule == "linear":
+        return torch.linspace(config.beta_start, config.beta_end, T, dtype=torch.float32)
+
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = [min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)]
+    return torch.tensor(betas, dtype=torch.float32)
+
+
+def expand_to(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Reshape per-sample scalars of shape (B,) to (B, 1, 1, 1) so they broadcast over x."""
+    return values.reshape(-1, *([1] * (x.ndim - 1))).to(device=x.device, dtype=x.dtype)
+
+
+def predict_x0_from_noise(x_t, noise, alpha_bar_t):
+    """x_0 = (x_t - sqrt(1 - alpha-bar_t) * eps) / sqrt(alpha-bar_t)   (Ho et al. 2020 eq. 15)."""
+    return (x_t - (1 - alpha_bar_t) ** 0.5 * noise) / alpha_bar_t**0.5
+
+
+def predict_noise_from_x0(x_t, x0, alpha_bar_t):
+    """eps = (x_t - sqrt(alpha-bar_t) * x_0) / sqrt(1 - alpha-bar_t), eq. 15 solved for eps."""
+    return (x_t - alpha_bar_t**0.5 * x0) / (1 - alpha_bar_t) ** 0.5
+
+
+def randn(shape, generator: torch.Generator | None, device, dtype=torch.float32) -> torch.Tensor:
+    """Gaussian noise drawn on the generator's device, then moved: a CPU generator gives the
+    same numbers whatever device the model runs on (as diffusers' randn_tensor does)."""
+    gen_device = generator.device if generator is not None else torch.device(device)
+    return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+class NoiseSchedule:
+    """The forward process q(x_t | x_0) and the inference timestep grid, shared by both samplers."""
+
+    def __init__(self, config: SchedulerConfig | None = None, **kwargs):
+        self.config = config if config is not None else SchedulerConfig(**kwargs)
+        self.betas = make_betas(self.config)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # alpha-bar_t, Ho eq. 4
+        self.num_inference_steps: int | None = None
+        self.timesteps = torch.arange(self.config.num_train_timesteps - 1, -1, -1)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.config.num_train_timesteps
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Sample q(x_t | x_0) = N(sqrt(alpha-bar_t) x_0, (1 - alpha-bar_t) I)   (Ho et al. 2020 eq. 4):
+        x_t = sqrt(alpha-bar_t) * x_0 + sqrt(1 - alpha-bar_t) * eps."""
+        alpha_bar = self.alphas_cumprod.to(original_samples.device)[timesteps.to(original_samples.device)]
+        alpha_bar = expand_to(alpha_bar, original_samples)
+        return alpha_bar**0.5 * original_samples + (1 - alpha_bar) ** 0.5 * noise
+
+    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        """Choose the `num_inference_steps` timesteps the sampler visits, from noisy to clean.
+
+        The three spacings are those of Lin et al. 2024 ("Common Diffusion Noise Schedules and
+        Sample Steps are Flawed", table 2): "leading" 0, k, 2k, ... (+ steps_offset);
+        "trailing" counts back from T - 1; "linspace" spreads evenly over [0, T - 1].
+        """
+        T = self.config.num_train_timesteps
+        n = int(num_inference_steps)
+        if not 1 <= n <= T:
+            raise ValueError(f"num_inference_steps must be between 1 and {T}, got {num_inference_steps}")
+        self.num_inference_steps = n
+        spacing = self.config.timestep_spacing
+        if spacing == "leading":
+            stride = T // n
+            timesteps = torch.arange(n - 1, -1, -1, dtype=torch.float64) * stride + self.config.steps_offset
+        elif spacing == "trailing":
+            stride = T / n
+            timesteps = torch.arange(T, 0, -stride, dtype=torch.float64).round() - 1
+        else:  # linspace
+            timesteps = torch.linspace(0, T - 1, n, dtype=torch.float64).round().flip(0)
+        if timesteps.max() >= T:
+            raise ValueError(f"steps_offset {self.config.steps_offset} with {n} steps reaches timestep {int(timesteps.max())} >= {T}")
+        self.timesteps = timesteps.to(torch.int64).to(device)
+
+    def _alpha_bar(self, t: int) -> torch.Tensor:
+        """alpha-bar_t, with alpha-bar_{-1} = 1: the step after the last one lands on clean data."""
+        return self.alphas_cumprod[t] if t >= 0 else torch.tensor(1.0)
+
+    def _clip(self, x0: torch.Tensor) -> torch.Tensor:
+        return x0.clamp(-1.0, 1.0) if self.config.clip_sample else x0
+
+
+class DDPMScheduler(NoiseSchedule):
+    """Ancestral sampling of Ho et al. 2020 (Algorithm 2), with the "fixed_small" variance."""
+
+    def previous_timestep(self, timestep: int) -> int:
+        """The next timestep the sampler visits (-1 after the last): with fewer inference steps
+        than training steps, the chain jumps along `self.timesteps`."""
+        if self.num_inference_steps is None:
+            return timestep - 1
+        index = int((self.timesteps == timestep).nonzero()[0, 0])
+        return int(self.timesteps[index + 1]) if index + 1 < len(self.timesteps) else -1
+
+    def step(self, model_output, timestep, sample, generator=None) -> SchedulerStepOutput:
+        t = int(timestep)
+        prev_t = self.previous_timestep(t)
+        # 1. alphas and betas of this jump from t to prev_t
+        alpha_bar_t = self._alpha_bar(t)
+        alpha_bar_prev = self._alpha_bar(prev_t)
+        alpha_t = alpha_bar_t / alpha_bar_prev  # alpha_t of the (possibly strided) jump
+        beta_t = 1 - alpha_t
+        # 2. predicted x_0, eq. 15 of Ho et al. 2020
+        pred_original_sample = self._clip(predict_x0_from_noise(sample, model_output, alpha_bar_t))
+        # 3. mean of the posterior q(x_{t-1} | x_t, x_0), eq. 7 of Ho et al. 2020
+        x0_coeff = alpha_bar_prev**0.5 * beta_t / (1 - alpha_bar_t)
+        xt_coeff = alpha_t**0.5 * (1 - alpha_bar_prev) / (1 - alpha_bar_t)
+        prev_sample = x0_coeff * pred_original_sample + xt_coeff * sample
+        # 4. add noise with the posterior variance beta-tilde_t, eq. 7 ("fixed_small"); none at the last step
+        if t > 0:
+            variance = ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t).clamp(min=1e-20)
+            noise = randn(model_output.shape, generator, model_output.device, model_output.dtype)
+            prev_sample = prev_sample + variance**0.5 * noise
+        return SchedulerStepOutput(prev_sample, pred_original_sample)
+
+
+class DDIMScheduler(NoiseSchedule):
+    """Denoising Diffusion Implicit Models, Song et al. 2021, eq. 12 (eta = 0: deterministic)."""
+
+    def step(self, model_output, timestep, sample, eta: float = 0.0, generator=None) -> SchedulerStepOutput:
+        t = int(timestep)
+        # 1. the previous timestep. Like diffusers, a fixed stride of T // n, whatever the spacing.
+        prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
+        alpha_bar_t = self._alpha_bar(t)
+        alpha_bar_prev = self._alpha_bar(prev_t)
+        # 2. predicted x_0, "predicted x_0" term of Song eq. 12 (= Ho eq. 15)
+        pred_original_sample = self._clip(predict_x0_from_noise(sample, model_output, alpha_bar_t))
+        # 3. sigma_t, Song eq. 16: eta interpolates between DDIM (0) and DDPM-like (1) noise
+        variance = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)
+        std_dev = eta * variance**0.5
+        # 4. "direction pointing to x_t", Song eq. 12
+        direction = (1 - alpha_bar_prev - std_dev**2) ** 0.5 * model_output
+        # 5. x_{t-1} = sqrt(alpha-bar_prev) x_0 + direction + sigma_t * noise, Song eq. 12
+        prev_sample = alpha_bar_prev**0.5 * pred_original_sample + direction
+        if eta > 0:
+            noise = randn(model_output.shape, generator, model_output.device, model_output.dtype)
+            prev_sample = prev_sample + std_dev * noise
+        return SchedulerStepOutput(prev_sample, pred_original_sample)
+
+
+SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}

@@ -1,0 +1,38 @@
+"""Shared test fixtures: everything on CPU, deterministic, TF32 off, tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+torch.set_num_threads(2)
+
+
+def tiny_train_config(out, **overrides):
+    """A TrainConfig small enough to train a few steps in about a second."""
+    from minidiff.training import TrainConfig
+
+    values = dict(out=str(out), steps=4, batch_size=4, image_size=16, base_channels=16, channel_mults=(1, 2),
+                  attention_levels=(1,), text_dim=32, sample_every=0, checkpoint_every=0, log_every=2,
+                  warmup_steps=2, device="cpu")
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny minidiff checkpoint (a few training steps) written by the real Trainer."""
+    from minidiff.training import Trainer
+
+    out = tmp_path_factory.mktemp("tiny-model")
+    Trainer(tiny_train_config(out)).train()
+    return out
+
+
+@pytest.fixture
+def tiny_pipe(tiny_model_dir):
+    from minidiff import MiniDiffusionPipeline
+
+    return MiniDiffusionPipeline.from_pretrained(tiny_model_dir, device="cpu")

@@ -1,0 +1,41 @@
+"""The analyser reads ground-truth Shapes images back almost perfectly, and notices wrong ones."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from minidiff.data import Shapes
+from minidiff.evaluate import analyse, evaluation_prompts, main, score
+
+
+@pytest.mark.parametrize("size,two", [(16, 0.0), (24, 0.0), (32, 0.5), (64, 0.5)])
+def test_analyser_scores_ground_truth_near_100_percent(size, two):
+    data = Shapes(size, seed=7, two_object_fraction=two)
+    correct = 0
+    for index in range(300):
+        objects = data.scene(index)
+        found = analyse(data.pil_and_caption(index)[0], two_objects=len(objects) == 2)
+        correct += score(found, [(o["colour"], o["shape"]) for o in objects])["both"]
+    assert correct / 300 >= 0.99
+
+
+def test_analyser_finds_nothing_in_black_and_scores_it_wrong():
+    found = analyse(Image.new("RGB", (16, 16)))
+    assert found == [(None, None)]
+    assert score(found, [("red", "circle")]) == {"colour": False, "shape": False, "both": False}
+
+
+def test_two_object_prompts_only_from_32px():
+    assert len(evaluation_prompts(16)) == 18
+    assert len(evaluation_prompts(32)) == 36
+
+
+def test_evaluate_cli_runs_on_a_model(tiny_model_dir, capsys):
+    assert main(["--model", str(tiny_model_dir), "--samples-per-prompt", "1", "--steps", "2"]) == 0
+    assert "single-object prompts: colour" in capsys.readouterr().out
+
+
+def test_evaluate_cli_bad_model_is_one_line(tmp_path, capsys):
+    assert main(["--model", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.startswith("error: model folder")

@@ -1,0 +1,60 @@
+"""Tokenizer, text encoder and UNet: shapes, conditioning, configs that round-trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minidiff.model import ModelConfig, TextToImageModel
+from minidiff.text import Tokenizer
+from minidiff.unet import UNet, UNetConfig, timestep_embedding
+
+
+def test_tokenizer_pads_marks_and_warns_on_unknown_words():
+    tok = Tokenizer.from_captions(["a red circle", "a blue square"])
+    ids, mask = tok(["a red circle", ""])
+    assert ids.shape == (2, tok.max_length)
+    assert mask[0].sum() == 5 and mask[1].sum() == 2  # <bos> a red circle <eos>; <bos> <eos>
+    with pytest.warns(UserWarning, match="dragon"):
+        ids2, _ = tok(["a red dragon circle"])
+    assert torch.equal(ids2[0], ids[0])  # the unknown word is dropped, nothing else changes
+    assert tok(["An RED circle"])[0].equal(ids[:1])  # case and "an" are normalised
+
+
+def test_timestep_embedding_is_distinct_per_step():
+    emb = timestep_embedding(torch.arange(1000), 64)
+    assert emb.shape == (1000, 64)
+    assert torch.cdist(emb[:-1], emb[1:]).diagonal().min() > 1e-3
+
+
+@pytest.mark.parametrize("size,mults", [(16, (1, 2)), (32, (1, 2, 2))])
+def test_unet_shapes_and_text_dependence(size, mults):
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(image_size=size, base_channels=16, channel_mults=mults, attention_levels=(1,), context_dim=8))
+    for p in unet.parameters():  # zero-initialised output layers would hide the conditioning
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(2, 3, size, size)
+    t = torch.tensor([3, 900])
+    ctx = torch.randn(2, 5, 8)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    out = unet(x, t, ctx, mask)
+    assert out.shape == x.shape
+    assert not torch.allclose(out, unet(x, t, torch.randn(2, 5, 8), mask))  # text matters
+    assert not torch.allclose(out, unet(x, t + 50, ctx, mask))  # time matters
+    mask2 = mask.clone()
+    mask2[:, 3:] = False  # padded tokens are ignored
+    ctx2 = ctx.clone()
+    ctx2[:, 3:] = 100.0
+    torch.testing.assert_close(unet(x, t, ctx, mask2), unet(x, t, ctx2, mask2))
+
+
+def test_image_size_must_fit_the_downsampling():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        UNetConfig(image_size=18, channel_mults=(1, 2, 2))
+
+
+def test_model_config_round_trips():
+    model = TextToImageModel.for_captions(["a red circle"], UNetConfig(base_channels=16, channel_mults=(1, 2),
+                                                                       attention_levels=(1,)), text_dim=16)
+    again = ModelConfig.from_dict(model.config.to_dict())
+    assert again == model.config
