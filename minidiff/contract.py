@@ -14,7 +14,14 @@ The keywords mean what they mean in diffusers:
 - `mask_image` (inpaint): grayscale, white is replaced, black is kept.
 - `callback`: called after every step with a plain dict (k-diffusion style), keys
   "i" (step index), "t" (timestep), "x" (x_t, the sample after the step), "denoised"
-  (predicted x_0) and "noise_pred"; images in [-1, 1], shape (B, 3, H, W).
+  (predicted x_0) and "noise_pred" (the model output). minidiff passes pixels in [-1, 1],
+  shape (B, 3, H, W); the SD3 bridge passes latents.
+- `capture_steps`: a list of step counts k to record in `ImageOutput.trace`, k = 0 being
+  the starting point (pure noise for `sample`, the noised input for img2img/inpaint) and
+  k = n the result after n denoising steps. Each record is a dict
+  {"step": k, "timestep": t, "x_t": [PIL images], "pred_x0": [PIL images] or None at k = 0,
+  "noise_pred": [PIL images] or None}: the same trace on both backends (the bridge decodes
+  latents with its VAE). Capturing is built on `callback`, the one per-step mechanism.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from PIL import Image
 @dataclass
 class ImageOutput:
     images: list[Image.Image]  # num_images_per_prompt images for each prompt, in prompt order
-    trace: list[dict] = field(default_factory=list)  # steps captured on request, see each backend
+    trace: list[dict] = field(default_factory=list)  # the steps asked for with capture_steps
 
 
 def check_arguments(num_inference_steps=None, guidance_scale=None, strength=None, num_images_per_prompt=1) -> None:
