@@ -21,13 +21,19 @@ The keywords mean what they mean in diffusers:
   k = n the result after n denoising steps. Each record is a dict
   {"step": k, "timestep": t, "x_t": [PIL images], "pred_x0": [PIL images] or None at k = 0,
   "noise_pred": [PIL images] or None}: the same trace on both backends (the bridge decodes
-  latents with its VAE). Capturing is built on `callback`, the one per-step mechanism.
+  latents with its VAE). "timestep" is the t the model was given at step k (the callback's
+  "t", so pred_x0 and noise_pred are predictions at that t); for k = 0 it is the first
+  timestep of the run, the noise level of the start. Asking for a k beyond the steps the
+  call runs is a ValueError, raised before any work. Capturing is built on `callback`, the
+  one per-step mechanism (`StepRecorder` below, shared by every call of both backends).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+import operator
 from dataclasses import dataclass, field
+from typing import Callable
 
 from PIL import Image
 
@@ -64,6 +70,60 @@ def as_prompt_list(prompt, negative_prompt=None) -> tuple[list[str], list[str]]:
     return prompts, negatives
 
 
+class StepRecorder:
+    """`capture_steps` built on `callback`: records the steps asked for as `ImageOutput.trace`.
+
+        recorder = StepRecorder(capture_steps, num_steps, callback, decode=tensor_to_pil)
+        recorder.start(x, first_timestep)                   # the k = 0 record
+        sampling_loop(..., callback=recorder.callback)      # records k = i + 1 after step i
+        ImageOutput(images, trace=recorder.trace)
+
+    `decode` turns the callback's x / denoised into PIL images (pixels for minidiff, a VAE
+    decode for latents); `decode_noise` does the same for noise_pred, or None to leave it out.
+    The user's own `callback`, if any, still sees every step's dict unchanged.
+    """
+
+    def __init__(self, capture_steps, num_steps: int, callback: Callable[[dict], None] | None = None,
+                 decode: Callable | None = None, decode_noise: Callable | None = None):
+        steps = set()
+        for k in capture_steps or ():
+            if isinstance(k, bool):
+                raise ValueError(f"capture_steps must hold whole numbers of steps, got {k!r}")
+            try:
+                steps.add(operator.index(k))
+            except TypeError:
+                raise ValueError(f"capture_steps must hold whole numbers of steps, got {k!r}") from None
+        if steps and (min(steps) < 0 or max(steps) > num_steps):
+            bad = min(steps) if min(steps) < 0 else max(steps)
+            raise ValueError(f"capture_steps asks for step {bad}, but this call runs {num_steps} denoising steps "
+                             f"(steps 0..{num_steps} can be captured)")
+        if steps and decode is None:
+            raise ValueError("capture_steps needs a decode function")
+        self.steps, self.num_steps = steps, num_steps
+        self.user_callback, self.decode, self.decode_noise = callback, decode, decode_noise
+        self.trace: list[dict] = []
+
+    def start(self, x, timestep) -> None:
+        """Record k = 0, the starting point (pure noise, or the noised input image)."""
+        if 0 in self.steps:
+            self.trace.append({"step": 0, "timestep": timestep, "x_t": self.decode(x), "pred_x0": None,
+                               "noise_pred": None})
+
+    @property
+    def callback(self) -> Callable[[dict], None] | None:
+        """The per-step callback to hand to the sampling loop (None when there is nothing to do)."""
+        return self._on_step if (self.steps - {0} or self.user_callback) else None
+
+    def _on_step(self, step: dict) -> None:
+        if self.user_callback is not None:
+            self.user_callback(step)
+        k = step["i"] + 1  # after step i, k = i + 1 steps have run
+        if k in self.steps:
+            noise = self.decode_noise(step["noise_pred"]) if self.decode_noise is not None else None
+            self.trace.append({"step": k, "timestep": step["t"], "x_t": self.decode(step["x"]),
+                               "pred_x0": self.decode(step["denoised"]), "noise_pred": noise})
+
+
 class TextToImagePipeline(ABC):
     """What `MiniDiffusionPipeline` and `bridge.SD3Bridge` both implement."""
 
@@ -72,15 +132,17 @@ class TextToImagePipeline(ABC):
 
     @abstractmethod
     def sample(self, prompt, *, negative_prompt=None, num_inference_steps=None, guidance_scale=None,
-               generator=None, num_images_per_prompt=1, callback=None) -> ImageOutput:
+               generator=None, num_images_per_prompt=1, callback=None, capture_steps=None) -> ImageOutput:
         """Text to image, starting from pure noise."""
 
     @abstractmethod
     def img2img(self, prompt, image, *, strength=0.7, negative_prompt=None, num_inference_steps=None,
-                guidance_scale=None, generator=None, num_images_per_prompt=1, callback=None) -> ImageOutput:
+                guidance_scale=None, generator=None, num_images_per_prompt=1, callback=None,
+                capture_steps=None) -> ImageOutput:
         """Start from `image` noised to `strength`, then denoise towards `prompt`."""
 
     @abstractmethod
     def inpaint(self, prompt, image, mask_image, *, strength=0.99, negative_prompt=None, num_inference_steps=None,
-                guidance_scale=None, generator=None, num_images_per_prompt=1, callback=None) -> ImageOutput:
+                guidance_scale=None, generator=None, num_images_per_prompt=1, callback=None,
+                capture_steps=None) -> ImageOutput:
         """Regenerate the white part of `mask_image`, keep the black part of `image`."""

@@ -31,15 +31,32 @@ from .data import COLOURS, SHAPES, caption_for
 REFERENCE = np.array(list(COLOURS.values()), dtype=np.float32)
 
 
-def analyse_object(region: np.ndarray) -> tuple[str | None, str | None]:
-    """(H, W, 3) uint8 -> (colour, shape), or (None, None) where nothing is drawn."""
-    rgb = region.astype(np.float32)
-    brightness = rgb.max(axis=2)
+def object_coverage(region: np.ndarray) -> np.ndarray | None:
+    """(H, W, 3) uint8 -> (H, W) coverage in [0, 1] of the object, or None where nothing is drawn."""
+    brightness = region.astype(np.float32).max(axis=2)
     if brightness.max() < 60:
-        return None, None
+        return None
     peak = np.percentile(brightness[brightness >= 0.5 * brightness.max()], 75)
     coverage = np.clip(brightness / peak, 0, 1)
     coverage[coverage < 0.25] = 0  # ignore faint stray pixels
+    return coverage
+
+
+def object_centre(region: np.ndarray) -> tuple[float, float] | None:
+    """(H, W, 3) uint8 -> (x, y) centre of the object in pixels (coverage-weighted), or None."""
+    coverage = object_coverage(region)
+    if coverage is None:
+        return None
+    ys, xs = np.indices(coverage.shape)
+    return float((xs * coverage).sum() / coverage.sum()), float((ys * coverage).sum() / coverage.sum())
+
+
+def analyse_object(region: np.ndarray) -> tuple[str | None, str | None]:
+    """(H, W, 3) uint8 -> (colour, shape), or (None, None) where nothing is drawn."""
+    rgb = region.astype(np.float32)
+    coverage = object_coverage(region)
+    if coverage is None:
+        return None, None
     core = coverage > 0.8
     colour_rgb = rgb[core].mean(axis=0)
     colour = list(COLOURS)[int(np.argmin(((REFERENCE - colour_rgb) ** 2).sum(axis=1)))]

@@ -39,3 +39,22 @@ def test_evaluate_cli_runs_on_a_model(tiny_model_dir, capsys):
 def test_evaluate_cli_bad_model_is_one_line(tmp_path, capsys):
     assert main(["--model", str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err.startswith("error: model folder")
+
+
+def test_object_centre_finds_the_box_centre_of_circles_and_squares():
+    import numpy as np
+
+    from minidiff.evaluate import object_centre
+
+    data, checked = Shapes(16, seed=5), 0
+    for index in range(40):
+        (obj,) = data.scene(index)
+        if obj["shape"] == "triangle":  # its centre of area sits below the box centre
+            continue
+        image = data.pil_and_caption(index)[0]
+        x0, y0, x1, y1 = obj["box"]
+        cx, cy = object_centre(np.asarray(image))
+        # pixel i covers [i, i + 1): its centre is at i + 0.5 in box coordinates
+        assert abs(cx - ((x0 + x1) / 2 - 0.5)) < 0.3 and abs(cy - ((y0 + y1) / 2 - 0.5)) < 0.3
+        checked += 1
+    assert checked > 10 and object_centre(np.zeros((16, 16, 3), np.uint8)) is None
