@@ -1,8 +1,8 @@
 """minidiff: text-to-image diffusion from scratch, small enough to read in an afternoon.
 
 Read in this order: scheduler.py (the maths), data.py (toy images), text.py and unet.py
-(the networks), model.py, training.py (the objective and loop), pipeline.py (sampling),
-evaluate.py (how good is it?).
+(the networks), model.py, training.py (the objective and loop), pipeline.py (sampling,
+img2img, inpainting), evaluate.py (how good is it?), figures.py (the chapter's pictures).
 """
 
 from .contract import ImageOutput, TextToImagePipeline

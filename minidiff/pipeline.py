@@ -3,6 +3,13 @@
     pipe = MiniDiffusionPipeline.from_pretrained("runs/shapes")
     out = pipe.sample("a red circle", num_inference_steps=50, generator=torch.Generator().manual_seed(0))
     out.images[0].save("red-circle.png")
+    blue = pipe.img2img("a blue circle", "red-circle.png", strength=0.7).images[0]
+    patched = pipe.inpaint("a green square", "red-circle.png", "mask.png").images[0]
+
+All three calls share one sampling loop (`denoise`) and one way of starting it
+(`_generate`): text to image starts from pure noise; img2img from the input image noised
+part of the way (SDEdit, Meng et al. 2022); inpainting likewise, putting the kept region
+back after every step (RePaint, Lugmayr et al. 2022).
 """
 
 from __future__ import annotations
@@ -10,11 +17,31 @@ from __future__ import annotations
 import torch
 
 from .checkpoint import load_model, save_model
-from .contract import ImageOutput, TextToImagePipeline, as_prompt_list, check_arguments
-from .images import tensor_to_pil
+from .contract import ImageOutput, StepRecorder, TextToImagePipeline, as_prompt_list, check_arguments
+from .images import load_image, load_mask, mask_to_tensor, noise_to_pil, pil_to_tensor, tensor_to_pil
 from .model import TextToImageModel
 from .runtime import autocast, pick_device
 from .scheduler import SAMPLERS, randn
+
+OUTPUT_TYPES = ("pil", "pt")
+
+
+def check_edit_strength(strength) -> None:
+    """img2img and inpainting need a strength: a number in [0, 1]."""
+    if strength is None:
+        raise ValueError("strength must be between 0 and 1, got None")
+    check_arguments(strength=strength)
+
+
+def timesteps_for_strength(timesteps: torch.Tensor, strength: float | None) -> torch.Tensor:
+    """The part of an N-step schedule that img2img and inpainting run, as diffusers'
+    `get_timesteps`: int(N * strength) steps, the last ones (the least noisy). strength 1 (or
+    None, text to image) keeps all N; strength 0 keeps none."""
+    if strength is None:
+        return timesteps
+    n = len(timesteps)
+    init_timestep = min(int(n * strength), n)
+    return timesteps[n - init_timestep:]
 
 
 class MiniDiffusionPipeline(TextToImagePipeline):
@@ -98,26 +125,128 @@ class MiniDiffusionPipeline(TextToImagePipeline):
 
     @torch.no_grad()
     def sample(self, prompt, *, negative_prompt=None, num_inference_steps=None, guidance_scale=None,
-               generator=None, num_images_per_prompt=1, callback=None, sampler="ddim", eta=0.0,
+               generator=None, num_images_per_prompt=1, callback=None, capture_steps=None, sampler="ddim", eta=0.0,
                output_type="pil") -> ImageOutput:
         """Text to image: start from x_T ~ N(0, I) and denoise for `num_inference_steps` steps.
-        `sampler` is "ddim" (Song et al. 2021, `eta` sets its noise) or "ddpm" (Ho et al. 2020)."""
+        `sampler` is "ddim" (Song et al. 2021, `eta` sets its noise) or "ddpm" (Ho et al. 2020).
+        `output_type` "pil" gives PIL images, "pt" tensors (3, H, W) in [0, 1]."""
+        return self._generate(prompt, None, None, None, negative_prompt, num_inference_steps, guidance_scale,
+                              generator, num_images_per_prompt, callback, capture_steps, sampler, eta, output_type)
+
+    @torch.no_grad()
+    def img2img(self, prompt, image, *, strength=0.7, negative_prompt=None, num_inference_steps=None,
+                guidance_scale=None, generator=None, num_images_per_prompt=1, callback=None, capture_steps=None,
+                sampler="ddim", eta=0.0, output_type="pil") -> ImageOutput:
+        """Image to image (SDEdit, Meng et al. 2022): noise `image` (PIL or path; converted to RGB
+        and resized to the model's size, with a warning) to the timestep where the last
+        int(N * strength) of the N steps begin, then run those steps towards `prompt`.
+        strength 0 returns the input unchanged; strength 1 starts from pure noise and ignores it."""
+        check_edit_strength(strength)
+        init = pil_to_tensor(load_image(image, self.image_size))[None]  # (1, 3, H, W)
+        return self._generate(prompt, init, None, strength, negative_prompt, num_inference_steps, guidance_scale,
+                              generator, num_images_per_prompt, callback, capture_steps, sampler, eta, output_type)
+
+    @torch.no_grad()
+    def inpaint(self, prompt, image, mask_image, *, strength=0.99, negative_prompt=None, num_inference_steps=None,
+                guidance_scale=None, generator=None, num_images_per_prompt=1, callback=None, capture_steps=None,
+                sampler="ddim", eta=0.0, output_type="pil", resample_jumps=0) -> ImageOutput:
+        """Inpainting: regenerate the white part of `mask_image`, keep the black part of `image`.
+
+        `mask_image` (PIL or path, any mode) is converted to grayscale and thresholded at 0.5; it
+        must be the size of `image` (else ImageInputError), then both are resized to the model's
+        size. Starting as img2img does, after every step the kept region is replaced by the input
+        noised to the level the sample has reached, with one noise tensor drawn once (the RePaint
+        blend, Lugmayr et al. 2022, Algorithm 1 lines 5 and 8; RePaint draws fresh noise each
+        step, we keep one, as diffusers' StableDiffusion3InpaintPipeline does); after the last step
+        it is the input itself, so black-mask pixels of the output equal the (resized) input's exactly.
+        `resample_jumps` r > 0 adds RePaint's resampling (Algorithm 1, lines 3 and 9-11): after each
+        step but the last, jump back by re-noising one step and denoise it again, r times,
+        so the generated part settles in with the kept part; r more model calls per step."""
+        check_edit_strength(strength)
+        if not isinstance(resample_jumps, int) or resample_jumps < 0:
+            raise ValueError(f"resample_jumps must be a whole number >= 0, got {resample_jumps}")
+        original = load_image(image)
+        mask = load_mask(mask_image, self.image_size, image_size=original.size)
+        init = pil_to_tensor(load_image(original, self.image_size))[None]  # (1, 3, H, W)
+        replace = mask_to_tensor(mask)[None]  # (1, 1, H, W), True where white
+        return self._generate(prompt, init, replace, strength, negative_prompt, num_inference_steps, guidance_scale,
+                              generator, num_images_per_prompt, callback, capture_steps, sampler, eta, output_type,
+                              resample_jumps)
+
+    def _generate(self, prompt, init, replace, strength, negative_prompt, num_inference_steps, guidance_scale,
+                  generator, num_images_per_prompt, callback, capture_steps, sampler, eta, output_type,
+                  resample_jumps=0) -> ImageOutput:
+        """The start and end shared by the three calls; `denoise` does the steps in between.
+        init: (1, 3, H, W) input image or None (text to image); replace: (1, 1, H, W) bool or None."""
         steps, guidance = self._defaults(num_inference_steps, guidance_scale)
-        check_arguments(steps, guidance, None, num_images_per_prompt)
+        check_arguments(steps, guidance, strength, num_images_per_prompt)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         scheduler = self.make_scheduler(sampler, steps)
+        # 1. which steps run: all of them, or the last int(N * strength)
+        timesteps = timesteps_for_strength(scheduler.timesteps, strength)
+        recorder = StepRecorder(capture_steps, len(timesteps), callback, decode=tensor_to_pil,
+                                decode_noise=noise_to_pil)
+        batch = len(as_prompt_list(prompt, negative_prompt)[0]) * num_images_per_prompt
+        if init is not None:
+            init = init.to(self.device).expand(batch, -1, -1, -1)  # (B, 3, H, W)
+        if len(timesteps) == 0:  # strength 0 (or int(N * strength) == 0): nothing to denoise
+            recorder.start(init, None)
+            return self._output(init, output_type, recorder.trace)
         context, mask = self.encode_prompts(prompt, negative_prompt, num_images_per_prompt, guidance)
-        batch = context.shape[0] // (2 if guidance > 1 else 1)
-        x = self._initial_noise(batch, generator)
-        x = self.denoise(x, scheduler, scheduler.timesteps, context, mask, guidance, generator, eta, callback)
-        return self._output(x, output_type)
+        # 2. the start: pure noise x_T, or the input noised to the first timestep that runs,
+        #    x_t = sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) eps (Ho et al. 2020 eq. 4).
+        #    At strength 1, pure noise, as diffusers' inpaint pipelines do (`is_strength_max`).
+        noise = self._initial_noise(batch, generator)
+        x = noise
+        if init is not None and strength < 1:
+            x = scheduler.add_noise(init, noise, timesteps[:1].expand(batch))
+        recorder.start(x, int(timesteps[0]))
+        # 3. the steps; inpainting puts the kept region back after each
+        step_callback, after_step = recorder.callback, None
+        if replace is not None:
+            timesteps, after_step, step_callback = self._repaint(scheduler, timesteps, init, noise,
+                                                                 replace.to(self.device), resample_jumps,
+                                                                 generator, step_callback)
+        x = self.denoise(x, scheduler, timesteps, context, mask, guidance, generator, eta, step_callback, after_step)
+        return self._output(x, output_type, recorder.trace)
 
-    def _output(self, x: torch.Tensor, output_type: str) -> ImageOutput:
+    def _repaint(self, scheduler, timesteps, init, noise, replace, resample_jumps, generator, callback):
+        """The RePaint blend (Lugmayr et al. 2022, Algorithm 1) as inputs to `denoise`:
+        -> (timesteps to visit, after_step, callback). With resampling, step i is visited
+        1 + resample_jumps times (not the last step); the callback sees each step once, its last visit."""
+        n, batch = len(timesteps), init.shape[0]
+        visits = []  # (step index, is this its last visit?)
+        for i in range(n):
+            repeats = 1 + (resample_jumps if i < n - 1 else 0)
+            visits += [(i, r == repeats - 1) for r in range(repeats)]
+        alphas_cumprod = scheduler.alphas_cumprod.to(init.device)
+
+        def after_step(j, t, x):
+            i, last_visit = visits[j]
+            # 1. the kept region at the noise level x has reached: the input noised to the next
+            #    timestep with the noise drawn once (Alg. 1 line 5), or the input itself at the end
+            if i + 1 < n:
+                known = scheduler.add_noise(init, noise, timesteps[i + 1].expand(batch))
+            else:
+                known = init
+            x = torch.where(replace, x, known)  # Alg. 1 line 8: (1 - m) * unknown + m * known
+            if not last_visit:
+                # 2. jump back from t_{i+1} to t_i (Alg. 1 line 10, one strided step of the forward
+                #    process q): x_{t_i} ~ N(sqrt(a) x, (1 - a) I), a = alpha-bar_{t_i} / alpha-bar_{t_{i+1}}
+                a = alphas_cumprod[timesteps[i]] / alphas_cumprod[timesteps[i + 1]]
+                x = a.sqrt() * x + (1 - a).sqrt() * randn(x.shape, generator, x.device, x.dtype)
+            return x
+
+        def on_step(step):
+            i, last_visit = visits[step["i"]]
+            if last_visit:
+                callback({**step, "i": i})
+
+        visit_timesteps = timesteps[[i for i, _ in visits]]
+        return visit_timesteps, after_step, (on_step if callback is not None else None)
+
+    def _output(self, x: torch.Tensor, output_type: str, trace: list | None = None) -> ImageOutput:
         if output_type == "pt":  # like diffusers: values in [0, 1]
-            return ImageOutput(images=list(((x.float().cpu() + 1) / 2).clamp(0, 1)))
-        return ImageOutput(images=tensor_to_pil(x))
-
-    def img2img(self, prompt, image, *, strength=0.7, **kwargs) -> ImageOutput:
-        raise NotImplementedError("img2img is not written yet")
-
-    def inpaint(self, prompt, image, mask_image, *, strength=0.99, **kwargs) -> ImageOutput:
-        raise NotImplementedError("inpaint is not written yet")
+            return ImageOutput(images=list(((x.float().cpu() + 1) / 2).clamp(0, 1)), trace=trace or [])
+        return ImageOutput(images=tensor_to_pil(x), trace=trace or [])
