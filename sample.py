@@ -1,8 +1,14 @@
 """Generate images from a trained model, with diffusers' keywords.
 
     python sample.py --model runs/shapes --prompt "a red circle" --num-images 4 --out red.png
+    python sample.py --prompt "a blue circle" --image red.png --strength 0.7 --out blue.png      # img2img
+    python sample.py --prompt "a green square" --image red.png --mask mask.png --out green.png   # inpainting
+    python sample.py --prompt "a red circle" --steps 40 --save-steps 0,1,10,40 --out red.png     # + red-steps.png
+    python sample.py --noise-strip red.png --timesteps 0,100,250,500,999 --out noising.png
 
 A PNG is written to --out (a labelled grid when more than one image is asked for).
+--save-steps also writes OUT-steps.png: x_t after each listed step, predicted x0 below.
+--noise-strip writes the forward process instead: the image noised to each --timesteps t.
 """
 
 from __future__ import annotations
@@ -14,13 +20,14 @@ from pathlib import Path
 import torch
 
 from minidiff.cli import UsageError, run
-from minidiff.images import make_grid
+from minidiff.figures import noising_strip, trace_strip
+from minidiff.images import load_image, make_grid
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="runs/shapes", help="a folder written by train.py")
-    p.add_argument("--prompt", required=True, nargs="+", help="one or more prompts")
+    p.add_argument("--prompt", nargs="+", help="one or more prompts")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance_scale (default: the model's)")
@@ -29,8 +36,59 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default="sample.png", help="PNG to write")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    edit = p.add_argument_group("start from a picture")
+    edit.add_argument("--image", default=None, help="img2img: start from this picture")
+    edit.add_argument("--mask", default=None, help="inpainting (with --image): white is replaced, black is kept")
+    edit.add_argument("--strength", type=float, default=None,
+                      help="how far the picture is noised, 0..1 (default 0.7; 0.99 with --mask)")
+    edit.add_argument("--resample-jumps", type=int, default=0, help="inpainting: RePaint resampling per step")
+    look = p.add_argument_group("watch the process")
+    look.add_argument("--save-steps", default=None, metavar="K,K,...",
+                      help="also write OUT-steps.png with x_t and predicted x0 after these steps (0 = the start)")
+    look.add_argument("--noise-strip", default=None, metavar="FILE",
+                      help="instead of sampling, write FILE noised to each of --timesteps")
+    look.add_argument("--timesteps", default="0,50,100,250,500,750,999", metavar="T,T,...",
+                      help="timesteps of --noise-strip (default %(default)s)")
     return p.parse_args(argv)
+
+
+def int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} takes whole numbers separated by commas, got {text!r}") from None
+
+
+def check_args(args) -> None:
+    """Flag combinations that cannot work, refused before anything is loaded."""
+    if args.noise_strip is not None:
+        clashing = [flag for flag, value in (("--prompt", args.prompt), ("--image", args.image), ("--mask", args.mask),
+                                             ("--save-steps", args.save_steps)) if value is not None]
+        if clashing:
+            raise UsageError(f"--noise-strip draws the forward process only; drop {', '.join(clashing)}")
+        return
+    if not args.prompt:
+        raise UsageError("--prompt is required (or --noise-strip FILE for a forward-noising strip)")
+    if args.image is None:
+        for flag, given in (("--mask", args.mask is not None), ("--strength", args.strength is not None)):
+            if given:
+                raise UsageError(f"{flag} needs --image FILE, the picture to start from")
+    if args.resample_jumps and args.mask is None:
+        raise UsageError("--resample-jumps applies to inpainting only; give --image and --mask")
+
+
+def output_paths(args) -> list[Path]:
+    out_path = Path(args.out)
+    if out_path.suffix.lower() != ".png":
+        raise UsageError(f"--out must name a .png file, got {args.out}")
+    paths = [out_path]
+    if args.save_steps is not None:
+        paths.append(out_path.with_name(out_path.stem + "-steps.png"))
+    for path in paths:
+        if path.exists() and not args.overwrite:
+            raise UsageError(f"{path} exists; pass --overwrite to replace it, or choose another --out")
+    return paths
 
 
 def load_pipeline(args):
@@ -39,27 +97,49 @@ def load_pipeline(args):
     return MiniDiffusionPipeline.from_pretrained(args.model, device=args.device)
 
 
+def write(picture, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(path)
+    print(f"wrote {path}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    out_path = Path(args.out)
-    if out_path.suffix.lower() != ".png":
-        raise UsageError(f"--out must name a .png file, got {args.out}")
-    if out_path.exists() and not args.overwrite:
-        raise UsageError(f"{out_path} exists; pass --overwrite to replace it, or choose another --out")
+    check_args(args)
+    paths = output_paths(args)
+    save_steps = int_list(args.save_steps, "--save-steps") if args.save_steps is not None else None
+
+    if args.noise_strip is not None:
+        timesteps = int_list(args.timesteps, "--timesteps")
+        image = load_image(args.noise_strip, what="--noise-strip image")  # read before the model loads
+        pipe = load_pipeline(args)
+        strip = noising_strip(load_image(image, pipe.image_size), pipe.config.scheduler, timesteps,
+                              torch.Generator().manual_seed(args.seed))
+        write(strip, paths[0])
+        return 0
+
     pipe = load_pipeline(args)
-    generator = torch.Generator().manual_seed(args.seed)
+    common = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                  generator=torch.Generator().manual_seed(args.seed), num_images_per_prompt=args.num_images,
+                  sampler=args.sampler, capture_steps=save_steps)
     prompts = args.prompt
-    result = pipe.sample(prompts, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                         guidance_scale=args.guidance, generator=generator, num_images_per_prompt=args.num_images,
-                         sampler=args.sampler)
+    if args.mask is not None:
+        strength = 0.99 if args.strength is None else args.strength
+        result = pipe.inpaint(prompts, args.image, args.mask, strength=strength, resample_jumps=args.resample_jumps,
+                              **common)
+    elif args.image is not None:
+        strength = 0.7 if args.strength is None else args.strength
+        result = pipe.img2img(prompts, args.image, strength=strength, **common)
+    else:
+        result = pipe.sample(prompts, **common)
     images = result.images
     labels = [p for p in prompts for _ in range(args.num_images)]
     picture = images[0] if len(images) == 1 else make_grid(
         images, labels=labels, columns=args.num_images if len(prompts) > 1 else None,
         scale=max(1, 96 // images[0].size[0]))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(out_path)
-    print(f"wrote {out_path}", file=sys.stderr)
+    write(picture, paths[0])
+    if save_steps is not None:
+        write(trace_strip(result.trace), paths[1])
     return 0
 
 

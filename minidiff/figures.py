@@ -1,0 +1,166 @@
+"""The chapter's figures, reproduced on the toy model.
+
+    python -m minidiff.figures --model runs/shapes --out figures/
+
+writes, with the model's own schedule and fixed seeds:
+
+    forward-noising.png   a Shapes image noised to t = 0 ... T - 1 (the forward process, Ho et al. 2020 eq. 4)
+    denoising-steps.png   a generation after 0, 1, 10 and 40 of 40 steps: x_t, and the predicted x_0 below
+    negative-prompt.png   the same seeds without (top) and with (bottom) a negative prompt
+    img2img-strength.png  a red circle turned towards "a blue circle" at strengths 0.2, 0.4, 0.7, 1.0
+    inpainting.png        an image, its mask (white = replaced) and four inpainted results
+
+Small images are enlarged with nearest-neighbour so each pixel stays a visible square.
+The strips are also what `sample.py --save-steps` and `sample.py --noise-strip` write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from .data import Shapes
+from .images import make_grid, pil_to_tensor, tensor_to_pil
+from .scheduler import NoiseSchedule, SchedulerConfig, randn
+
+FIGURES = ("forward-noising.png", "denoising-steps.png", "negative-prompt.png", "img2img-strength.png",
+           "inpainting.png")
+DISPLAY_SIZE = 96  # pixels a tile is enlarged to (at least)
+
+
+def scale_for(image: Image.Image) -> int:
+    return max(1, DISPLAY_SIZE // image.size[0])
+
+
+def noising_strip(image: Image.Image, schedule: SchedulerConfig, timesteps: list[int],
+                  generator: torch.Generator | None = None) -> Image.Image:
+    """The input, then x_t = sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) eps for each t
+    (Ho et al. 2020 eq. 4), one noise tensor eps for all t so only the noise level changes."""
+    process = NoiseSchedule(schedule)
+    T = process.num_train_timesteps
+    bad = [t for t in timesteps if not 0 <= t < T]
+    if bad or not timesteps:
+        raise ValueError(f"timesteps must lie in 0..{T - 1}, got {bad or 'none'}")
+    x0 = pil_to_tensor(image)[None]  # (1, 3, H, W)
+    noise = randn(x0.shape, generator, x0.device)
+    noised = process.add_noise(x0.expand(len(timesteps), -1, -1, -1), noise.expand(len(timesteps), -1, -1, -1),
+                               torch.tensor(timesteps))
+    tiles = [image.convert("RGB")] + tensor_to_pil(noised)
+    return make_grid(tiles, labels=["input"] + [f"t={t}" for t in timesteps], scale=scale_for(image))
+
+
+def trace_strip(trace: list[dict]) -> Image.Image:
+    """`ImageOutput.trace` as a grid: per generated image, a row of x_t after each captured
+    step and a row of the predicted x_0 at that step (none at step 0, the start)."""
+    if not trace:
+        raise ValueError("the trace is empty: ask for steps with capture_steps")
+    tiles, labels = [], []
+    for b in range(len(trace[0]["x_t"])):
+        for record in trace:
+            tiles.append(record["x_t"][b])
+            labels.append(f"step {record['step']}")
+        for record in trace:  # the x0 predicted by the model at timestep t of that step
+            blank = Image.new("RGB", record["x_t"][b].size, (255, 255, 255))
+            tiles.append(record["pred_x0"][b] if record["pred_x0"] is not None else blank)
+            labels.append(f"x0 from t={record['timestep']}" if record["pred_x0"] is not None else "")
+    return make_grid(tiles, labels=labels, columns=len(trace), scale=scale_for(tiles[0]))
+
+
+def shapes_example(image_size: int, colour: str, shape: str, nth: int = 0, seed: int = 1) -> tuple[Image.Image, tuple]:
+    """The `nth` one-object Shapes image (data seed `seed`) showing a `colour` `shape`: (image, box)."""
+    data, found = Shapes(image_size, seed=seed), -1
+    for index in range(100_000):
+        objects = data.scene(index)
+        if len(objects) == 1 and objects[0]["colour"] == colour and objects[0]["shape"] == shape:
+            found += 1
+            if found == nth:
+                return data.pil_and_caption(index)[0], objects[0]["box"]
+    raise ValueError(f"no {colour} {shape} among the first 100000 Shapes images")
+
+
+def box_mask(box: tuple, image_size: int, margin: int = 1) -> Image.Image:
+    """An inpainting mask: white over the box (x0, y0, x1, y1) grown by `margin` pixels, black elsewhere."""
+    x0, y0, x1, y1 = box
+    mask = Image.new("L", (image_size, image_size), 0)
+    # pixels the object touches are floor(x0) .. ceil(x1) - 1; PIL's rectangle includes both ends
+    ImageDraw.Draw(mask).rectangle((math.floor(x0) - margin, math.floor(y0) - margin,
+                                    math.ceil(x1) - 1 + margin, math.ceil(y1) - 1 + margin), fill=255)
+    return mask
+
+
+def render_figures(pipe, out: Path, seed: int = 0, steps: int = 40) -> list[Path]:
+    """Write the FIGURES into the folder `out`; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    size = pipe.image_size
+    gen = lambda: torch.Generator().manual_seed(seed)  # noqa: E731  the same seed for every figure
+    # the smallest of the first eight red circles: its mask leaves some of the picture to keep
+    red_circle, box = min((shapes_example(size, "red", "circle", nth) for nth in range(8)),
+                          key=lambda example: example[1][2] - example[1][0])
+    figures = {}
+    T = pipe.config.scheduler.num_train_timesteps
+    figures["forward-noising.png"] = noising_strip(red_circle, pipe.config.scheduler,
+                                                   [0, T // 20, T // 10, T // 4, T // 2, 3 * T // 4, T - 1], gen())
+
+    capture = sorted({k for k in (0, 1, 10, 40, steps) if k <= steps})
+    run = pipe.sample("a red circle", num_inference_steps=steps, generator=gen(), capture_steps=capture)
+    figures["denoising-steps.png"] = trace_strip(run.trace)
+
+    prompt, negative = "a circle", "a red circle"
+    plain = pipe.sample(prompt, num_inference_steps=steps, generator=gen(), num_images_per_prompt=4).images
+    steered = pipe.sample(prompt, negative_prompt=negative, num_inference_steps=steps, generator=gen(),
+                          num_images_per_prompt=4).images
+    figures["negative-prompt.png"] = make_grid(plain + steered, columns=4, scale=scale_for(plain[0]),
+                                               labels=[f'"{prompt}"'] * 4 + [f'negative "{negative}"'] * 4)
+
+    strengths = (0.2, 0.4, 0.7, 1.0)
+    edited = [pipe.img2img("a blue circle", red_circle, strength=s, num_inference_steps=steps,
+                           generator=gen()).images[0] for s in strengths]
+    figures["img2img-strength.png"] = make_grid([red_circle] + edited, scale=scale_for(red_circle),
+                                                labels=["input"] + [f"strength {s}" for s in strengths])
+
+    mask = box_mask(box, size)
+    painted = pipe.inpaint("a green square", red_circle, mask, num_inference_steps=steps, generator=gen(),
+                           num_images_per_prompt=4).images
+    figures["inpainting.png"] = make_grid([red_circle, mask.convert("RGB")] + painted, scale=scale_for(red_circle),
+                                          labels=["input", "mask"] + ['"a green square"'] * 4)
+    paths = []
+    for name in FIGURES:
+        figures[name].save(out / name)
+        paths.append(out / name)
+    return paths
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Render the chapter's figures with a trained minidiff model.")
+    parser.add_argument("--model", required=True, help="folder written by train.py")
+    parser.add_argument("--out", required=True, help="folder for the PNG files")
+    parser.add_argument("--steps", type=int, default=40, help="num_inference_steps (default 40, as the chapter)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--overwrite", action="store_true", help="replace figures already in --out")
+    args = parser.parse_args(argv)
+
+    from .cli import UsageError
+    from .pipeline import MiniDiffusionPipeline
+
+    out = Path(args.out)
+    existing = [str(out / name) for name in FIGURES if (out / name).exists()]
+    if existing and not args.overwrite:
+        raise UsageError(f"{existing[0]} exists; pass --overwrite to replace the figures, or choose another --out")
+    if args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    pipe = MiniDiffusionPipeline.from_pretrained(args.model, device=args.device)
+    for path in render_figures(pipe, out, args.seed, args.steps):
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    from .cli import run
+
+    sys.exit(run(main))

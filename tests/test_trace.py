@@ -1,0 +1,168 @@
+"""The visible trace (capture_steps on top of callback), the strips, and the command lines that write them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from minidiff import Shapes
+from minidiff.cli import run
+from minidiff.contract import StepRecorder
+from minidiff.figures import FIGURES, noising_strip, trace_strip
+from minidiff.scheduler import SchedulerConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 4
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def picture_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pictures") / "circle.png"
+    Shapes(16, seed=3).pil_and_caption(0)[0].save(path)
+    return path
+
+
+def test_step_recorder_builds_records_from_callback_dicts():
+    """Backend-agnostic: any decode function, the user's callback still sees every step."""
+    seen = []
+    recorder = StepRecorder([0, 2], num_steps=3, callback=seen.append, decode=lambda x: [f"img{float(x)}"],
+                            decode_noise=lambda e: [f"eps{float(e)}"])
+    recorder.start(torch.tensor(9.0), 900)
+    for i, t in enumerate([900, 600, 300]):
+        recorder.callback({"i": i, "t": t, "x": torch.tensor(float(i)), "denoised": torch.tensor(-1.0),
+                           "noise_pred": torch.tensor(0.5)})
+    assert len(seen) == 3
+    assert recorder.trace == [
+        {"step": 0, "timestep": 900, "x_t": ["img9.0"], "pred_x0": None, "noise_pred": None},
+        {"step": 2, "timestep": 600, "x_t": ["img1.0"], "pred_x0": ["img-1.0"], "noise_pred": ["eps0.5"]},
+    ]
+    assert StepRecorder(None, 3).callback is None  # nothing asked: the loop runs without a callback
+
+
+@pytest.mark.parametrize("steps,message", [([5], "asks for step 5, but this call runs 4"), ([-1], "step -1"),
+                                           ([1.5], "whole numbers"), ([True], "whole numbers")])
+def test_bad_capture_steps_are_clear_errors(steps, message):
+    with pytest.raises(ValueError, match=message):
+        StepRecorder(steps, num_steps=4, decode=list)
+
+
+def test_sample_captures_the_steps_asked_for(tiny_pipe):
+    out = tiny_pipe.sample("a red circle", num_inference_steps=STEPS, num_images_per_prompt=2, generator=gen(),
+                           capture_steps=[STEPS, 0, 1])
+    assert [r["step"] for r in out.trace] == [0, 1, STEPS]
+    start, first, last = out.trace
+    assert start["pred_x0"] is None and start["noise_pred"] is None
+    assert start["timestep"] == first["timestep"] > last["timestep"]  # step 1 ran at the first timestep
+    for record in (first, last):
+        assert len(record["x_t"]) == len(record["pred_x0"]) == len(record["noise_pred"]) == 2
+        assert all(isinstance(im, Image.Image) and im.size == (16, 16) for im in record["x_t"])
+    # step 0 is the starting noise itself; after the last step x_t is the output
+    noise = torch.randn(2, 3, 16, 16, generator=gen())
+    assert np.array_equal(np.asarray(start["x_t"][1]),
+                          ((noise[1].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(last["x_t"], out.images))
+    assert out.trace and not tiny_pipe.sample("a red circle", num_inference_steps=2, generator=gen()).trace
+
+
+def test_capture_counts_the_steps_an_edit_runs(tiny_pipe, picture_file):
+    out = tiny_pipe.img2img("a red circle", picture_file, strength=0.5, num_inference_steps=STEPS, generator=gen(),
+                            capture_steps=[0, 2])
+    assert [r["step"] for r in out.trace] == [0, 2]
+    with pytest.raises(ValueError, match="runs 2 denoising steps"):
+        tiny_pipe.img2img("a red circle", picture_file, strength=0.5, num_inference_steps=STEPS, capture_steps=[3])
+    unchanged = tiny_pipe.img2img("a red circle", picture_file, strength=0.0, capture_steps=[0])
+    assert unchanged.trace[0]["timestep"] is None
+    assert np.array_equal(np.asarray(unchanged.trace[0]["x_t"][0]), np.asarray(Image.open(picture_file)))
+
+
+def test_strips_have_one_tile_per_record(tiny_pipe):
+    out = tiny_pipe.sample("a red circle", num_inference_steps=STEPS, generator=gen(), capture_steps=[0, 1, STEPS])
+    strip = trace_strip(out.trace)
+    tile = 96  # 16 px enlarged 6x
+    assert strip.size[0] >= 3 * tile and strip.size[1] == 2 * (tile + 12)  # x_t row, predicted x0 row
+
+
+def test_noising_strip_starts_clean_and_ends_in_noise():
+    image = Shapes(16, seed=3).pil_and_caption(0)[0]
+    strip = noising_strip(image, SchedulerConfig(), [0, 999], gen())
+    tiles = [np.asarray(strip.crop((i * 96, 0, i * 96 + 96, 96)).resize((16, 16), Image.Resampling.NEAREST), float)
+             for i in range(3)]
+    clean = np.asarray(image, float)
+    assert np.abs(tiles[1] - clean).mean() < 3 < np.abs(tiles[2] - clean).mean()
+    with pytest.raises(ValueError, match="0..999"):
+        noising_strip(image, SchedulerConfig(), [1000])
+
+
+def cli(*args):
+    import sample
+
+    return run(sample.main, [str(a) for a in args])
+
+
+def test_sample_cli_img2img_inpaint_and_save_steps(tiny_model_dir, picture_file, tmp_path):
+    mask = tmp_path / "mask.png"
+    Image.new("L", (16, 16), 255).save(mask)
+    model = ["--model", tiny_model_dir, "--steps", "2", "--prompt", "a green square"]
+    assert cli(*model, "--image", picture_file, "--strength", "0.5", "--out", tmp_path / "a.png") == 0
+    assert cli(*model, "--image", picture_file, "--mask", mask, "--strength", "1", "--save-steps", "0,2",
+               "--out", tmp_path / "b.png") == 0
+    assert (tmp_path / "a.png").exists() and (tmp_path / "b.png").exists()
+    assert Image.open(tmp_path / "b-steps.png").size[1] == 2 * (96 + 12)
+    assert cli("--model", tiny_model_dir, "--noise-strip", picture_file, "--timesteps", "0,500,999",
+               "--out", tmp_path / "strip.png") == 0
+    assert Image.open(tmp_path / "strip.png").size[0] >= 4 * 96
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt", "a red circle", "--mask", "m.png"], "--mask needs --image"),
+    (["--prompt", "a red circle", "--strength", "0.5"], "--strength needs --image"),
+    (["--prompt", "a red circle", "--save-steps", "0,x"], "--save-steps takes whole numbers"),
+    (["--prompt", "a red circle", "--save-steps", "0,9"], "asks for step 9"),
+    (["--prompt", "a red circle", "--image", "PICTURE", "--strength", "2"], "strength must be between 0 and 1"),
+    (["--prompt", "a red circle", "--image", "PICTURE", "--mask", "SMALL"], "mask_image is 8x8 but image is 16x16"),
+    (["--noise-strip", "PICTURE", "--prompt", "a red circle"], "drop --prompt"),
+    (["--noise-strip", "PICTURE", "--timesteps", "5000"], "0..999"),
+    ([], "--prompt is required"),
+])
+def test_sample_cli_refuses_bad_input_and_writes_nothing(tiny_model_dir, picture_file, tmp_path, capsys, args,
+                                                         message):
+    Image.new("L", (8, 8), 255).save(tmp_path / "small.png")
+    args = [{"PICTURE": picture_file, "SMALL": tmp_path / "small.png"}.get(a, a) for a in args]
+    out = tmp_path / "out.png"
+    assert cli("--model", tiny_model_dir, "--steps", "2", *args, "--out", out) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("error: ") and not out.exists()
+    assert not (tmp_path / "out-steps.png").exists()
+
+
+def test_sample_cli_keeps_an_existing_steps_file(tiny_model_dir, tmp_path):
+    """The real process: exit status 2, one line, and the existing -steps.png untouched."""
+    (tmp_path / "out-steps.png").write_bytes(b"keep me")
+    cmd = [sys.executable, str(ROOT / "sample.py"), "--model", str(tiny_model_dir), "--prompt", "a red circle",
+           "--steps", "2", "--save-steps", "0,2", "--out", str(tmp_path / "out.png")]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2 and "--overwrite" in done.stderr and "Traceback" not in done.stderr
+    assert (tmp_path / "out-steps.png").read_bytes() == b"keep me" and not (tmp_path / "out.png").exists()
+
+
+def test_figures_command_writes_every_figure_and_keeps_them(tiny_model_dir, tmp_path, capsys):
+    from minidiff.figures import main
+
+    out = tmp_path / "figures"
+    assert run(main, ["--model", str(tiny_model_dir), "--out", str(out), "--steps", "2"]) == 0
+    for name in FIGURES:
+        image = Image.open(out / name)
+        assert image.size[1] >= 96  # 16 px tiles enlarged to be visible
+    before = (out / FIGURES[0]).read_bytes()
+    assert run(main, ["--model", str(tiny_model_dir), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (out / FIGURES[0]).read_bytes() == before
