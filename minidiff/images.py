@@ -66,3 +66,26 @@ def make_grid(images: list[Image.Image], labels: list[str] | None = None, column
         if labels:
             draw.text((x + 2, y + h), labels[i], fill=(0, 0, 0), font=font)
     return grid
+
+
+def load_mask(mask, size: int | tuple[int, int] | None = None, image_size: tuple[int, int] | None = None,
+              what: str = "mask_image") -> Image.Image:
+    """An inpainting mask (PIL image or path) -> binary "L" image: 255 where the pixel is replaced
+    (white), 0 where it is kept (black), thresholded at 0.5 as diffusers' mask processor does.
+    `image_size`, when given, must equal the mask's own size (we refuse to guess how a mask of
+    another shape lines up with the image); then it is resized to `size` (with a warning)."""
+    mask = load_image(mask, what=what).convert("L")
+    if image_size is not None and mask.size != tuple(image_size):
+        raise ImageInputError(f"{what} is {mask.size[0]}x{mask.size[1]} but image is {image_size[0]}x{image_size[1]}; "
+                              "give a mask the size of the image")
+    if size is not None:
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        if mask.size != size:
+            warnings.warn(f"{what} of size {mask.size[0]}x{mask.size[1]} resized to {size[0]}x{size[1]}", stacklevel=2)
+            mask = mask.resize(size, Image.Resampling.BILINEAR)
+    return mask.point(lambda v: 255 if v >= 128 else 0)  # v / 255 >= 0.5 -> white
+
+
+def paste_kept(generated: Image.Image, original: Image.Image, mask: Image.Image) -> Image.Image:
+    """Inpainting's paste-back: `generated` where `mask` is white, `original` exactly where it is black."""
+    return Image.composite(generated.convert("RGB"), original.convert("RGB"), mask)

@@ -36,3 +36,19 @@ def tiny_pipe(tiny_model_dir):
     from minidiff import MiniDiffusionPipeline
 
     return MiniDiffusionPipeline.from_pretrained(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    """A tiny random-weight SD3 pipeline saved with save_pretrained (tests/sd3_tiny.py)."""
+    from sd3_tiny import build_tiny_sd3
+
+    return build_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tiny_sd3_dir):
+    """The tiny SD3 model loaded through the bridge's real loading path."""
+    from bridge import SD3Bridge
+
+    return SD3Bridge.from_pretrained(tiny_sd3_dir, device="cpu")
