@@ -5,10 +5,13 @@
     python sample.py --prompt "a green square" --image red.png --mask mask.png --out green.png   # inpainting
     python sample.py --prompt "a red circle" --steps 40 --save-steps 0,1,10,40 --out red.png     # + red-steps.png
     python sample.py --noise-strip red.png --timesteps 0,100,250,500,999 --out noising.png
+    python sample.py --model stabilityai/stable-diffusion-3.5-medium --prompt "a red circle" --out red.png
 
 A PNG is written to --out (a labelled grid when more than one image is asked for).
 --save-steps also writes OUT-steps.png: x_t after each listed step, predicted x0 below.
 --noise-strip writes the forward process instead: the image noised to each --timesteps t.
+--model is a minidiff folder (written by train.py) or a Stable Diffusion 3.5 model: a Hugging
+Face id or a folder with model_index.json; --backend auto tells them apart.
 """
 
 from __future__ import annotations
@@ -23,17 +26,24 @@ from minidiff.cli import UsageError, run
 from minidiff.figures import noising_strip, trace_strip
 from minidiff.images import load_image, make_grid
 
+DEFAULT_MODEL = "runs/shapes"
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="runs/shapes", help="a folder written by train.py")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="a folder written by train.py, or an SD3 model: Hugging Face id or diffusers folder")
+    p.add_argument("--backend", choices=["auto", "minidiff", "sd3"], default="auto",
+                   help="auto: a hub id or a folder with model_index.json is sd3, anything else minidiff")
     p.add_argument("--prompt", nargs="+", help="one or more prompts")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance_scale (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=int, default=1, help="num_images_per_prompt")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], default=None, help="minidiff only (default ddim)")
+    p.add_argument("--height", type=int, default=None, help="sd3 only (default: the model's native size)")
+    p.add_argument("--width", type=int, default=None, help="sd3 only (default: the model's native size)")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default="sample.png", help="PNG to write")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -91,7 +101,27 @@ def output_paths(args) -> list[Path]:
     return paths
 
 
+def pick_backend(model: str, backend: str = "auto") -> str:
+    """auto: a folder with model_index.json, or a Hugging Face id (owner/name that is not an existing
+    path), is sd3; anything else (a minidiff checkpoint folder, the default runs/shapes) is minidiff."""
+    if backend != "auto":
+        return backend
+    from bridge.sd3 import looks_like_hub_id
+
+    path = Path(model).expanduser()
+    if (path / "model_index.json").is_file():
+        return "sd3"
+    if not path.exists() and model != DEFAULT_MODEL and looks_like_hub_id(model):
+        return "sd3"
+    return "minidiff"
+
+
 def load_pipeline(args):
+    """The one place a pipeline is built: minidiff's or the SD3 bridge, by pick_backend."""
+    if pick_backend(args.model, args.backend) == "sd3":
+        from bridge import SD3Bridge
+
+        return SD3Bridge.from_pretrained(args.model, device=args.device)
     from minidiff import MiniDiffusionPipeline
 
     return MiniDiffusionPipeline.from_pretrained(args.model, device=args.device)
@@ -103,13 +133,32 @@ def write(picture, path: Path) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
 
+def backend_options(args) -> dict:
+    """The keywords only one backend takes, checked (before loading anything) against the backend."""
+    if pick_backend(args.model, args.backend) == "sd3":
+        if args.sampler is not None:
+            raise UsageError("--sampler applies to minidiff models; SD3 always uses its flow-matching Euler sampler")
+        if args.resample_jumps:
+            raise UsageError("--resample-jumps applies to minidiff models")
+        return {"height": args.height, "width": args.width}
+    if args.height is not None or args.width is not None:
+        raise UsageError("--height/--width apply to SD3 models; a minidiff model renders at its trained size")
+    options = {"sampler": args.sampler or "ddim"}
+    if args.mask is not None:
+        options["resample_jumps"] = args.resample_jumps
+    return options
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     check_args(args)
     paths = output_paths(args)
     save_steps = int_list(args.save_steps, "--save-steps") if args.save_steps is not None else None
 
+    options = backend_options(args)
     if args.noise_strip is not None:
+        if pick_backend(args.model, args.backend) != "minidiff":
+            raise UsageError("--noise-strip shows minidiff's forward process; give a minidiff --model")
         timesteps = int_list(args.timesteps, "--timesteps")
         image = load_image(args.noise_strip, what="--noise-strip image")  # read before the model loads
         pipe = load_pipeline(args)
@@ -121,12 +170,11 @@ def main(argv=None) -> int:
     pipe = load_pipeline(args)
     common = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
                   generator=torch.Generator().manual_seed(args.seed), num_images_per_prompt=args.num_images,
-                  sampler=args.sampler, capture_steps=save_steps)
+                  capture_steps=save_steps, **options)
     prompts = args.prompt
     if args.mask is not None:
         strength = 0.99 if args.strength is None else args.strength
-        result = pipe.inpaint(prompts, args.image, args.mask, strength=strength, resample_jumps=args.resample_jumps,
-                              **common)
+        result = pipe.inpaint(prompts, args.image, args.mask, strength=strength, **common)
     elif args.image is not None:
         strength = 0.7 if args.strength is None else args.strength
         result = pipe.img2img(prompts, args.image, strength=strength, **common)

@@ -99,3 +99,8 @@ def make_grid(images: list[Image.Image], labels: list[str] | None = None, column
         if labels:
             draw.text((x + 2, y + h), labels[i], fill=(0, 0, 0), font=font)
     return grid
+
+
+def paste_kept(generated: Image.Image, original: Image.Image, mask: Image.Image) -> Image.Image:
+    """Inpainting's paste-back: `generated` where `mask` is white, `original` exactly where it is black."""
+    return Image.composite(generated.convert("RGB"), original.convert("RGB"), mask)

@@ -1,4 +1,5 @@
-"""Shared test fixtures: everything on CPU, deterministic, TF32 off, tiny models."""
+"""Shared test fixtures: everything on CPU, deterministic, TF32 off, tiny models.
+(Thread count: torch's default, or OMP_NUM_THREADS when set.)"""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import torch
 
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
-torch.set_num_threads(2)
 
 
 def tiny_train_config(out, **overrides):
@@ -36,3 +36,19 @@ def tiny_pipe(tiny_model_dir):
     from minidiff import MiniDiffusionPipeline
 
     return MiniDiffusionPipeline.from_pretrained(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    """A tiny random-weight SD3 pipeline saved with save_pretrained (tests/sd3_tiny.py)."""
+    from sd3_tiny import build_tiny_sd3
+
+    return build_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tiny_sd3_dir):
+    """The tiny SD3 model loaded through the bridge's real loading path."""
+    from bridge import SD3Bridge
+
+    return SD3Bridge.from_pretrained(tiny_sd3_dir, device="cpu")
