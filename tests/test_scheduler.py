@@ -68,9 +68,11 @@ def test_ddpm_matches_diffusers(config, steps):
     run_both(DDPMScheduler(config), theirs, steps, {})
 
 
-def test_ddpm_unclipped_matches_diffusers():
-    config = SchedulerConfig(beta_schedule="linear", clip_sample=False)
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_clipped_x0_matches_diffusers(eta):
+    config = SchedulerConfig(beta_schedule="linear", clip_sample=True)
     run_both(DDPMScheduler(config), diffusers.DDPMScheduler(**diffusers_kwargs(config)), 20, {})
+    run_both(DDIMScheduler(config), diffusers.DDIMScheduler(**diffusers_kwargs(config)), 20, {"eta": eta})
 
 
 @pytest.mark.parametrize("beta_schedule", ["linear", "cosine"])
