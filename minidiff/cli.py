@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 import warnings
+from pathlib import Path
 
 from .checkpoint import CheckpointError
 from .images import ImageInputError
@@ -13,6 +15,19 @@ USER_ERRORS = (CheckpointError, ImageInputError, ValueError, FileNotFoundError, 
 
 class UsageError(ValueError):
     """A bad flag combination or value, found before any work starts."""
+
+
+def writable_folder(folder, flag: str) -> Path:
+    """Create `folder` if needed and check that a file can be written in it, before any work
+    starts (so a long run cannot fail at its first save)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise UsageError(f"{flag}: cannot write to {folder} ({error.strerror or error}); choose another folder") from None
+    return folder
 
 
 def run(main, argv=None) -> int:
