@@ -13,12 +13,13 @@ from pathlib import Path
 
 import torch
 
-from minidiff.cli import UsageError, run
+from minidiff.checkpoint import atomic_write
+from minidiff.cli import ArgumentParser, UsageError, run, writable_folder
 from minidiff.images import make_grid
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="runs/shapes", help="a folder written by train.py")
     p.add_argument("--prompt", required=True, nargs="+", help="one or more prompts")
     p.add_argument("--negative-prompt", default=None)
@@ -46,6 +47,7 @@ def main(argv=None) -> int:
         raise UsageError(f"--out must name a .png file, got {args.out}")
     if out_path.exists() and not args.overwrite:
         raise UsageError(f"{out_path} exists; pass --overwrite to replace it, or choose another --out")
+    writable_folder(out_path.parent, "--out")
     pipe = load_pipeline(args)
     generator = torch.Generator().manual_seed(args.seed)
     prompts = args.prompt
@@ -57,8 +59,7 @@ def main(argv=None) -> int:
     picture = images[0] if len(images) == 1 else make_grid(
         images, labels=labels, columns=args.num_images if len(prompts) > 1 else None,
         scale=max(1, 96 // images[0].size[0]))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(out_path)
+    atomic_write(out_path, lambda tmp: picture.save(tmp, format="PNG"))  # a kill mid-write leaves the old file
     print(f"wrote {out_path}", file=sys.stderr)
     return 0
 

@@ -19,14 +19,15 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from minidiff.cli import UsageError, run, writable_folder
+from minidiff.cli import ArgumentParser, UsageError, run, writable_folder
+from minidiff.data import DATA_NAMES, load_dataset
 from minidiff.runtime import pick_device
 from minidiff.training import PRESETS, TrainConfig, Trainer, config_for_resume, latest_checkpoint
 from minidiff.unet import UNetConfig
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/shapes", help="run folder: checkpoints, samples, loss log, final model")
     p.add_argument("--preset", choices=sorted(PRESETS), help="defaults to 'gpu' on CUDA, else 'cpu'")
     p.add_argument("--data", help="shapes (default), mnist, fashion-mnist, cifar10, or a folder of images with an "
@@ -56,7 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def given_settings(args: argparse.Namespace) -> dict:
-    """The TrainConfig fields the user set on the command line."""
+    """The TrainConfig fields the user set on the command line (a data folder as an absolute
+    path, so that a run resumed from elsewhere still finds it)."""
+    if args.data is not None and args.data not in DATA_NAMES and Path(args.data).is_dir():
+        args.data = str(Path(args.data).resolve())
     names = {f.name for f in fields(TrainConfig)}
     return {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in names and v is not None}
 
@@ -118,6 +122,21 @@ def start_distributed(config: TrainConfig) -> dict:
     return {"rank": rank, "world_size": world_size, "wrap": wrap, "sync_stop": sync_stop}
 
 
+def open_dataset(config: TrainConfig, distributed: dict):
+    """The training data; under torchrun rank 0 opens it first (a download happens once),
+    the other ranks after it (the cache folder must then be shared by all ranks)."""
+    def build():
+        return load_dataset(config.data, config.image_size, config.seed, config.data_root, config.two_object_fraction)
+
+    if not distributed:
+        return build()
+    import torch.distributed as dist
+
+    dataset = build() if distributed["rank"] == 0 else None
+    dist.barrier()
+    return dataset if dataset is not None else build()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
@@ -141,7 +160,7 @@ def main(argv=None) -> int:
     is_main = distributed.get("rank", 0) == 0
     say = (lambda text: print(text, file=sys.stderr)) if is_main else (lambda text: None)
     try:
-        trainer = Trainer(config, **distributed)
+        trainer = Trainer(config, open_dataset(config, distributed), **distributed)
         if checkpoint is not None:
             trainer.load_checkpoint(checkpoint)
             changed = "".join(f", {k} {old} -> {new}" for k, (old, new) in changes.items() if k != "out")

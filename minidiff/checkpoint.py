@@ -85,7 +85,7 @@ def read_safetensors(path) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         pickles = sorted(p.name for p in path.parent.glob("*") if p.suffix in PICKLE_SUFFIXES) if path.parent.is_dir() else []
         hint = f" ({', '.join(pickles)} beside it is not read: {NEVER_UNPICKLED})" if pickles else ""
-        raise CheckpointError(f"{path} is missing{hint}") from None
+        raise CheckpointError(f"{path} is missing{hint}; the checkpoint is incomplete") from None
     except (SafetensorError, OSError, ValueError) as error:
         if path.is_file() and looks_like_pickle(path):
             raise CheckpointError(f"{path} is a pickle file, not safetensors, and was not loaded: {NEVER_UNPICKLED}") from None

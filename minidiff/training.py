@@ -335,7 +335,7 @@ class Trainer:
         except (KeyError, RuntimeError, ValueError) as error:
             reason = " ".join(str(error).split())[:200]
             raise CheckpointError(f"{path} does not fit this run's model ({reason}); the checkpoint is partial, "
-                                  f"corrupt or from another run") from None
+                                  f"corrupt or from another run, or the data's captions changed since") from None
         self.step = state["step"]
         self.loss_rows = state.get("loss_rows", [])
         window = state.get("log_window")
@@ -395,7 +395,9 @@ class Trainer:
                         break
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+                    if not torch.isfinite(grad_norm):  # the same on every rank: DDP has averaged the gradients
+                        raise FloatingPointError(f"gradient norm became {grad_norm.item()} at step {self.step + 1}")
                     self.optimizer.step()
                     self.ema.update(self.model, self.step)
                     self.step += 1
