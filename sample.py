@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from minidiff.cli import UsageError, run
+from minidiff.checkpoint import atomic_write
+from minidiff.cli import ArgumentParser, UsageError, run, writable_folder
 from minidiff.figures import noising_strip, trace_strip
 from minidiff.images import load_image, make_grid
 
@@ -30,7 +31,7 @@ DEFAULT_MODEL = "runs/shapes"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="a folder written by train.py, or an SD3 model: Hugging Face id or diffusers folder")
     p.add_argument("--backend", choices=["auto", "minidiff", "sd3"], default="auto",
@@ -128,8 +129,8 @@ def load_pipeline(args):
 
 
 def write(picture, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(path)
+    """Save atomically: a kill mid-write leaves any old file whole."""
+    atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
     print(f"wrote {path}", file=sys.stderr)
 
 
@@ -156,6 +157,7 @@ def main(argv=None) -> int:
     save_steps = int_list(args.save_steps, "--save-steps") if args.save_steps is not None else None
 
     options = backend_options(args)
+    writable_folder(paths[0].parent, "--out")
     if args.noise_strip is not None:
         if pick_backend(args.model, args.backend) != "minidiff":
             raise UsageError("--noise-strip shows minidiff's forward process; give a minidiff --model")

@@ -1,74 +1,193 @@
-"""Train a text-to-image diffusion model on the built-in Shapes data.
+"""Train a text-to-image diffusion model: on the built-in Shapes data, your own pictures, or MNIST-like sets.
 
     python train.py                      # preset picked by device (CPU: 16 px, a few minutes)
     python train.py --out runs/big --image-size 32 --steps 20000
-    python train.py --out runs/big --resume
+    python train.py --out runs/big --resume                  # after a crash, a kill or Ctrl-C
+    python train.py --out runs/mine --data my_pictures/ --image-size 32
+    python train.py --out runs/digits --data mnist --image-size 28
+    torchrun --nproc_per_node 4 train.py --out runs/big      # data parallel: 4 x --batch-size per step
 
-The loop lives in minidiff/training.py; this file only reads flags.
+The loop lives in minidiff/training.py; this file reads flags and, under torchrun, sets up
+DistributedDataParallel (the library itself knows nothing of distribution).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
 
-from minidiff.cli import UsageError, run
+from minidiff.cli import ArgumentParser, UsageError, run, writable_folder
+from minidiff.data import DATA_NAMES, load_dataset
 from minidiff.runtime import pick_device
-from minidiff.training import PRESETS, TrainConfig, Trainer
+from minidiff.training import PRESETS, TrainConfig, Trainer, config_for_resume, latest_checkpoint
+from minidiff.unet import UNetConfig
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/shapes", help="run folder: checkpoints, samples, loss log, final model")
     p.add_argument("--preset", choices=sorted(PRESETS), help="defaults to 'gpu' on CUDA, else 'cpu'")
+    p.add_argument("--data", help="shapes (default), mnist, fashion-mnist, cifar10, or a folder of images with an "
+                                  "optional metadata.jsonl of {\"file_name\", \"text\"} lines")
+    p.add_argument("--data-root", help="where mnist/fashion-mnist/cifar10 are downloaded (default ~/.cache/minidiff)")
     p.add_argument("--steps", type=int, help="optimizer steps in total")
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=int, help="images per step (per process under torchrun)")
     p.add_argument("--image-size", type=int)
     p.add_argument("--base-channels", type=int, help="UNet width")
+    p.add_argument("--channel-mults", type=int, nargs="+", help="UNet width multiplier per resolution level")
+    p.add_argument("--attention-levels", type=int, nargs="*", help="UNet levels (0 = full size) with attention")
+    p.add_argument("--text-dim", type=int, help="text encoder width")
     p.add_argument("--lr", type=float, help="peak learning rate (AdamW)")
+    p.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda, mps (default: best available)")
     p.add_argument("--max-minutes", type=float, help="stop cleanly and save after this long")
-    p.add_argument("--sample-every", type=int, help="write a sample grid every N steps (0: never)")
+    p.add_argument("--sample-every", type=int, help="write a sample grid every N steps (0: only at the end)")
     p.add_argument("--checkpoint-every", type=int, help="save a resumable checkpoint every N steps")
     p.add_argument("--keep", type=int, help="resumable checkpoints kept (oldest deleted)")
+    p.add_argument("--log-every", type=int, help="a row of loss.csv every N steps")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint, with its own settings "
+                        "(only --steps, --lr, --device and the --*-every/--keep/--max-minutes flags may change)")
     return p.parse_args(argv)
 
 
+def given_settings(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields the user set on the command line (a data folder as an absolute
+    path, so that a run resumed from elsewhere still finds it)."""
+    if args.data is not None and args.data not in DATA_NAMES and Path(args.data).is_dir():
+        args.data = str(Path(args.data).resolve())
+    names = {f.name for f in fields(TrainConfig)}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in names and v is not None}
+
+
 def build_config(args: argparse.Namespace) -> TrainConfig:
+    """A new run: the device's preset, then the flags."""
     device = pick_device(args.device)
     preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
-    values = {**PRESETS[preset], "out": args.out, "device": args.device}
-    names = {f.name for f in fields(TrainConfig)}
-    values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
-    config = TrainConfig(**values)
-    if config.steps < 1 or config.batch_size < 1:
-        raise UsageError("--steps and --batch-size must be at least 1")
-    return config
+    return TrainConfig(**{**PRESETS[preset], **given_settings(args)})
+
+
+def check_config(config: TrainConfig) -> None:
+    for name in ("steps", "batch_size", "keep", "log_every"):
+        if getattr(config, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    for name in ("sample_every", "checkpoint_every", "warmup_steps"):
+        if getattr(config, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(config, name)}")
+    if not config.lr > 0:
+        raise UsageError(f"--lr must be above 0, got {config.lr}")
+    if config.max_minutes is not None and not config.max_minutes > 0:
+        raise UsageError(f"--max-minutes must be above 0, got {config.max_minutes}")
+    if config.image_size < 8:
+        raise UsageError(f"--image-size must be at least 8, got {config.image_size}")
+    try:  # the UNet's own rule on sizes, checked before any work
+        UNetConfig(image_size=config.image_size, channel_mults=config.channel_mults)
+    except ValueError as error:
+        raise UsageError(f"--image-size: {error} (the UNet halves it {len(config.channel_mults) - 1} times)") from None
+
+
+def start_distributed(config: TrainConfig) -> dict:
+    """Under torchrun (RANK, WORLD_SIZE and LOCAL_RANK set): join the process group (nccl on
+    CUDA, gloo on CPU) and give the Trainer its rank, the DDP wrapper, and `sync_stop`, an
+    all-reduce max through which every rank acts on the same stop decision (rank 0's clock,
+    anyone's Ctrl-C, anyone's non-finite loss). Without torchrun: one process, no wrapper."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return {}
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    device = pick_device(config.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    config.device = str(device)
+
+    def wrap(model):
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def sync_stop(code: int) -> int:
+        flag = torch.tensor([code], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    return {"rank": rank, "world_size": world_size, "wrap": wrap, "sync_stop": sync_stop}
+
+
+def open_dataset(config: TrainConfig, distributed: dict):
+    """The training data; under torchrun rank 0 opens it first (a download happens once),
+    the other ranks after it (the cache folder must then be shared by all ranks)."""
+    def build():
+        return load_dataset(config.data, config.image_size, config.seed, config.data_root, config.two_object_fraction)
+
+    if not distributed:
+        return build()
+    import torch.distributed as dist
+
+    dataset = build() if distributed["rank"] == 0 else None
+    dist.barrier()
+    return dataset if dataset is not None else build()
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config = build_config(args)
-    out = Path(config.out)
-    trainer = Trainer(config)
+    out = Path(args.out)
+    checkpoint = None
     if args.resume:
-        checkpoint = trainer.latest_checkpoint()
+        if args.preset:
+            raise UsageError("--preset picks a new run's settings; a resumed run keeps its own (drop --preset)")
+        checkpoint = latest_checkpoint(out)
         if checkpoint is None:
-            raise UsageError(f"--resume: {out} holds no checkpoint to resume from")
-        trainer.load_checkpoint(checkpoint)
-        print(f"resuming from {checkpoint} (step {trainer.step})", file=sys.stderr)
-    elif trainer.latest_checkpoint() is not None or (out / "model.safetensors").exists():
-        raise UsageError(f"{out} already holds a training run; pass --resume to continue it, or choose another --out")
-    print(f"training on {trainer.device}: {config.image_size} px, {config.steps} steps of {config.batch_size}, "
-          f"{sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f} M parameters", file=sys.stderr)
-    result = trainer.train()
-    print(f"stopped after step {result['step']} ({result['stop_reason']}, {result['seconds'] / 60:.1f} min); "
-          f"model saved to {out}", file=sys.stderr)
+            raise UsageError(f"--resume: {out} holds no checkpoint to resume from; start the run without --resume")
+        config, changes = config_for_resume(checkpoint, given_settings(args))
+        config.device = args.device  # the machine may have changed since
+    else:
+        config, changes = build_config(args), {}
+        if latest_checkpoint(out) is not None or (out / "model.safetensors").exists():
+            raise UsageError(f"{out} already holds a training run; pass --resume to continue it, or choose another --out")
+    config.out = str(out)
+    check_config(config)
+    writable_folder(out, "--out")
+    distributed = start_distributed(config)
+    is_main = distributed.get("rank", 0) == 0
+    say = (lambda text: print(text, file=sys.stderr)) if is_main else (lambda text: None)
+    try:
+        trainer = Trainer(config, open_dataset(config, distributed), **distributed)
+        if checkpoint is not None:
+            trainer.load_checkpoint(checkpoint)
+            changed = "".join(f", {k} {old} -> {new}" for k, (old, new) in changes.items() if k != "out")
+            say(f"resuming from {checkpoint} (step {trainer.step}{changed})")
+        ranks = distributed.get("world_size", 1)
+        say(f"training on {trainer.device}{f' x {ranks} processes' if ranks > 1 else ''}: {config.image_size} px, "
+            f"{config.steps} steps of {config.batch_size * ranks} images, data {config.data}, "
+            f"{sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f} M parameters")
+        try:
+            result = trainer.train()
+        except FloatingPointError as error:
+            last = latest_checkpoint(out)
+            kept = (f"the last good checkpoint, {last}, is kept: continue from it with --resume and a lower --lr"
+                    if last else "no checkpoint had been saved yet: start again with a lower --lr")
+            print(f"error: training stopped: {error}; {kept}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"error: interrupted twice, stopped without saving; the last checkpoint is {latest_checkpoint(out)}",
+                  file=sys.stderr)
+            return 130
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    say(f"stopped after step {result['step']} ({result['stop_reason']}, {result['seconds'] / 60:.1f} min); "
+        f"model saved to {out}")
     return 0
 
 

@@ -66,13 +66,31 @@ def read_json(path) -> dict:
     return data
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+NEVER_UNPICKLED = "minidiff reads only safetensors and JSON, never pickles (loading a pickle can run any code)"
+
+
+def looks_like_pickle(path: Path) -> bool:
+    """A pickle (protocol 2+) starts with 0x80; torch.save writes a zip archive ("PK") of pickles.
+    (A safetensors file starts with the 8-byte length of its JSON header.)"""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return head[:1] == b"\x80" or head == b"PK"
+
+
 def read_safetensors(path) -> dict[str, torch.Tensor]:
+    path = Path(path)
     try:
         return load_file(str(path))
     except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing") from None
+        pickles = sorted(p.name for p in path.parent.glob("*") if p.suffix in PICKLE_SUFFIXES) if path.parent.is_dir() else []
+        hint = f" ({', '.join(pickles)} beside it is not read: {NEVER_UNPICKLED})" if pickles else ""
+        raise CheckpointError(f"{path} is missing{hint}; the checkpoint is incomplete") from None
     except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({error}); the checkpoint is corrupt") from None
+        if path.is_file() and looks_like_pickle(path):
+            raise CheckpointError(f"{path} is a pickle file, not safetensors, and was not loaded: {NEVER_UNPICKLED}") from None
+        reason = " ".join(str(error).split())
+        raise CheckpointError(f"{path} is not a readable safetensors file ({reason}); the checkpoint is corrupt") from None
 
 
 def save_model(directory, model: TextToImageModel, state_dict: dict[str, torch.Tensor] | None = None) -> None:
@@ -86,6 +104,10 @@ def save_model(directory, model: TextToImageModel, state_dict: dict[str, torch.T
 def load_model(directory, device: torch.device | str = "cpu") -> TextToImageModel:
     """Rebuild a model from `directory`, checking that the folder is a complete minidiff checkpoint."""
     directory = Path(directory)
+    if directory.is_file():
+        kind = f"a pickle file, not read: {NEVER_UNPICKLED}" if looks_like_pickle(directory) else "a file"
+        raise CheckpointError(f"{directory} is {kind}; a model is a folder (config.json + model.safetensors) "
+                              f"written by train.py")
     if not directory.is_dir():
         raise CheckpointError(f"model folder {directory} does not exist; train one with `python train.py --out {directory}`")
     raw = read_json(directory / CONFIG_NAME)

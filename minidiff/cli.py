@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
+import tempfile
 import warnings
+from pathlib import Path
 
 from .checkpoint import CheckpointError
 from .images import ImageInputError
@@ -13,6 +16,29 @@ USER_ERRORS = (CheckpointError, ImageInputError, ValueError, FileNotFoundError, 
 
 class UsageError(ValueError):
     """A bad flag combination or value, found before any work starts."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, except that a bad command line becomes one `error: ...` line and exit 2
+    (through `run`) instead of the usage text followed by the error."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def writable_folder(folder, flag: str) -> Path:
+    """Create `folder` if needed and check that a file can be written in it, before any work
+    starts (so a long run cannot fail at its first save)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        reason = f"{blocking} is a file, not a folder" if blocking else error.strerror or str(error)
+        raise UsageError(f"{flag}: cannot write to {folder} ({reason}); choose another folder") from None
+    return folder
 
 
 def run(main, argv=None) -> int:

@@ -11,25 +11,38 @@ also learns the unconditional prediction that classifier-free guidance needs.
 
 All randomness of a run (timesteps, noise, caption dropout) comes from one
 `torch.Generator` whose state is checkpointed, and the data is indexed by step, so a
-resumed run continues exactly where it stopped.
+resumed run continues exactly where it stopped: a run killed at any moment and resumed
+ends with the same weights, bit for bit, as one that never stopped.
+
+Data parallelism (train.py under torchrun) needs nothing from this module but a rank, a
+world size, a `wrap` for the model (DDP) and a `sync_stop` that makes every rank act on
+the same stop decision. Each rank reads its own slice of the global batch
+(`batch_indices`), and every rank draws the randomness of the whole global batch from the
+same generator and keeps its slice (`diffusion_loss`), so N processes with batch B train
+like one process with batch N x B.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import json
+import io
 import math
 import shutil
+import signal
+import sys
+import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, read_json, read_safetensors, save_model, write_json, write_safetensors
-from .data import Shapes, single_object_prompts
+from .checkpoint import (CheckpointError, atomic_write, read_json, read_safetensors, save_model, write_json,
+                         write_safetensors)
+from .data import Shapes, load_dataset
 from .images import make_grid
 from .model import TextToImageModel
 from .runtime import autocast, pick_device
@@ -37,6 +50,9 @@ from .scheduler import NoiseSchedule, SchedulerConfig
 from .unet import UNetConfig
 
 LOSS_BINS = 4  # the loss is also logged per quarter of the timestep range
+TRAIN_STATE_FORMAT, TRAIN_STATE_VERSION = "minidiff-train-state", 1  # state.json of a resumable checkpoint
+# what the ranks agree on after every forward pass (the largest code wins)
+GO_ON, TIME_LIMIT, INTERRUPTED, NOT_FINITE = 0, 1, 2, 3
 
 
 @dataclass
@@ -63,10 +79,28 @@ class TrainConfig:
     max_minutes: float | None = None
     compile: bool = False
     device: str | None = None
-    two_object_fraction: float = 0.0
+    two_object_fraction: float = 0.0  # Shapes only
+    data: str = "shapes"  # or mnist, fashion-mnist, cifar10, or an image folder (see data.load_dataset)
+    data_root: str | None = None  # torchvision download cache (default ~/.cache/minidiff)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings {', '.join(unknown)}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(**values)
+
+
+# Settings a resumed run may change (`train.py --resume --steps 20000`); the others define the
+# run (model, data, batch, seed, ...) and must stay what the checkpoint says. A longer --steps
+# stretches the cosine learning-rate decay from the step where the run resumes.
+RUN_SETTINGS = ("out", "steps", "lr", "device", "max_minutes", "sample_every", "checkpoint_every", "keep", "log_every",
+                "compile", "data_root")
 
 
 # Defaults picked by device when train.py is run without flags; see README for what they reach.
@@ -110,14 +144,22 @@ def load_batch(dataset, indices) -> tuple[torch.Tensor, list[str]]:
     return torch.stack([image for image, _ in items]), [caption for _, caption in items]
 
 
-def diffusion_loss(model, tokenizer, schedule: NoiseSchedule, images, captions, generator, caption_dropout, device):
+def diffusion_loss(model, tokenizer, schedule: NoiseSchedule, images, captions, generator, caption_dropout, device,
+                   shard: tuple[int, int] = (0, 1)):
     """L_simple of Ho et al. 2020 (eq. 14), per sample; also returns the timesteps drawn.
-    `model` may be the TextToImageModel itself or a wrapper of it (compiled, DDP)."""
+    `model` may be the TextToImageModel itself or a wrapper of it (compiled, DDP).
+
+    `shard` = (rank, world_size): `images` is this rank's slice of a global batch of
+    world_size x B samples. The caption dropout, timesteps and noise are drawn for the whole
+    global batch and sliced, so every sample gets the numbers it would get in one process
+    with the global batch (the ranks share one generator, in step)."""
+    rank, world_size = shard
     b = images.shape[0]
-    drop = torch.rand(b, generator=generator) < caption_dropout
+    mine = slice(rank * b, (rank + 1) * b)
+    drop = (torch.rand(world_size * b, generator=generator) < caption_dropout)[mine]
     captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-    t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=generator)
-    noise = torch.randn(images.shape, generator=generator)
+    t = torch.randint(0, schedule.num_train_timesteps, (world_size * b,), generator=generator)[mine]
+    noise = torch.randn((world_size * b, *images.shape[1:]), generator=generator)[mine]
     x_t = schedule.add_noise(images, noise, t)  # eq. 4
     ids, mask = tokenizer(captions)
     with autocast(device):
@@ -127,21 +169,109 @@ def diffusion_loss(model, tokenizer, schedule: NoiseSchedule, images, captions, 
 
 
 @torch.no_grad()
-def sample_grid(model: TextToImageModel, prompts: list[str], seed: int = 0, steps: int = 25) -> "Image":
+def sample_grid(model: TextToImageModel, prompts: list[str], seed: int = 0, steps: int = 25,
+                per_prompt: int = 1) -> "Image":
+    """`per_prompt` samples of each prompt, 6 to a row; labelled unless the prompt is empty."""
     from .pipeline import MiniDiffusionPipeline  # the pipeline imports training's neighbours, not training
 
     pipe = MiniDiffusionPipeline(model, device=next(model.parameters()).device)
-    out = pipe.sample(prompts, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed))
-    return make_grid(out.images, labels=[p.removeprefix("a ") for p in prompts], columns=6, scale=4)
+    out = pipe.sample(prompts, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
+                      num_images_per_prompt=per_prompt)
+    labels = [short_label(p) for p in prompts for _ in range(per_prompt)]
+    return make_grid(out.images, labels=labels if any(labels) else None, columns=6, scale=4)
+
+
+def short_label(prompt: str, width: int = 28) -> str:
+    prompt = prompt.removeprefix("a ")
+    return prompt if len(prompt) <= width else prompt[: width - 3] + "..."
+
+
+def latest_checkpoint(out) -> Path | None:
+    """The newest complete checkpoint of the run in `out` (half-written ones are named .tmp-*)."""
+    found = sorted((Path(out) / "checkpoints").glob("step-*"))
+    return found[-1] if found else None
+
+
+def read_train_state(checkpoint: Path) -> dict:
+    """state.json of a resumable checkpoint, checked for format and version."""
+    state = read_json(Path(checkpoint) / "state.json")
+    if state.get("format") != TRAIN_STATE_FORMAT:
+        raise CheckpointError(f"{checkpoint} is not a minidiff training checkpoint (its state.json has no "
+                              f"\"format\": \"{TRAIN_STATE_FORMAT}\")")
+    if state.get("format_version") != TRAIN_STATE_VERSION:
+        raise CheckpointError(f"{checkpoint} was written by an incompatible minidiff (training state format "
+                              f"{state.get('format_version')}, this version reads {TRAIN_STATE_VERSION}); "
+                              f"start a new run or use the minidiff version that wrote it")
+    if not isinstance(state.get("step"), int) or not isinstance(state.get("train_config"), dict):
+        raise CheckpointError(f"{checkpoint / 'state.json'} has no step or train_config; the checkpoint is corrupt")
+    return state
+
+
+def config_for_resume(checkpoint: Path, given: dict) -> tuple[TrainConfig, dict]:
+    """The training config of a resumed run: the checkpoint's, with the settings in `given`
+    (what the user asked for) applied where RUN_SETTINGS allows. Returns it and the changes,
+    {name: (old, new)}. A request to change anything else is refused, so flags can never
+    quietly train a different model than the checkpoint's."""
+    state = read_train_state(checkpoint)
+    try:
+        config = TrainConfig.from_dict(state["train_config"])
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{checkpoint / 'state.json'} holds an invalid train_config ({error})") from None
+    changes = {}
+    for name, value in given.items():
+        old = getattr(config, name)
+        if value is None or value == old:
+            continue
+        if name not in RUN_SETTINGS:
+            raise ValueError(f"--{name.replace('_', '-')} {value} differs from the resumed run's {old}; a run keeps "
+                             f"its model, data and batch: drop the flag, or start a new run with another --out")
+        changes[name] = (old, value)
+        setattr(config, name, value)
+    if config.steps < state["step"]:
+        raise ValueError(f"--steps {config.steps} is below the step the run has reached ({state['step']}); "
+                         f"pass --steps {state['step']} or more")
+    return config, changes
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """While training, Ctrl-C (SIGINT) and SIGTERM ask the loop to stop after the current
+    step and save; a second Ctrl-C stops at once, without saving. Yields a list that gets
+    the signal number. (Signals can only be caught on the main thread; elsewhere, no-op.)"""
+    received: list[int] = []
+
+    def handler(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+        print("\nstopping after this step and saving (Ctrl-C again: quit without saving)", file=sys.stderr)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, dataset=None, rank: int = 0, world_size: int = 1, wrap=None):
+    """Trains a TextToImageModel on `dataset` (default: the one config.data names).
+
+    For data parallelism: `rank` and `world_size`, `wrap(model)` -> the module forward and
+    backward run through (DDP), and `sync_stop(code)` -> the code every rank acts on (an
+    all-reduce max); train.py builds them. Only rank 0 logs, samples and saves."""
+
+    def __init__(self, config: TrainConfig, dataset=None, rank: int = 0, world_size: int = 1, wrap=None,
+                 sync_stop=None):
         self.config, self.rank, self.world_size = config, rank, world_size
+        self.sync_stop = sync_stop or (lambda code: code)
         self.out = Path(config.out)
         self.device = pick_device(config.device)
-        self.dataset = dataset if dataset is not None else Shapes(
-            config.image_size, seed=config.seed, two_object_fraction=config.two_object_fraction)
+        self.dataset = dataset if dataset is not None else load_dataset(
+            config.data, config.image_size, config.seed, config.data_root, config.two_object_fraction)
         torch.manual_seed(config.seed)  # weight initialisation
         unet = UNetConfig(image_size=config.image_size, base_channels=config.base_channels,
                           channel_mults=config.channel_mults, attention_levels=config.attention_levels)
@@ -151,13 +281,14 @@ class Trainer:
         self.schedule = NoiseSchedule(self.model.config.scheduler)
         self.ema = EMA(self.model, config.ema_decay)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=0.0)
-        self.generator = torch.Generator().manual_seed(config.seed + rank)
+        self.generator = torch.Generator().manual_seed(config.seed)  # the same on every rank: see diffusion_loss
         self.step = 0
         # what forward/backward runs through: compiled and/or DDP-wrapped, same parameters
         self.train_model = wrap(self.model) if wrap is not None else self.model
         if config.compile:
             self.train_model = torch.compile(self.train_model)
         self.loss_rows: list[dict] = []
+        self.window = new_log_window()  # the loss since the last row of loss_rows (checkpointed too)
 
     # ---- checkpoints -------------------------------------------------------------------
     @property
@@ -165,35 +296,54 @@ class Trainer:
         return self.out / "checkpoints"
 
     def save_checkpoint(self) -> Path:
-        """Everything needed to continue bit for bit, in safetensors + JSON, written to a
-        temporary folder and renamed into place (so a half-written checkpoint never counts)."""
+        """Everything needed to continue bit for bit (weights, EMA, AdamW moments, generator
+        state, step; the data position and learning rate follow from the step), in
+        safetensors + JSON, written to a temporary folder and renamed into place, so a
+        half-written checkpoint never counts. A step saved once is not written again: the
+        state at a step is the same whenever it is reached."""
         final = self.checkpoint_dir / f"step-{self.step:08d}"
-        tmp = self.checkpoint_dir / f".tmp-step-{self.step:08d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        write_safetensors(tmp / "model.safetensors", self.model.state_dict())
-        write_safetensors(tmp / "ema.safetensors", self.ema.shadow)
-        write_safetensors(tmp / "optimizer.safetensors", optimizer_tensors(self.optimizer))
-        write_safetensors(tmp / "rng.safetensors", {"generator": self.generator.get_state()})
-        write_json(tmp / "state.json", {"step": self.step, "train_config": self.config.to_dict(),
-                                        "loss_rows": self.loss_rows})
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        if not final.is_dir():
+            for stale in self.checkpoint_dir.glob(".tmp-step-*"):  # left by a run killed while saving
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp = self.checkpoint_dir / f".tmp-step-{self.step:08d}"
+            write_safetensors(tmp / "model.safetensors", self.model.state_dict())
+            write_safetensors(tmp / "ema.safetensors", self.ema.shadow)
+            write_safetensors(tmp / "optimizer.safetensors", optimizer_tensors(self.optimizer))
+            write_safetensors(tmp / "rng.safetensors", {"generator": self.generator.get_state()})
+            write_json(tmp / "state.json", {
+                "format": TRAIN_STATE_FORMAT, "format_version": TRAIN_STATE_VERSION, "step": self.step,
+                "train_config": self.config.to_dict(), "loss_rows": self.loss_rows,
+                "log_window": {**self.window, "bins": self.window["bins"].tolist()}})
+            tmp.rename(final)
         for old in sorted(self.checkpoint_dir.glob("step-*"))[: -self.config.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
     def load_checkpoint(self, path: Path) -> None:
-        state = read_json(path / "state.json")
-        self.model.load_state_dict(read_safetensors(path / "model.safetensors"))
-        self.ema.shadow = read_safetensors(path / "ema.safetensors")
-        load_optimizer_tensors(self.optimizer, read_safetensors(path / "optimizer.safetensors"))
-        self.generator.set_state(read_safetensors(path / "rng.safetensors")["generator"])
-        self.step = int(state["step"])
+        """Read a whole checkpoint first, then change the trainer: a bad file changes nothing."""
+        path = Path(path)
+        state = read_train_state(path)
+        model = read_safetensors(path / "model.safetensors")
+        ema = read_safetensors(path / "ema.safetensors")
+        optimizer = read_safetensors(path / "optimizer.safetensors")
+        rng = read_safetensors(path / "rng.safetensors")
+        try:
+            self.model.load_state_dict(model)
+            self.ema.shadow = {k: ema[k].to(v.device) for k, v in self.ema.shadow.items()}
+            load_optimizer_tensors(self.optimizer, optimizer)
+            self.generator.set_state(rng["generator"])
+        except (KeyError, RuntimeError, ValueError) as error:
+            reason = " ".join(str(error).split())[:200]
+            raise CheckpointError(f"{path} does not fit this run's model ({reason}); the checkpoint is partial, "
+                                  f"corrupt or from another run, or the data's captions changed since") from None
+        self.step = state["step"]
         self.loss_rows = state.get("loss_rows", [])
+        window = state.get("log_window")
+        if window:
+            self.window = {**window, "bins": torch.tensor(window["bins"])}
 
     def latest_checkpoint(self) -> Path | None:
-        found = sorted(self.checkpoint_dir.glob("step-*"))
-        return found[-1] if found else None
+        return latest_checkpoint(self.out)
 
     def save_pipeline(self) -> None:
         """The EMA weights as a sampling checkpoint: `out`/config.json + model.safetensors."""
@@ -205,82 +355,106 @@ class Trainer:
         model.load_state_dict(self.ema.shadow)
         return model.eval()
 
+    def stop_code(self, loss: torch.Tensor, signals: list, start_time: float) -> int:
+        """This rank's view: should training stop now? (Rank 0 alone keeps the clock.)"""
+        if not torch.isfinite(loss):
+            return NOT_FINITE
+        if signals:
+            return INTERRUPTED
+        minutes = self.config.max_minutes
+        if self.rank == 0 and minutes is not None and time.monotonic() - start_time > 60 * minutes:
+            return TIME_LIMIT
+        return GO_ON
+
     def train(self) -> dict:
         c = self.config
         is_main = self.rank == 0
         start_time = time.monotonic()
-        bins = torch.zeros(2, LOSS_BINS)  # running sum and count of the loss per timestep bin
-        window_loss, window_steps, window_images, window_start = 0.0, 0, 0, time.monotonic()
+        self.throughput = [0, time.monotonic()]  # images and start time of the log window (not checkpointed)
         stop_reason = "done"
-        bar = tqdm(total=c.steps, initial=self.step, disable=not is_main, unit="step", dynamic_ncols=True)
-        try:
-            while self.step < c.steps:
-                if c.max_minutes is not None and time.monotonic() - start_time > 60 * c.max_minutes:
-                    stop_reason = f"time limit of {c.max_minutes} min"
-                    break
-                images, captions = load_batch(self.dataset, batch_indices(self.step, c.batch_size, self.rank, self.world_size))
-                lr = learning_rate(c, self.step)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                self.model.train()
-                per_sample, t = diffusion_loss(self.train_model, self.model.tokenizer, self.schedule, images, captions, self.generator,
-                                               c.caption_dropout, self.device)
-                loss = per_sample.mean()
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss.item()} at step {self.step}")
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-                self.optimizer.step()
-                self.ema.update(self.model, self.step)
-                self.step += 1
-
-                b = (t * LOSS_BINS // self.schedule.num_train_timesteps)
-                bins[0].index_add_(0, b, per_sample.detach().float().cpu())
-                bins[1].index_add_(0, b, torch.ones_like(per_sample.detach().float().cpu()))
-                window_loss += loss.item()
-                window_steps += 1
-                window_images += images.shape[0] * self.world_size
-                if is_main:
-                    bar.update(1)
-                if is_main and (self.step % c.log_every == 0 or self.step == c.steps):
-                    elapsed = time.monotonic() - window_start
-                    row = {"step": self.step, "loss": window_loss / window_steps,
-                           "lr": lr, "images_per_s": window_images / max(elapsed, 1e-9)}
-                    row.update({f"loss_t{i}": (bins[0, i] / bins[1, i].clamp(min=1)).item() for i in range(LOSS_BINS)})
-                    self.loss_rows.append(row)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
-                    bins.zero_()
-                    window_loss, window_steps, window_images, window_start = 0.0, 0, 0, time.monotonic()
-                if is_main and c.sample_every and self.step % c.sample_every == 0:
-                    self.write_samples(f"step-{self.step:08d}")
-                if is_main and c.checkpoint_every and self.step % c.checkpoint_every == 0:
-                    self.save_checkpoint()
-        except KeyboardInterrupt:
-            stop_reason = "interrupted"
-        finally:
-            bar.close()
-        if is_main:
-            self.save_checkpoint()
-            self.save_pipeline()
-            self.write_samples("final")
-            self.write_loss_log()
+        with stop_requests() as signals:
+            with tqdm(total=c.steps, initial=self.step, disable=not is_main, unit="step", dynamic_ncols=True) as bar:
+                while self.step < c.steps:
+                    indices = batch_indices(self.step, c.batch_size, self.rank, self.world_size)
+                    images, captions = load_batch(self.dataset, indices)
+                    lr = learning_rate(c, self.step)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
+                    self.model.train()
+                    per_sample, t = diffusion_loss(self.train_model, self.model.tokenizer, self.schedule, images,
+                                                   captions, self.generator, c.caption_dropout, self.device,
+                                                   shard=(self.rank, self.world_size))
+                    loss = per_sample.mean()
+                    # every rank acts on the same decision, so that all stop after the same step
+                    stop = self.sync_stop(self.stop_code(loss, signals, start_time))
+                    if stop == NOT_FINITE:  # nothing of this step is applied; the checkpoints stay as they were
+                        value = loss.item() if not torch.isfinite(loss) else "non-finite on another rank"
+                        raise FloatingPointError(f"loss became {value} at step {self.step + 1}")
+                    if stop != GO_ON:
+                        stop_reason = "interrupted" if stop == INTERRUPTED else f"time limit of {c.max_minutes} min"
+                        break
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+                    if not torch.isfinite(grad_norm):  # the same on every rank: DDP has averaged the gradients
+                        raise FloatingPointError(f"gradient norm became {grad_norm.item()} at step {self.step + 1}")
+                    self.optimizer.step()
+                    self.ema.update(self.model, self.step)
+                    self.step += 1
+                    if is_main:
+                        self.record_loss(per_sample.detach(), t, lr, images.shape[0] * self.world_size, bar)
+                        if c.sample_every and self.step % c.sample_every == 0:
+                            self.write_samples(f"step-{self.step:08d}")
+                        if c.checkpoint_every and self.step % c.checkpoint_every == 0:
+                            self.save_checkpoint()
+            if is_main:  # still inside stop_requests: a first Ctrl-C now waits for the save
+                self.save_checkpoint()
+                self.save_pipeline()
+                self.write_samples("final")
+                self.write_loss_log()
         return {"step": self.step, "stop_reason": stop_reason, "seconds": time.monotonic() - start_time}
+
+    def record_loss(self, per_sample: torch.Tensor, t: torch.Tensor, lr: float, images: int, bar) -> None:
+        """Add a step to the log window; every log_every steps, close it into a loss_rows row
+        (mean loss, learning rate, images/s, and the loss per timestep bin).
+        The loss logged is rank 0's share of the global batch."""
+        w, c = self.window, self.config
+        per_sample = per_sample.float().cpu()
+        b = t * LOSS_BINS // self.schedule.num_train_timesteps
+        w["bins"][0].index_add_(0, b, per_sample)
+        w["bins"][1].index_add_(0, b, torch.ones_like(per_sample))
+        w["loss"] += per_sample.mean().item()
+        w["steps"] += 1
+        self.throughput[0] += images
+        bar.update(1)
+        if self.step % c.log_every == 0 or self.step == c.steps:
+            elapsed = time.monotonic() - self.throughput[1]
+            row = {"step": self.step, "loss": w["loss"] / w["steps"], "lr": lr,
+                   "images_per_s": self.throughput[0] / max(elapsed, 1e-9)}
+            row.update({f"loss_t{i}": (w["bins"][0, i] / w["bins"][1, i].clamp(min=1)).item() for i in range(LOSS_BINS)})
+            self.loss_rows.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
+            self.window = new_log_window()
+            self.throughput = [0, time.monotonic()]
 
     # ---- reports -----------------------------------------------------------------------
     def write_samples(self, name: str) -> None:
-        prompts = sorted(set(self.dataset.captions()))[:18] if not isinstance(self.dataset, Shapes) else single_object_prompts()
-        grid = sample_grid(self.ema_model(), prompts, seed=self.config.seed)
-        (self.out / "samples").mkdir(parents=True, exist_ok=True)
-        grid.save(self.out / "samples" / f"{name}.png")
+        """Shapes: one image for each of its 18 captions (minidiff.evaluate scores them).
+        Other data: a row of 6 per caption (the most frequent ones), or 12 unconditional
+        samples; for data we cannot score, this grid is the report."""
+        prompts = sample_prompts(self.dataset)
+        per_prompt = 1 if isinstance(self.dataset, Shapes) else 12 if prompts == [""] else 6
+        grid = sample_grid(self.ema_model(), prompts, seed=self.config.seed, per_prompt=per_prompt)
+        atomic_write(self.out / "samples" / f"{name}.png", lambda tmp: grid.save(tmp, format="PNG"))
 
     def write_loss_log(self) -> None:
         if not self.loss_rows:
             return
-        with open(self.out / "loss.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(self.loss_rows[0]))
-            writer.writeheader()
-            writer.writerows(self.loss_rows)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(self.loss_rows[0]))
+        writer.writeheader()
+        writer.writerows(self.loss_rows)
+        atomic_write(self.out / "loss.csv", lambda tmp: Path(tmp).write_text(text.getvalue()))
         import matplotlib
 
         matplotlib.use("Agg")
@@ -295,8 +469,20 @@ class Trainer:
         ax.set(xlabel="step", ylabel="MSE on the noise", yscale="log", title="training loss")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(self.out / "loss.png", dpi=100)
+        atomic_write(self.out / "loss.png", lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
         plt.close(fig)
+
+
+def new_log_window() -> dict:
+    """Sums of the loss since the last log row: overall, and per timestep bin (sum, count)."""
+    return {"loss": 0.0, "steps": 0, "bins": torch.zeros(2, LOSS_BINS)}
+
+
+def sample_prompts(dataset) -> list[str]:
+    """What the sample grids show: the data set's choice, else its first distinct captions."""
+    if hasattr(dataset, "sample_prompts"):
+        return dataset.sample_prompts()
+    return sorted(set(dataset.captions()))[:10]
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

@@ -54,10 +54,10 @@ def test_caption_dropout_makes_empty_prompts(tmp_path, monkeypatch):
     seen = []
     real = training.diffusion_loss
 
-    def spy(model, tokenizer, schedule, images, captions, generator, dropout, device):
+    def spy(model, tokenizer, schedule, images, captions, generator, dropout, device, **kwargs):
         original = tokenizer.__call__
         return real(model, lambda texts: (seen.extend(texts), original(texts))[1], schedule, images, captions,
-                    generator, dropout, device)
+                    generator, dropout, device, **kwargs)
 
     monkeypatch.setattr(training, "diffusion_loss", spy)
     Trainer(tiny_train_config(tmp_path, steps=20, batch_size=20, caption_dropout=0.1)).train()

@@ -1,0 +1,271 @@
+"""Every mistake a user can make with train.py and sample.py: one `error:` line on stderr, exit
+status 2, no traceback, and every file that existed before is untouched.
+
+To add a mistake, add a Case to CASES: the argv (with {tmp} for the case's own folder, which
+holds a copy of the tiny trained run in {tmp}/model), an optional setup(tmp) that prepares
+the mistake, and a fragment the error line must contain.
+
+Each case runs the real script as `__main__` in its own process. A fresh interpreter spends
+~1.7 s of CPU importing torch, so by default the processes are forked from one server that
+imported torch once; MINIDIFF_FRESH_CLI=1 starts `python script ...` from scratch for every case.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import pytest
+from PIL import Image
+
+from minidiff.training import latest_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+MARKER = "UNPICKLED"  # a file the malicious pickles below would create when loaded
+
+
+class Case(NamedTuple):
+    name: str
+    argv: list[str]
+    setup: Callable[[Path], None] | None
+    expect: str  # a fragment of the error line
+
+
+# ---- what the cases set up --------------------------------------------------------------------
+
+class Payload:
+    """Unpickling this calls open(path, "w"): any code could run the same way."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def write_pickle(path: Path, tmp: Path) -> None:
+    path.write_bytes(pickle.dumps(Payload(tmp / MARKER), protocol=4))
+
+
+def step_dir(tmp: Path) -> Path:
+    return latest_checkpoint(tmp / "model")
+
+
+def edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def data_folder(tmp: Path, metadata: str | None = None, images=("a.png", "b.png")) -> None:
+    folder = tmp / "data"
+    folder.mkdir()
+    for name in images:
+        Image.new("RGB", (20, 20), (200, 30, 30)).save(folder / name)
+    if metadata is not None:
+        (folder / "metadata.jsonl").write_text(metadata)
+
+
+GOOD_LINE = '{"file_name": "a.png", "text": "a red square"}\n'
+NEW = ["train.py", "--out", "{tmp}/new", "--device", "cpu"]
+RESUME = ["train.py", "--out", "{tmp}/model", "--resume", "--device", "cpu"]
+SAMPLE = ["sample.py", "--model", "{tmp}/model", "--prompt", "a red circle", "--steps", "2", "--out", "{tmp}/out.png",
+          "--device", "cpu"]
+
+CASES = [
+    Case("train: steps below 1", NEW + ["--steps", "0"], None, "--steps must be at least 1"),
+    Case("train: a flag that is not a number", NEW + ["--steps", "many"], None, "invalid int value: 'many'"),
+    Case("train: a size the UNet cannot halve", NEW + ["--image-size", "18"], None, "must be a multiple of 4"),
+    Case("train: a size Shapes cannot draw", NEW + ["--image-size", "100"], None, "between 16 and 64"),
+    Case("train: unknown data", NEW + ["--data", "imagenet"], None, "neither a folder nor one of"),
+    Case("train: empty data folder", NEW + ["--data", "{tmp}/data"], lambda t: data_folder(t, images=()),
+         "holds no images"),
+    Case("train: metadata names a missing file", NEW + ["--data", "{tmp}/data"],
+         lambda t: data_folder(t, GOOD_LINE + '{"file_name": "c.png", "text": "a cat"}\n'), "line 2 names c.png"),
+    Case("train: malformed metadata line", NEW + ["--data", "{tmp}/data"],
+         lambda t: data_folder(t, GOOD_LINE + '{"file_name": "b.png", "text": }\n'), "line 2 is not valid JSON"),
+    Case("train: metadata line without text", NEW + ["--data", "{tmp}/data"],
+         lambda t: data_folder(t, '{"file_name": "a.png"}\n'), 'line 1 has no string "file_name" and "text"'),
+    Case("train: corrupt image", NEW + ["--data", "{tmp}/data"],
+         lambda t: (data_folder(t), (t / "data" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")),
+         "b.png is not a readable image"),
+    Case("train: output folder not writable", ["train.py", "--out", "{tmp}/a_file/run"],
+         lambda t: (t / "a_file").write_text("a file, not a folder"), "--out: cannot write to"),
+    Case("train: --resume with nothing to resume", NEW + ["--resume"], None, "holds no checkpoint to resume from"),
+    Case("train: into an existing run without --resume", ["train.py", "--out", "{tmp}/model"], None,
+         "already holds a training run; pass --resume"),
+    Case("train: resume a partial checkpoint", RESUME, lambda t: (step_dir(t) / "optimizer.safetensors").unlink(),
+         "optimizer.safetensors is missing"),
+    Case("train: resume a corrupt checkpoint", RESUME,
+         lambda t: (step_dir(t) / "ema.safetensors").write_bytes((step_dir(t) / "ema.safetensors").read_bytes()[:300]),
+         "ema.safetensors is not a readable safetensors file"),
+    Case("train: resume a checkpoint of another format version", RESUME,
+         lambda t: edit_json(step_dir(t) / "state.json", format_version=99), "incompatible minidiff"),
+    Case("train: resume a checkpoint holding a pickle", RESUME,
+         lambda t: write_pickle(step_dir(t) / "rng.safetensors", t), "rng.safetensors is a pickle file"),
+    Case("train: resume with another model size", RESUME + ["--base-channels", "64"], None,
+         "--base-channels 64 differs from the resumed run's 16"),
+    Case("sample: missing model folder", SAMPLE + ["--model", "{tmp}/nothing"], None, "does not exist"),
+    Case("sample: partial model", SAMPLE, lambda t: (t / "model" / "model.safetensors").unlink(),
+         "model.safetensors is missing"),
+    Case("sample: corrupt model", SAMPLE, lambda t: (t / "model" / "model.safetensors").write_bytes(b"\x00" * 64),
+         "is not a readable safetensors file"),
+    Case("sample: model of another format version", SAMPLE,
+         lambda t: edit_json(t / "model" / "config.json", format_version=99), "incompatible minidiff"),
+    Case("sample: model.safetensors that is a pickle", SAMPLE,
+         lambda t: write_pickle(t / "model" / "model.safetensors", t), "is a pickle file, not safetensors"),
+    Case("sample: a folder with only a pickle", SAMPLE,
+         lambda t: ((t / "model" / "model.safetensors").unlink(), write_pickle(t / "model" / "pytorch_model.bin", t)),
+         "pytorch_model.bin beside it is not read"),
+    Case("sample: steps below 1", SAMPLE + ["--steps", "0"], None, "num_inference_steps must be"),
+    Case("sample: negative guidance", SAMPLE + ["--guidance", "-1"], None, "guidance_scale must be >= 0"),
+    Case("sample: output exists", SAMPLE, lambda t: Image.new("RGB", (4, 4)).save(t / "out.png"), "pass --overwrite"),
+    Case("sample: output folder not writable", SAMPLE + ["--out", "{tmp}/a_file/out.png"],
+         lambda t: (t / "a_file").write_text("a file, not a folder"), "--out: cannot write to"),
+]
+
+
+# ---- running a script like `python script args` -----------------------------------------------
+
+SERVER = r'''
+import json, os, runpy, sys, traceback
+import torch, torch._dynamo, minidiff.training, minidiff.pipeline  # the slow imports, done once
+for line in sys.stdin:
+    job = json.loads(line)
+    pid = os.fork()
+    if pid == 0:  # the child runs the script as `python script args` would
+        os.chdir(job["cwd"])
+        for fd, path in ((1, job["stdout"]), (2, job["stderr"])):
+            f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(f, fd)
+            os.close(f)
+        sys.argv = job["argv"]
+        try:
+            runpy.run_path(job["argv"][0], run_name="__main__")
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
+            if not isinstance(stop.code, (int, type(None))):
+                print(stop.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+'''
+
+
+def script_runner(fresh: bool = os.environ.get("MINIDIFF_FRESH_CLI") == "1"):
+    """-> (run(argv, tmp) -> (exit status, stderr), close())."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if fresh:
+        def run_fresh(argv, tmp):
+            done = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+                                  timeout=300)
+            return done.returncode, done.stderr
+
+        return run_fresh, lambda: None
+    server = subprocess.Popen([sys.executable, "-c", SERVER], cwd=ROOT, env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+
+    def run_forked(argv, tmp):
+        job = {"argv": argv, "cwd": str(ROOT), "stdout": str(tmp.parent / "stdout"), "stderr": str(tmp.parent / "stderr")}
+        server.stdin.write(json.dumps(job) + "\n")
+        server.stdin.flush()
+        return int(server.stdout.readline()), Path(job["stderr"]).read_text()
+
+    def close():
+        server.kill()  # it holds no state worth a clean exit
+        server.wait()
+
+    return run_forked, close
+
+
+@pytest.fixture(scope="module")
+def run_script():
+    run, close = script_runner()
+    yield run
+    close()
+
+
+def prepare(case: Case, folder: Path, model: Path) -> Path:
+    tmp = folder / "case"
+    shutil.copytree(model, tmp / "model")
+    if case.setup is not None:
+        case.setup(tmp)
+    return tmp
+
+
+def command(case: Case, tmp: Path) -> list[str]:
+    return [arg.replace("{tmp}", str(tmp)) for arg in case.argv]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_the_payload_would_run_if_unpickled(tmp_path):
+    write_pickle(tmp_path / "payload.bin", tmp_path)
+    pickle.loads((tmp_path / "payload.bin").read_bytes())
+    assert (tmp_path / MARKER).exists()  # so the marker's absence below means something
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_mistake_gives_one_error_line_and_exit_2_and_keeps_every_file(case, tmp_path, tiny_model_dir, run_script):
+    tmp = prepare(case, tmp_path, tiny_model_dir)
+    before = snapshot(tmp)
+    status, stderr = run_script(command(case, tmp), tmp)
+    lines = stderr.strip().splitlines()
+    assert status == 2, stderr
+    assert "Traceback" not in stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert case.expect in lines[0]
+    after = snapshot(tmp)
+    assert {name: after.get(name) for name in before} == before  # nothing changed or removed
+    assert not (tmp / MARKER).exists()  # no pickle was loaded
+
+
+def as_argparse_reads_it(argv: list[str]) -> list[str]:
+    """A repeated flag shown once, with its last value (the one argparse keeps)."""
+    pairs, k = [], 1
+    while k < len(argv):
+        has_value = k + 1 < len(argv) and not argv[k + 1].startswith("--")
+        pairs.append((argv[k], argv[k + 1] if has_value else None))
+        k += 2 if has_value else 1
+    last = dict(pairs)
+    return argv[:1] + [w for flag in dict.fromkeys(f for f, _ in pairs)
+                       for w in ((flag,) if last[flag] is None else (flag, last[flag]))]
+
+
+def print_table() -> None:
+    """The README's table of mistakes: `python tests/test_cli_errors.py` (paths shown relative)."""
+    import tempfile
+
+    from conftest import tiny_train_config
+    from minidiff.training import Trainer
+
+    run, close = script_runner()
+    with tempfile.TemporaryDirectory() as scratch:
+        model = Path(scratch) / "model"
+        Trainer(tiny_train_config(model)).train()
+        print("| mistake | command | what you see |\n|---|---|---|")
+        for index, case in enumerate(CASES):
+            tmp = prepare(case, Path(scratch) / str(index), model)
+            status, stderr = run(command(case, tmp), tmp)
+            assert status == 2, stderr
+            shown = lambda text: text.replace(f"{tmp}/", "").replace(str(tmp), ".")  # noqa: E731
+            argv = as_argparse_reads_it([shown(a) for a in command(case, tmp)])
+            print(f"| {case.name.split(': ', 1)[1]} | `` python {' '.join(shlex.quote(a) for a in argv)} `` "
+                  f"| `` {shown(stderr.strip())} `` |")
+    close()
+
+
+if __name__ == "__main__":
+    print_table()

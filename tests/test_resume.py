@@ -1,0 +1,123 @@
+"""Runs that survive: SIGKILL and Ctrl-C at any moment, then --resume, give the weights of a
+run that never stopped, bit for bit; a non-finite loss stops with the step and keeps the last
+good checkpoint; a resumed run keeps its own settings."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from minidiff import training
+from minidiff.checkpoint import read_safetensors
+from minidiff.cli import run
+from minidiff.training import Trainer, config_for_resume, latest_checkpoint
+
+from conftest import tiny_train_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_FLAGS = ["--image-size", "16", "--base-channels", "16", "--channel-mults", "1", "2", "--attention-levels", "1",
+              "--text-dim", "32", "--warmup-steps", "2", "--batch-size", "2", "--sample-every", "0", "--log-every", "2",
+              "--device", "cpu", "--seed", "0"]
+STEPS = 12
+
+
+def start(out: Path, *flags: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--out", str(out), *flags], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def reached(out: Path) -> int:
+    found = latest_checkpoint(out)
+    return int(found.name.removeprefix("step-")) if found else 0
+
+
+def stop_when(process: subprocess.Popen, out: Path, step: int, sig: int, delay: float = 0.0) -> tuple[int, str]:
+    """Send `sig` once a checkpoint of `step` or later exists (+ `delay` s); the exit status and stderr."""
+    while reached(out) < step:
+        assert process.poll() is None, process.communicate()[1]
+        time.sleep(0.005)
+    time.sleep(delay)
+    process.send_signal(sig)
+    return process.wait(timeout=120), process.communicate()[1]
+
+
+def test_run_killed_and_interrupted_then_resumed_ends_bitwise_equal(tmp_path):
+    # the reference: the same run, never stopped (in this process, on one thread as the subprocesses are)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert run(train.main, ["--out", str(tmp_path / "ref"), "--steps", str(STEPS), "--checkpoint-every", "4",
+                                *TINY_FLAGS]) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+    out = tmp_path / "run"
+    first = start(out, "--steps", str(STEPS), "--checkpoint-every", "1", "--keep", "2", *TINY_FLAGS)
+    status, _ = stop_when(first, out, 3, signal.SIGKILL)
+    assert status == -signal.SIGKILL and reached(out) < STEPS
+    # the resumed runs get no model flags: their settings come from the checkpoint
+    status, stderr = stop_when(start(out, "--resume", "--device", "cpu"), out, 6, signal.SIGINT)
+    assert status == 0, stderr
+    assert "interrupted" in stderr and (out / "model.safetensors").exists()
+    interrupted_at = reached(out)
+    assert 6 <= interrupted_at < STEPS
+    status, _ = stop_when(start(out, "--resume", "--device", "cpu"), out, interrupted_at + 2, signal.SIGKILL, 0.03)
+    assert status == -signal.SIGKILL and reached(out) < STEPS
+    last = start(out, "--resume", "--device", "cpu")
+    assert last.wait(timeout=120) == 0, last.communicate()[1]
+
+    final = f"checkpoints/step-{STEPS:08d}"
+    for name in ("model.safetensors", f"{final}/model.safetensors", f"{final}/ema.safetensors",
+                 f"{final}/optimizer.safetensors", f"{final}/rng.safetensors"):
+        got, want = read_safetensors(out / name), read_safetensors(tmp_path / "ref" / name)
+        assert got.keys() == want.keys(), name
+        assert all(torch.equal(got[k], want[k]) for k in want), name
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step-{STEPS - 1:08d}", f"step-{STEPS:08d}"]
+    rows = lambda run_dir: [(r["step"], r["loss"], r["loss_t0"]) for r in csv.DictReader(open(run_dir / "loss.csv"))]  # noqa: E731
+    assert rows(out) == rows(tmp_path / "ref")  # the loss log too: its open window is checkpointed
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    real = training.diffusion_loss
+    calls = []
+
+    def poisoned(*args, **kwargs):  # the 4th step's loss is NaN, as after an overflow
+        calls.append(1)
+        per_sample, t = real(*args, **kwargs)
+        return (per_sample * float("nan") if len(calls) == 4 else per_sample), t
+
+    monkeypatch.setattr(training, "diffusion_loss", poisoned)
+    out = tmp_path / "run"
+    status = run(train.main, ["--out", str(out), "--steps", "8", "--checkpoint-every", "2", *TINY_FLAGS])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert status == 1
+    assert error.startswith("error: training stopped: loss became nan at step 4;")
+    assert "step-00000002" in error and not (out / "model.safetensors").exists()
+    trainer = Trainer(tiny_train_config(tmp_path / "check", batch_size=2, warmup_steps=2))
+    trainer.load_checkpoint(latest_checkpoint(out))  # the last good checkpoint loads, and is finite
+    assert trainer.step == 2
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_resume_keeps_the_runs_settings_and_lets_only_run_settings_change(tmp_path):
+    config = tiny_train_config(tmp_path, steps=2, batch_size=3)
+    Trainer(config).train()
+    checkpoint = latest_checkpoint(tmp_path)
+    resumed, changes = config_for_resume(checkpoint, {"out": str(tmp_path), "steps": 5, "lr": 1e-4})
+    assert resumed.batch_size == 3 and resumed.channel_mults == (1, 2) and resumed.steps == 5
+    assert changes == {"steps": (2, 5), "lr": (config.lr, 1e-4)}
+    assert config_for_resume(checkpoint, {"batch_size": 3})[1] == {}  # the same value is no change
+    with pytest.raises(ValueError, match="--batch-size 8 differs from the resumed run's 3"):
+        config_for_resume(checkpoint, {"batch_size": 8})
+    with pytest.raises(ValueError, match="--steps 1 is below the step the run has reached"):
+        config_for_resume(checkpoint, {"steps": 1})
