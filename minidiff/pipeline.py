@@ -104,7 +104,7 @@ class MiniDiffusionPipeline(TextToImagePipeline):
         for i, t in enumerate(timesteps.tolist()):
             eps = self.predict_noise(x, t, context, mask, guidance_scale)
             if isinstance(scheduler, SAMPLERS["ddim"]):
-                out = scheduler.step(eps, t, x, eta=eta, generator=generator)
+                out = scheduler.step(eps, t, x, eta=eta, use_clipped_model_output=True, generator=generator)
             else:
                 out = scheduler.step(eps, t, x, generator=generator)
             x = out.prev_sample

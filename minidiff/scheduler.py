@@ -36,10 +36,7 @@ class SchedulerConfig:
     beta_schedule: str = "cosine"  # "linear" (Ho et al.) or "cosine" (Nichol & Dhariwal)
     beta_start: float = 0.0001  # linear schedule only
     beta_end: float = 0.02  # linear schedule only
-    # Clamp the predicted x_0 to [-1, 1] (diffusers' default is True). Off here: DDIM keeps the
-    # unclipped epsilon in its "direction" term, and with classifier-free guidance the clipped x_0
-    # and that epsilon disagree, so samples saturate (measured: 97% -> 31% accuracy at guidance 4).
-    clip_sample: bool = False
+    clip_sample: bool = True  # clamp the predicted x_0 to [-1, 1]
     timestep_spacing: str = "leading"
     steps_offset: int = 0
 
@@ -187,7 +184,12 @@ class DDPMScheduler(NoiseSchedule):
 class DDIMScheduler(NoiseSchedule):
     """Denoising Diffusion Implicit Models, Song et al. 2021, eq. 12 (eta = 0: deterministic)."""
 
-    def step(self, model_output, timestep, sample, eta: float = 0.0, generator=None) -> SchedulerStepOutput:
+    def step(self, model_output, timestep, sample, eta: float = 0.0, use_clipped_model_output: bool = False,
+             generator=None) -> SchedulerStepOutput:
+        """`use_clipped_model_output`: re-derive epsilon from the clipped x_0 so that both terms of
+        eq. 12 agree. Keep it on with classifier-free guidance: guided epsilons push x_0 far
+        outside [-1, 1], and the clipped x_0 plus the raw epsilon saturate the image (see the
+        README's "what we learned" note on guidance)."""
         t = int(timestep)
         # 1. the previous timestep. Like diffusers, a fixed stride of T // n, whatever the spacing.
         prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
@@ -195,6 +197,8 @@ class DDIMScheduler(NoiseSchedule):
         alpha_bar_prev = self._alpha_bar(prev_t)
         # 2. predicted x_0, "predicted x_0" term of Song eq. 12 (= Ho eq. 15)
         pred_original_sample = self._clip(predict_x0_from_noise(sample, model_output, alpha_bar_t))
+        if use_clipped_model_output:  # eps consistent with the clipped x_0, eq. 15 solved for eps
+            model_output = predict_noise_from_x0(sample, pred_original_sample, alpha_bar_t)
         # 3. sigma_t, Song eq. 16: eta interpolates between DDIM (0) and DDPM-like (1) noise
         variance = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)
         std_dev = eta * variance**0.5

@@ -72,7 +72,9 @@ def test_ddpm_matches_diffusers(config, steps):
 def test_clipped_x0_matches_diffusers(eta):
     config = SchedulerConfig(beta_schedule="linear", clip_sample=True)
     run_both(DDPMScheduler(config), diffusers.DDPMScheduler(**diffusers_kwargs(config)), 20, {})
-    run_both(DDIMScheduler(config), diffusers.DDIMScheduler(**diffusers_kwargs(config)), 20, {"eta": eta})
+    for clipped_eps in (False, True):
+        run_both(DDIMScheduler(config), diffusers.DDIMScheduler(**diffusers_kwargs(config)), 20,
+                 {"eta": eta, "use_clipped_model_output": clipped_eps})
 
 
 @pytest.mark.parametrize("beta_schedule", ["linear", "cosine"])
