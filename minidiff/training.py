@@ -105,7 +105,7 @@ RUN_SETTINGS = ("out", "steps", "lr", "device", "max_minutes", "sample_every", "
 
 # Defaults picked by device when train.py is run without flags; see README for what they reach.
 PRESETS = {
-    "cpu": dict(image_size=16, base_channels=32, steps=3000, batch_size=64),
+    "cpu": dict(image_size=16, base_channels=32, steps=2400, batch_size=64),
     "gpu": dict(image_size=32, base_channels=64, steps=8000, batch_size=128, two_object_fraction=0.3),
 }
 

@@ -127,6 +127,21 @@ CASES = [
     Case("sample: output exists", SAMPLE, lambda t: Image.new("RGB", (4, 4)).save(t / "out.png"), "pass --overwrite"),
     Case("sample: output folder not writable", SAMPLE + ["--out", "{tmp}/a_file/out.png"],
          lambda t: (t / "a_file").write_text("a file, not a folder"), "--out: cannot write to"),
+    Case("sample: missing image", SAMPLE + ["--image", "{tmp}/nope.png"], None, "image file not found"),
+    Case("sample: corrupt image", SAMPLE + ["--image", "{tmp}/bad.png"],
+         lambda t: (t / "bad.png").write_bytes(b"not a png"), "is not a readable image"),
+    Case("sample: strength above 1", SAMPLE + ["--image", "{tmp}/in.png", "--strength", "1.5"],
+         lambda t: Image.new("RGB", (16, 16)).save(t / "in.png"), "strength must be between 0 and 1"),
+    Case("sample: strength below 0", SAMPLE + ["--image", "{tmp}/in.png", "--strength", "-0.1"],
+         lambda t: Image.new("RGB", (16, 16)).save(t / "in.png"), "strength must be between 0 and 1"),
+    Case("sample: mask of another size", SAMPLE + ["--image", "{tmp}/in.png", "--mask", "{tmp}/mask.png"],
+         lambda t: (Image.new("RGB", (16, 16)).save(t / "in.png"), Image.new("L", (8, 8), 255).save(t / "mask.png")),
+         "mask_image is 8x8 but image is 16x16"),
+    Case("sample: mask without image", SAMPLE + ["--mask", "{tmp}/mask.png"],
+         lambda t: Image.new("L", (16, 16), 255).save(t / "mask.png"), "--mask needs --image"),
+    Case("sample: unknown backend", SAMPLE + ["--backend", "dalle"], None, "invalid choice: 'dalle'"),
+    Case("sample: SD3 folder without model_index.json", SAMPLE + ["--model", "{tmp}/empty", "--backend", "sd3"],
+         lambda t: (t / "empty").mkdir(), "no model_index.json"),
 ]
 
 
