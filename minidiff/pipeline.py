@@ -46,7 +46,7 @@ def timesteps_for_strength(timesteps: torch.Tensor, strength: float | None) -> t
 
 class MiniDiffusionPipeline(TextToImagePipeline):
     default_num_inference_steps = 50
-    default_guidance_scale = 4.0
+    default_guidance_scale = 3.0  # measured on the default toy model: see BENCHMARKS.md (steps and guidance)
 
     def __init__(self, model: TextToImageModel, device=None):
         self.device = pick_device(device)
