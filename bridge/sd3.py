@@ -304,11 +304,6 @@ class SD3Bridge(TextToImagePipeline):
 
     # -- helpers shared by the three calls --
 
-    def _defaults(self, num_inference_steps, guidance_scale):
-        steps = self.default_num_inference_steps if num_inference_steps is None else num_inference_steps
-        guidance = self.default_guidance_scale if guidance_scale is None else guidance_scale
-        return steps, guidance
-
     def _size(self, height, width) -> tuple[int, int]:
         height = self.native_size if height is None else height
         width = self.native_size if width is None else width

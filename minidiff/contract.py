@@ -130,6 +130,12 @@ class TextToImagePipeline(ABC):
     default_num_inference_steps: int = 50
     default_guidance_scale: float = 4.0
 
+    def _defaults(self, num_inference_steps, guidance_scale) -> tuple[int, float]:
+        """The caller's steps and guidance, or this pipeline's defaults where None."""
+        steps = self.default_num_inference_steps if num_inference_steps is None else num_inference_steps
+        guidance = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        return steps, guidance
+
     @abstractmethod
     def sample(self, prompt, *, negative_prompt=None, num_inference_steps=None, guidance_scale=None,
                generator=None, num_images_per_prompt=1, callback=None, capture_steps=None) -> ImageOutput:

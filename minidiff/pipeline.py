@@ -114,11 +114,6 @@ class MiniDiffusionPipeline(TextToImagePipeline):
                 callback({"i": i, "t": t, "x": x, "denoised": out.pred_original_sample, "noise_pred": eps})
         return x
 
-    def _defaults(self, num_inference_steps, guidance_scale):
-        steps = self.default_num_inference_steps if num_inference_steps is None else num_inference_steps
-        guidance = self.default_guidance_scale if guidance_scale is None else guidance_scale
-        return steps, guidance
-
     def _initial_noise(self, batch: int, generator) -> torch.Tensor:
         size = self.image_size
         return randn((batch, 3, size, size), generator, self.device)
