@@ -63,3 +63,14 @@ def test_caption_dropout_makes_empty_prompts(tmp_path, monkeypatch):
     Trainer(tiny_train_config(tmp_path, steps=20, batch_size=20, caption_dropout=0.1)).train()
     empty = seen.count("") / len(seen)
     assert 0.03 < empty < 0.2
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    import os
+
+    from minidiff.checkpoint import write_json
+
+    write_json(tmp_path / "x.json", {"a": 1})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o666 & ~umask
