@@ -29,6 +29,7 @@ any load that other processes put on the machine (the load average is recorded t
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 
@@ -73,7 +74,7 @@ def bench_preset(preset: str, args) -> dict:
         raise SystemExit(f"error: parameter counts differ by {relative:+.1%}, more than 10%")
 
     def trainer(state):
-        counter = iter(range(10**9))
+        counter = itertools.count()
 
         def run():
             for _ in range(args.steps):
