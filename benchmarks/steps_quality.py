@@ -11,8 +11,8 @@ encoder and the conversion to PIL images) for
 
 - DDPM (Ho et al. 2020) and DDIM (Song et al. 2021, eta = 0) at each of `--steps`, at the
   pipeline's default guidance scale;
-- DDIM at the pipeline's default step count for each of `--guidance-scales` (classifier-free
-  guidance, Ho & Salimans 2022; at 1 the unconditional pass is skipped, so it costs half).
+- each sampler at the pipeline's default step count for each of `--guidance-scales`
+  (classifier-free guidance, Ho & Salimans 2022; at 1 the unconditional pass is skipped).
 
 The same seeds are used everywhere, so rows differ only by the setting.
 """
@@ -62,9 +62,12 @@ def plot(step_rows, guidance_rows, path) -> None:
     lines = left.get_legend_handles_labels()
     more = seconds.get_legend_handles_labels()
     left.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="lower right")
-    right.plot([r["guidance"] for r in guidance_rows], [r["single"] for r in guidance_rows], "o-", color="C1")
+    for i, sampler in enumerate(sorted({r["sampler"] for r in guidance_rows})):
+        rows = [r for r in guidance_rows if r["sampler"] == sampler]
+        right.plot([r["guidance"] for r in rows], [r["single"] for r in rows], "o-", color=f"C{i}", label=sampler)
     right.set(xlabel="guidance scale", ylabel="single-object accuracy", ylim=(0, 1.02),
-              title=f"accuracy against guidance (ddim, {guidance_rows[0]['steps']} steps)" if guidance_rows else "")
+              title=f"accuracy against guidance ({guidance_rows[0]['steps']} steps)" if guidance_rows else "")
+    right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -108,7 +111,8 @@ def main(argv=None) -> int:
     default_steps, default_guidance = pipe.default_num_inference_steps, pipe.default_guidance_scale
     step_rows = [measure(pipe, args, sampler, steps, default_guidance)
                  for sampler in args.samplers for steps in args.steps]
-    guidance_rows = [measure(pipe, args, "ddim", default_steps, g) for g in args.guidance_scales]
+    guidance_rows = [measure(pipe, args, sampler, default_steps, g)
+                     for sampler in args.samplers for g in args.guidance_scales]
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(step_rows, guidance_rows, RESULTS / "steps_quality.png")
     body = "\n".join([
@@ -119,7 +123,7 @@ def main(argv=None) -> int:
         "",
         table(step_rows),
         "",
-        f"Guidance (ddim, {default_steps} steps):",
+        f"Guidance ({default_steps} steps):",
         "",
         table(guidance_rows),
         "",

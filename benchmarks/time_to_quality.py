@@ -2,13 +2,15 @@
 diffusers-UNet baseline.
 
     python -m benchmarks.time_to_quality --minutes 20            # writes BENCHMARKS.md section 2
+    python -m benchmarks.time_to_quality --minutes 20 --sampler ddpm --eval-steps 20   # cheaper evaluations
     python -m benchmarks.time_to_quality --minutes 1 --eval-every 0.5 --samples-per-prompt 1 --no-md
 
 Both models start from the CPU preset of minidiff.training (same text encoder and initial
 text weights, same Shapes data in the same order, same noise/timestep/caption-dropout
 draws, L_simple, AdamW with the same learning-rate schedule, EMA); only the UNet differs
 (benchmarks.common). Each gets the same budget of training wall-clock (data rendering +
-training steps); every `--eval-every` minutes of that clock, the EMA weights (what
+training steps; `--clock cpu` counts this process's CPU time instead, which other jobs on a
+shared machine inflate far less); every `--eval-every` minutes of that clock, the EMA weights (what
 train.py saves) are scored with minidiff.evaluate (single-object prompt accuracy, colour
 and shape both right) through MiniDiffusionPipeline. Evaluation time is not counted.
 
@@ -36,10 +38,10 @@ from .common import (BACKBONES, RESULTS, Report, TrainState, build_model, count_
 
 
 class Run:
-    """One model's training, advanced in slices of wall-clock, with its evaluations."""
+    """One model's training, advanced in slices of its training clock, with its evaluations."""
 
-    def __init__(self, backbone: str, config, dataset):
-        self.backbone, self.dataset = backbone, dataset
+    def __init__(self, backbone: str, config, dataset, clock=time.perf_counter):
+        self.backbone, self.dataset, self.clock = backbone, dataset, clock
         self.state = TrainState(build_model(config, backbone), config)
         self.seconds = 0.0  # training clock
         self.losses: list[float] = []
@@ -48,16 +50,16 @@ class Run:
     def train_until(self, seconds: float) -> None:
         c = self.state.config
         while self.seconds < seconds:
-            start = time.perf_counter()
+            start = self.clock()
             images, captions = load_batch(self.dataset, batch_indices(self.state.step, c.batch_size))
             self.losses.append(self.state.train_step(images, captions))
-            self.seconds += time.perf_counter() - start
+            self.seconds += self.clock() - start
 
     def evaluate(self, args) -> dict:
         model = self.state.ema_model() if args.weights == "ema" else self.state.model.eval()
         start = time.perf_counter()
         summary = evaluate(MiniDiffusionPipeline(model, device="cpu"), args.samples_per_prompt, seed=0,
-                           num_inference_steps=args.eval_steps, guidance_scale=args.guidance)
+                           num_inference_steps=args.eval_steps, guidance_scale=args.guidance, sampler=args.sampler)
         recent = self.losses[-50:]
         point = {"minutes": self.seconds / 60, "step": self.state.step, "accuracy": summary["single"]["both"],
                  "colour": summary["single"]["colour"], "shape": summary["single"]["shape"],
@@ -103,8 +105,8 @@ def body(runs: dict[str, Run], args, config) -> str:
         f"CPU preset ({config.image_size} px, batch {config.batch_size}, base width {config.base_channels}, lr "
         f"{config.lr:g}, schedule over {config.steps} steps); UNet parameters: minidiff "
         f"{count_parameters(first.state.model.unet):,}, diffusers {count_parameters(second.state.model.unet):,}. "
-        f"Budget {args.minutes:g} min of training each; evaluation every {args.eval_every:g} min of {args.weights} weights "
-        f"with {args.samples_per_prompt} samples per prompt x 18 prompts, DDIM {args.eval_steps or 'default'} steps, "
+        f"Budget {args.minutes:g} min of training ({args.clock} clock) each; evaluation every {args.eval_every:g} min of {args.weights} weights "
+        f"with {args.samples_per_prompt} samples per prompt x 18 prompts, {args.sampler} {args.eval_steps or 'default'} steps, "
         f"guidance {args.guidance if args.guidance is not None else 'default'}.",
         "",
         markdown_table(["training minutes (minidiff / diffusers)", "minidiff step", "minidiff accuracy", "minidiff loss",
@@ -122,10 +124,14 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=float, default=20.0, help="training budget per model (default 20)")
     p.add_argument("--eval-every", type=float, default=1.0, help="minutes of training between evaluations (default 1)")
     p.add_argument("--samples-per-prompt", type=int, default=4, help="evaluation samples per prompt (default 4)")
-    p.add_argument("--eval-steps", type=int, help="DDIM steps of the evaluation (default: the pipeline's, 50)")
+    p.add_argument("--eval-steps", type=int, help="sampling steps of the evaluation (default: the pipeline's, 50)")
     p.add_argument("--guidance", type=float, help="guidance scale of the evaluation (default: the pipeline's)")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="sampler of the evaluation (default ddim)")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="weights evaluated (default: ema)")
     p.add_argument("--target", type=float, default=0.95, help="accuracy target (default 0.95)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="training clock: wall-clock, or this process's CPU time (with --threads 1 on a shared "
+                        "machine: not inflated by other jobs; default wall)")
     p.add_argument("--preset", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--no-md", action="store_true", help="do not touch BENCHMARKS.md (results/ still written)")
@@ -136,7 +142,8 @@ def main(argv=None) -> int:
     report = Report("time_to_quality", "2. Time to quality", threads)
     config = preset_config(args.preset)
     dataset = make_dataset(config)
-    runs = {name: Run(name, config, dataset) for name in BACKBONES}
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    runs = {name: Run(name, config, dataset, clock) for name in BACKBONES}
     segments = max(1, round(args.minutes / args.eval_every))
     for k in range(1, segments + 1):
         until = 60 * min(args.minutes, k * args.eval_every)
