@@ -54,6 +54,12 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
+def pool_text(context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the real (unpadded) text tokens: (B, L, D), (B, L) -> (B, D)."""
+    weights = context_mask.to(context.dtype)[..., None]  # (B, L, 1)
+    return (context * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
 class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> conv, add the time embedding, GroupNorm -> SiLU -> conv, plus a skip."""
 
@@ -180,10 +186,8 @@ class UNet(nn.Module):
 
     def forward(self, x, timesteps, context, context_mask):
         # conditioning vector: time embedding + mean of the real text tokens
-        weights = context_mask.to(context.dtype)[..., None]  # (B, L, 1)
-        pooled = (context * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, D)
         emb = self.time_mlp(timestep_embedding(timesteps, self.config.base_channels).to(x.dtype))
-        emb = emb + self.text_pool_proj(pooled)  # (B, 4C)
+        emb = emb + self.text_pool_proj(pool_text(context, context_mask))  # (B, 4C)
 
         h = self.conv_in(x)  # (B, C, H, W)
         skips = [h]

@@ -1,0 +1,138 @@
+"""Steps against quality: "how many steps do I need?", and how much guidance.
+
+    python -m benchmarks.steps_quality --model runs/shapes        # writes BENCHMARKS.md section 3
+    python -m benchmarks.steps_quality --model runs/shapes --steps 10 20 --guidance-scales 1 4 \\
+        --samples-per-prompt 1 --no-md                             # a quick check
+
+For a trained model folder: prompt accuracy (minidiff.evaluate: every evaluation prompt,
+`--samples-per-prompt` fixed seeds each, judged by the pixel analyser) and seconds per image
+(wall-clock of that evaluation divided by the images it made, so it includes the text
+encoder and the conversion to PIL images) for
+
+- DDPM (Ho et al. 2020) and DDIM (Song et al. 2021, eta = 0) at each of `--steps`, at the
+  pipeline's default guidance scale;
+- each sampler at the pipeline's default step count for each of `--guidance-scales`
+  (classifier-free guidance, Ho & Salimans 2022; at 1 the unconditional pass is skipped).
+
+The same seeds are used everywhere, so rows differ only by the setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from minidiff.checkpoint import CheckpointError
+from minidiff.evaluate import evaluate, evaluation_prompts
+from minidiff.pipeline import MiniDiffusionPipeline
+
+from .common import RESULTS, Report, markdown_table, pyplot, set_threads
+
+
+def measure(pipe, args, sampler: str, steps: int, guidance: float) -> dict:
+    images = len(evaluation_prompts(pipe.image_size)) * args.samples_per_prompt
+    start = time.perf_counter()
+    summary = evaluate(pipe, args.samples_per_prompt, seed=args.seed, num_inference_steps=steps,
+                       guidance_scale=guidance, sampler=sampler)
+    seconds = time.perf_counter() - start
+    row = {"sampler": sampler, "steps": steps, "guidance": guidance, "single": summary["single"]["both"],
+           "colour": summary["single"]["colour"], "shape": summary["single"]["shape"],
+           "two": summary["two"]["both"] if summary["two"] else None, "seconds_per_image": seconds / images}
+    print(f"{sampler} {steps:4d} steps, guidance {guidance:g}: single {row['single']:.1%}"
+          + (f", two {row['two']:.1%}" if row["two"] is not None else "") + f", {row['seconds_per_image']:.4f} s/image",
+          flush=True)
+    return row
+
+
+def plot(step_rows, guidance_rows, path) -> None:
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for i, sampler in enumerate(sorted({r["sampler"] for r in step_rows})):
+        rows = [r for r in step_rows if r["sampler"] == sampler]
+        left.plot([r["steps"] for r in rows], [r["single"] for r in rows], "o-", color=f"C{i}", label=f"{sampler} accuracy")
+    left.set(xscale="log", xlabel="sampling steps", ylabel="single-object accuracy", ylim=(0, 1.02),
+             title="accuracy and time against steps")
+    seconds = left.twinx()
+    for i, sampler in enumerate(sorted({r["sampler"] for r in step_rows})):
+        rows = [r for r in step_rows if r["sampler"] == sampler]
+        seconds.plot([r["steps"] for r in rows], [r["seconds_per_image"] for r in rows], "s--", color=f"C{i}",
+                     alpha=0.5, markersize=3, label=f"{sampler} s/image")
+    seconds.set(ylabel="seconds per image (dashed)", yscale="log")
+    lines = left.get_legend_handles_labels()
+    more = seconds.get_legend_handles_labels()
+    left.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="lower right")
+    for i, sampler in enumerate(sorted({r["sampler"] for r in guidance_rows})):
+        rows = [r for r in guidance_rows if r["sampler"] == sampler]
+        right.plot([r["guidance"] for r in rows], [r["single"] for r in rows], "o-", color=f"C{i}", label=sampler)
+    right.set(xlabel="guidance scale", ylabel="single-object accuracy", ylim=(0, 1.02),
+              title=f"accuracy against guidance ({guidance_rows[0]['steps']} steps)" if guidance_rows else "")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def table(rows) -> str:
+    two = any(r["two"] is not None for r in rows)
+    header = ["sampler", "steps", "guidance", "single-object accuracy", "colour", "shape"]
+    header += ["two-object accuracy"] if two else []
+    header += ["s / image"]
+    lines = []
+    for r in rows:
+        line = [r["sampler"], r["steps"], f"{r['guidance']:g}", f"{r['single']:.1%}", f"{r['colour']:.1%}",
+                f"{r['shape']:.1%}"]
+        line += [f"{r['two']:.1%}"] if two else []
+        lines.append(line + [f"{r['seconds_per_image']:.4f}"])
+    return markdown_table(header, lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="runs/shapes", help="folder written by train.py (default runs/shapes)")
+    p.add_argument("--samplers", nargs="+", choices=["ddpm", "ddim"], default=["ddpm", "ddim"])
+    p.add_argument("--steps", nargs="+", type=int, default=[10, 20, 50, 100, 250])
+    p.add_argument("--guidance-scales", nargs="+", type=float, default=[1, 2, 3, 4, 5, 6, 7, 8])
+    p.add_argument("--samples-per-prompt", type=int, default=8, help="(default 8, as minidiff.evaluate)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-md", action="store_true", help="do not touch BENCHMARKS.md (results/ still written)")
+    args = p.parse_args(argv)
+    if args.samples_per_prompt < 1 or min(args.steps) < 1 or min(args.guidance_scales) < 0:
+        p.error("--samples-per-prompt and --steps must be >= 1, --guidance-scales >= 0")
+    threads = set_threads(args.threads)
+    try:
+        pipe = MiniDiffusionPipeline.from_pretrained(args.model, device=args.device)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    report = Report("steps_quality", "3. Steps and guidance against quality", threads)
+    default_steps, default_guidance = pipe.default_num_inference_steps, pipe.default_guidance_scale
+    step_rows = [measure(pipe, args, sampler, steps, default_guidance)
+                 for sampler in args.samplers for steps in args.steps]
+    guidance_rows = [measure(pipe, args, sampler, default_steps, g)
+                     for sampler in args.samplers for g in args.guidance_scales]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    plot(step_rows, guidance_rows, RESULTS / "steps_quality.png")
+    body = "\n".join([
+        f"Model `{args.model}` ({pipe.image_size} px); {args.samples_per_prompt} samples per prompt, seed {args.seed}, "
+        f"{len(evaluation_prompts(pipe.image_size))} prompts. Seconds per image = wall-clock of the evaluation / images.",
+        "",
+        f"Steps (guidance {default_guidance:g}):",
+        "",
+        table(step_rows),
+        "",
+        f"Guidance ({default_steps} steps):",
+        "",
+        table(guidance_rows),
+        "",
+        "![steps and guidance](benchmarks/results/steps_quality.png)",
+    ])
+    print(report.write(body, {"model": args.model, "steps": step_rows, "guidance": guidance_rows},
+                       update_md=not args.no_md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

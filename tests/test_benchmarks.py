@@ -1,0 +1,90 @@
+"""The pieces the benchmarks stand on: the diffusers baseline is the same size as minidiff's
+UNet, trains and samples through minidiff's own code, and the report helpers behave.
+(The benchmarks themselves are timed and run by hand, never here.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.common import (BaselineModel, DiffusersUNet, TrainState, alternating_times, build_model,
+                               count_parameters, preset_config, replace_section)
+from minidiff.pipeline import MiniDiffusionPipeline
+from minidiff.training import diffusion_loss
+from minidiff.unet import UNet, UNetConfig
+
+
+@pytest.mark.parametrize("preset", ["cpu", "gpu"])
+def test_baseline_unet_is_within_ten_percent_of_minidiff(preset):
+    config = preset_config(preset)
+    unet = UNetConfig(image_size=config.image_size, base_channels=config.base_channels,
+                      channel_mults=config.channel_mults, attention_levels=config.attention_levels,
+                      context_dim=config.text_dim)
+    ours, theirs = count_parameters(UNet(unet)), count_parameters(DiffusersUNet(unet))
+    assert abs(theirs / ours - 1) <= 0.10
+
+
+def tiny_config(**overrides):
+    return preset_config("cpu", batch_size=2, base_channels=16, channel_mults=(1, 2), attention_levels=(1,),
+                         text_dim=32, **overrides)
+
+
+def test_baseline_trains_with_minidiffs_loss_and_samples_with_its_pipeline():
+    config = tiny_config()
+    model = build_model(config, "diffusers")
+    assert isinstance(model, BaselineModel) and isinstance(model.unet, DiffusersUNet)
+    reference = build_model(config, "minidiff")  # same seed: the text encoders start equal
+    for a, b in zip(model.text_encoder.parameters(), reference.text_encoder.parameters()):
+        assert torch.equal(a, b)
+
+    state = TrainState(model, config)
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    per_sample, _ = diffusion_loss(model, model.tokenizer, state.schedule, images, ["a red circle", "a blue square"],
+                                   torch.Generator().manual_seed(0), 0.0, torch.device("cpu"))
+    per_sample.mean().backward()
+    assert model.unet.net.conv_in.weight.grad.abs().sum() > 0
+    assert model.text_encoder.token_embedding.weight.grad.abs().sum() > 0  # gradients reach the text encoder
+    before = model.unet.net.conv_in.weight.detach().clone()
+    state.train_step(images, ["a red circle", "a blue square"])
+    assert not torch.equal(before, model.unet.net.conv_in.weight) and state.step == 1
+
+    pipe = MiniDiffusionPipeline(model, device="cpu")
+    out = pipe.sample(["a red circle", "a blue square"], num_inference_steps=2, output_type="pt",
+                      generator=torch.Generator().manual_seed(0))
+    assert len(out.images) == 2 and out.images[0].shape == (3, 16, 16)
+    assert not torch.allclose(out.images[0], out.images[1])  # the prompt reaches the diffusers UNet
+
+
+def test_baseline_ignores_padded_text_tokens():
+    torch.manual_seed(0)
+    unet = DiffusersUNet(UNetConfig(image_size=16, base_channels=16, channel_mults=(1, 2), attention_levels=(1,),
+                                    context_dim=8)).eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 900])
+    context, mask = torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool)
+    mask[:, 3:] = False
+    other = context.clone()
+    other[:, 3:] = torch.randn(2, 2, 8)
+    with torch.no_grad():
+        out = unet(x, t, context, mask)
+        torch.testing.assert_close(out, unet(x, t, other, mask))
+        assert not torch.allclose(out, unet(x, t, torch.randn(2, 5, 8), mask))  # the real tokens do matter
+
+
+def test_alternating_times_flips_the_order_every_round():
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    times = alternating_times(fns, repeats=3, warmup=0, prepare={"b": lambda: calls.append("prep-b")})
+    assert calls == ["a", "prep-b", "b", "prep-b", "b", "a", "a", "prep-b", "b"]
+    assert len(times["a"]) == len(times["b"]) == 3
+
+
+def test_replace_section_keeps_the_rest_of_the_file(tmp_path):
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\nintro\n")
+    replace_section(path, "one", "first")
+    replace_section(path, "two", "second")
+    replace_section(path, "one", "first, again")
+    text = path.read_text()
+    assert text.startswith("# Benchmarks\n\nintro\n")
+    assert "first, again" in text and "first\n" not in text and text.count("<!-- begin one -->") == 1
+    assert text.index("first, again") < text.index("second")  # a rewritten section keeps its place
