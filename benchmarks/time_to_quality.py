@@ -27,7 +27,6 @@ import statistics
 import sys
 import time
 
-import torch
 
 from minidiff.evaluate import evaluate
 from minidiff.pipeline import MiniDiffusionPipeline

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 from .checkpoint import (CheckpointError, atomic_write, read_json, read_safetensors, save_model, write_json,
@@ -170,7 +171,7 @@ def diffusion_loss(model, tokenizer, schedule: NoiseSchedule, images, captions, 
 
 @torch.no_grad()
 def sample_grid(model: TextToImageModel, prompts: list[str], seed: int = 0, steps: int = 25,
-                per_prompt: int = 1) -> "Image":
+                per_prompt: int = 1) -> Image.Image:
     """`per_prompt` samples of each prompt, 6 to a row; labelled unless the prompt is empty."""
     from .pipeline import MiniDiffusionPipeline  # the pipeline imports training's neighbours, not training
 
