@@ -30,7 +30,7 @@ from torch import nn
 from minidiff.data import Shapes
 from minidiff.model import TextToImageModel
 from minidiff.scheduler import NoiseSchedule, SchedulerConfig
-from minidiff.training import EMA, PRESETS, TrainConfig, diffusion_loss, learning_rate
+from minidiff.training import EMA, PRESETS, TrainConfig, apply_gradients, diffusion_loss, learning_rate
 from minidiff.unet import UNetConfig, pool_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,7 +123,7 @@ class TrainState:
 
     def train_step(self, images: torch.Tensor, captions: list[str]) -> float:
         """Forward (L_simple, Ho et al. 2020 eq. 14) + backward + gradient clipping + AdamW + EMA,
-        the body of minidiff.training.Trainer.train without its logging. Returns the loss."""
+        minidiff.training.apply_gradients, as Trainer.train does, without its logging. Returns the loss."""
         c = self.config
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(c, self.step)
@@ -133,11 +133,7 @@ class TrainState:
             per_sample, _ = diffusion_loss(self.model, self.model.tokenizer, self.schedule, images, captions,
                                            self.generator, c.caption_dropout, self.device)
         loss = per_sample.mean()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-        self.optimizer.step()
-        self.ema.update(self.model, self.step)
+        apply_gradients(self.model, self.optimizer, self.ema, loss, self.step, c.grad_clip)
         self.step += 1
         return loss.item()
 

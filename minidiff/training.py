@@ -126,6 +126,19 @@ class EMA:
             self.shadow[k].lerp_(v.float(), 1 - decay)
 
 
+def apply_gradients(model, optimizer, ema: EMA, loss: torch.Tensor, step: int, grad_clip: float) -> None:
+    """Backward, clip the gradient norm, one AdamW step, then the EMA. A non-finite gradient
+    norm raises before anything is applied (under DDP it is the same on every rank: the
+    gradients are averaged by then)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if not torch.isfinite(grad_norm):
+        raise FloatingPointError(f"gradient norm became {grad_norm.item()} at step {step + 1}")
+    optimizer.step()
+    ema.update(model, step)
+
+
 def learning_rate(config: TrainConfig, step: int) -> float:
     """Linear warm-up, then cosine decay to a tenth of the peak at the last step."""
     if step < config.warmup_steps:
@@ -394,13 +407,7 @@ class Trainer:
                     if stop != GO_ON:
                         stop_reason = "interrupted" if stop == INTERRUPTED else f"time limit of {c.max_minutes} min"
                         break
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-                    if not torch.isfinite(grad_norm):  # the same on every rank: DDP has averaged the gradients
-                        raise FloatingPointError(f"gradient norm became {grad_norm.item()} at step {self.step + 1}")
-                    self.optimizer.step()
-                    self.ema.update(self.model, self.step)
+                    apply_gradients(self.model, self.optimizer, self.ema, loss, self.step, c.grad_clip)
                     self.step += 1
                     if is_main:
                         self.record_loss(per_sample.detach(), t, lr, images.shape[0] * self.world_size, bar)
