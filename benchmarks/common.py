@@ -138,12 +138,7 @@ class TrainState:
         return loss.item()
 
     def ema_model(self) -> TextToImageModel:
-        """A copy of the model holding the EMA weights (what train.py saves), in eval mode."""
-        import copy
-
-        model = copy.deepcopy(self.model)
-        model.load_state_dict(self.ema.shadow)
-        return model.eval()
+        return self.ema.averaged_model(self.model)
 
 
 # ---- timing ----------------------------------------------------------------------------

@@ -25,6 +25,7 @@ like one process with batch N x B.
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import io
 import math
@@ -124,6 +125,12 @@ class EMA:
         decay = min(self.max_decay, (1 + step) / (10 + step))
         for k, v in model.state_dict().items():
             self.shadow[k].lerp_(v.float(), 1 - decay)
+
+    def averaged_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A copy of `model` holding the averaged weights (what train.py saves), in eval mode."""
+        averaged = copy.deepcopy(model)
+        averaged.load_state_dict(self.shadow)
+        return averaged.eval()
 
 
 def apply_gradients(model, optimizer, ema: EMA, loss: torch.Tensor, step: int, grad_clip: float) -> None:
@@ -361,13 +368,11 @@ class Trainer:
 
     def save_pipeline(self) -> None:
         """The EMA weights as a sampling checkpoint: `out`/config.json + model.safetensors."""
-        save_model(self.out, self.model, {k: v for k, v in self.ema.shadow.items()})
+        save_model(self.out, self.model, self.ema.shadow)
 
     # ---- the loop ----------------------------------------------------------------------
     def ema_model(self) -> TextToImageModel:
-        model = TextToImageModel(self.model.config).to(self.device)
-        model.load_state_dict(self.ema.shadow)
-        return model.eval()
+        return self.ema.averaged_model(self.model)
 
     def stop_code(self, loss: torch.Tensor, signals: list, start_time: float) -> int:
         """This rank's view: should training stop now? (Rank 0 alone keeps the clock.)"""
