@@ -118,8 +118,8 @@ def pick_backend(model: str, backend: str = "auto") -> str:
 
 
 def load_pipeline(args):
-    """The one place a pipeline is built: minidiff's or the SD3 bridge, by pick_backend."""
-    if pick_backend(args.model, args.backend) == "sd3":
+    """The one place a pipeline is built: minidiff's or the SD3 bridge (args.backend, resolved by main)."""
+    if args.backend == "sd3":
         from bridge import SD3Bridge
 
         return SD3Bridge.from_pretrained(args.model, device=args.device)
@@ -136,7 +136,7 @@ def write(picture, path: Path) -> None:
 
 def backend_options(args) -> dict:
     """The keywords only one backend takes, checked (before loading anything) against the backend."""
-    if pick_backend(args.model, args.backend) == "sd3":
+    if args.backend == "sd3":
         if args.sampler is not None:
             raise UsageError("--sampler applies to minidiff models; SD3 always uses its flow-matching Euler sampler")
         if args.resample_jumps:
@@ -152,6 +152,7 @@ def backend_options(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.backend = pick_backend(args.model, args.backend)  # "auto" resolved once, here
     check_args(args)
     paths = output_paths(args)
     save_steps = int_list(args.save_steps, "--save-steps") if args.save_steps is not None else None
@@ -159,7 +160,7 @@ def main(argv=None) -> int:
     options = backend_options(args)
     writable_folder(paths[0].parent, "--out")
     if args.noise_strip is not None:
-        if pick_backend(args.model, args.backend) != "minidiff":
+        if args.backend != "minidiff":
             raise UsageError("--noise-strip shows minidiff's forward process; give a minidiff --model")
         timesteps = int_list(args.timesteps, "--timesteps")
         image = load_image(args.noise_strip, what="--noise-strip image")  # read before the model loads
