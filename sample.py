@@ -42,7 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=None, help="guidance_scale (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=int, default=1, help="num_images_per_prompt")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], default=None, help="minidiff only (default ddim)")
+    p.add_argument("--sampler", choices=["ddim", "ddpm", "euler"], default=None,
+                   help="minidiff only (default: the model's own, ddim for DDPM models, euler for flow models)")
     p.add_argument("--height", type=int, default=None, help="sd3 only (default: the model's native size)")
     p.add_argument("--width", type=int, default=None, help="sd3 only (default: the model's native size)")
     p.add_argument("--device", default=None)
@@ -144,7 +145,7 @@ def backend_options(args) -> dict:
         return {"height": args.height, "width": args.width}
     if args.height is not None or args.width is not None:
         raise UsageError("--height/--width apply to SD3 models; a minidiff model renders at its trained size")
-    options = {"sampler": args.sampler or "ddim"}
+    options = {"sampler": args.sampler}  # None: the model's default
     if args.mask is not None:
         options["resample_jumps"] = args.resample_jumps
     return options

@@ -132,7 +132,8 @@ def main(argv=None) -> int:
     parser.add_argument("--samples-per-prompt", type=int, default=8)
     parser.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the pipeline's)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance_scale (default: the pipeline's)")
-    parser.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    parser.add_argument("--sampler", choices=["ddim", "ddpm", "euler"], default=None,
+                        help="default: the model's own sampler")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--per-prompt", action="store_true", help="also print each prompt's accuracy")

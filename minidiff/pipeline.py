@@ -68,9 +68,16 @@ class MiniDiffusionPipeline(TextToImagePipeline):
     def image_size(self) -> int:
         return self.config.image_size
 
-    def make_scheduler(self, sampler: str, num_inference_steps: int):
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
+    @property
+    def samplers(self) -> tuple[str, ...]:
+        """The samplers this model can use, its default first."""
+        return ("ddim", "ddpm")
+
+    def make_scheduler(self, sampler: str | None, num_inference_steps: int):
+        """The scheduler for `sampler` (None: this model's default), set to `num_inference_steps`."""
+        sampler = self.samplers[0] if sampler is None else sampler
+        if sampler not in self.samplers:
+            raise ValueError(f"sampler must be one of {list(self.samplers)} for this model, got {sampler!r}")
         scheduler = SAMPLERS[sampler](self.config.scheduler)
         scheduler.set_timesteps(num_inference_steps)
         return scheduler
@@ -122,10 +129,11 @@ class MiniDiffusionPipeline(TextToImagePipeline):
 
     @torch.no_grad()
     def sample(self, prompt, *, negative_prompt=None, num_inference_steps=None, guidance_scale=None,
-               generator=None, num_images_per_prompt=1, callback=None, capture_steps=None, sampler="ddim", eta=0.0,
+               generator=None, num_images_per_prompt=1, callback=None, capture_steps=None, sampler=None, eta=0.0,
                output_type="pil") -> ImageOutput:
         """Text to image: start from x_T ~ N(0, I) and denoise for `num_inference_steps` steps.
-        `sampler` is "ddim" (Song et al. 2021, `eta` sets its noise) or "ddpm" (Ho et al. 2020).
+        `sampler` is one of `self.samplers` (None: the model's default, the first): "ddim" (Song et
+        al. 2021, `eta` sets its noise) or "ddpm" (Ho et al. 2020).
         `output_type` "pil" gives PIL images, "pt" tensors (3, H, W) in [0, 1]."""
         return self._generate(prompt, None, None, None, negative_prompt, num_inference_steps, guidance_scale,
                               generator, num_images_per_prompt, callback, capture_steps, sampler, eta, output_type)
@@ -133,7 +141,7 @@ class MiniDiffusionPipeline(TextToImagePipeline):
     @torch.no_grad()
     def img2img(self, prompt, image, *, strength=0.7, negative_prompt=None, num_inference_steps=None,
                 guidance_scale=None, generator=None, num_images_per_prompt=1, callback=None, capture_steps=None,
-                sampler="ddim", eta=0.0, output_type="pil") -> ImageOutput:
+                sampler=None, eta=0.0, output_type="pil") -> ImageOutput:
         """Image to image (SDEdit, Meng et al. 2022): noise `image` (PIL or path; converted to RGB
         and resized to the model's size, with a warning) to the timestep where the last
         int(N * strength) of the N steps begin, then run those steps towards `prompt`.
@@ -146,7 +154,7 @@ class MiniDiffusionPipeline(TextToImagePipeline):
     @torch.no_grad()
     def inpaint(self, prompt, image, mask_image, *, strength=0.99, negative_prompt=None, num_inference_steps=None,
                 guidance_scale=None, generator=None, num_images_per_prompt=1, callback=None, capture_steps=None,
-                sampler="ddim", eta=0.0, output_type="pil", resample_jumps=0) -> ImageOutput:
+                sampler=None, eta=0.0, output_type="pil", resample_jumps=0) -> ImageOutput:
         """Inpainting: regenerate the white part of `mask_image`, keep the black part of `image`.
 
         `mask_image` (PIL or path, any mode) is converted to grayscale and thresholded at 0.5; it
