@@ -29,8 +29,8 @@ from torch import nn
 
 from minidiff.data import Shapes
 from minidiff.model import TextToImageModel
-from minidiff.scheduler import NoiseSchedule, SchedulerConfig
-from minidiff.training import EMA, PRESETS, TrainConfig, apply_gradients, diffusion_loss, learning_rate
+from minidiff.training import (EMA, PRESETS, TrainConfig, apply_gradients, diffusion_loss, learning_rate,
+                               make_optimizer, training_schedule)
 from minidiff.unet import UNetConfig, pool_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,28 +105,45 @@ def build_model(config: TrainConfig, backbone: str, device="cpu") -> TextToImage
     unet = UNetConfig(image_size=config.image_size, base_channels=config.base_channels,
                       channel_mults=config.channel_mults, attention_levels=config.attention_levels)
     return cls.for_captions(make_dataset(config).captions(), unet, config.text_dim,
-                            SchedulerConfig(beta_schedule=config.beta_schedule)).to(device)
+                            config.scheduler_config()).to(device)
 
 
 class TrainState:
-    """Model, AdamW, EMA and random generator of one run, stepped like Trainer.train steps."""
+    """Model, optimizer, EMA and random generator of one run, stepped like Trainer.train steps.
+
+    By default the optimizer and learning-rate schedule are the Trainer's (Adam, warm-up then
+    cosine); `weight_decay` > 0 makes it AdamW with that decay, and `lr_schedule="constant"`
+    keeps the peak rate after the warm-up (diffusers' train_text_to_image.py recipe).
+    `optimizer_options` go to the optimizer (foreach / fused, for profile_step.py)."""
 
     def __init__(self, model: TextToImageModel, config: TrainConfig, device="cpu",
-                 autocast_dtype: torch.dtype | None = None, **adamw_options):
+                 autocast_dtype: torch.dtype | None = None, weight_decay: float = 0.0, lr_schedule: str = "cosine",
+                 **optimizer_options):
         self.model, self.config, self.device = model, config, torch.device(device)
         self.autocast_dtype = autocast_dtype  # e.g. torch.bfloat16: autocast the forward (profile_step.py)
-        self.schedule = NoiseSchedule(model.config.scheduler)
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0, **adamw_options)
+        self.schedule = training_schedule(model.config.scheduler)
+        if optimizer_options:  # a variant of the optimizer (profile_step.py)
+            self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, **optimizer_options)
+        else:
+            self.optimizer = make_optimizer(model, config.lr, self.device, weight_decay)
+        self.lr_schedule = lr_schedule
         self.ema = EMA(model, config.ema_decay)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
 
+    def learning_rate(self) -> float:
+        c = self.config
+        if self.lr_schedule == "constant":
+            return c.lr * min(1.0, (self.step + 1) / c.warmup_steps) if c.warmup_steps else c.lr
+        return learning_rate(c, self.step)
+
     def train_step(self, images: torch.Tensor, captions: list[str]) -> float:
-        """Forward (L_simple, Ho et al. 2020 eq. 14) + backward + gradient clipping + AdamW + EMA,
-        minidiff.training.apply_gradients, as Trainer.train does, without its logging. Returns the loss."""
+        """Forward (the model's objective: L_simple, Ho et al. 2020 eq. 14, or flow matching) +
+        backward + gradient clipping + optimizer + EMA, minidiff.training.apply_gradients, as
+        Trainer.train does, without its logging. Returns the loss."""
         c = self.config
         for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(c, self.step)
+            group["lr"] = self.learning_rate()
         self.model.train()
         with (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
               else contextlib.nullcontext()):
@@ -202,9 +219,10 @@ class Report:
     """The header of a result section: command, machine, date, load average (1/5/15 min) at
     start and end. A load average above the core count means other work shared the CPU."""
 
-    def __init__(self, name: str, title: str, threads: int):
+    def __init__(self, name: str, title: str, threads: int, module: str | None = None):
         self.name, self.title, self.threads = name, title, threads
-        self.command = "python -m benchmarks." + name + (" " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "")
+        module = module or name  # the script, when one script writes several named results
+        self.command = "python -m benchmarks." + module + (" " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "")
         self.started = datetime.datetime.now().astimezone()
         self.load_start = load_average()
 

@@ -4,12 +4,12 @@
     python -m benchmarks.profile_step --batch-size 8 --repeats 2 --sanity-steps 3 --no-md   # quick check
 
 1. torch.profiler over `--profile-steps` training steps of the CPU preset (the step of
-   benchmarks.common.TrainState: forward, backward, clip, AdamW, EMA): the top operators
+   benchmarks.common.TrainState: forward, backward, clip, Adam, EMA): the top operators
    by self CPU time, and which attention kernel scaled_dot_product_attention dispatched to.
 2. Variants of the same step, each on its own copy of the model (same initial weights),
    timed in alternating rounds against the step as minidiff runs it now (the order flipped
    every round); the speed-up is the median of the per-round time ratios:
-   channels_last memory format, bf16 autocast of the forward, AdamW foreach / fused, and
+   channels_last memory format, bf16 autocast of the forward, Adam foreach / fused, and
    every torch thread count from 1 to the number of cores.
 3. bf16 sanity: the same `--sanity-steps` steps (same data, same noise) in float32 and under
    bf16 autocast from the same weights: the losses side by side, and the largest difference
@@ -42,8 +42,8 @@ def make_variants(config, threads: int) -> dict[str, tuple[TrainState, int]]:
     channels_last.model.to(memory_format=torch.channels_last)
     variants["channels_last"] = (channels_last, threads)
     variants["bf16 autocast"] = (state(autocast_dtype=torch.bfloat16), threads)
-    variants["AdamW foreach"] = (state(foreach=True), threads)
-    variants["AdamW fused"] = (state(fused=True), threads)
+    variants["Adam foreach"] = (state(foreach=True), threads)
+    variants["Adam fused"] = (state(fused=True), threads)
     for n in range(1, (os.cpu_count() or 1) + 1):
         if n != threads:
             variants[f"{n} thread{'s' if n > 1 else ''}"] = (state(), n)
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     k = max(1, len(f32) // 5)
     body = "\n".join([
         f"CPU preset, batch {config.batch_size}, {config.image_size} px. Profile over {args.profile_steps} steps "
-        f"(forward + backward + clip + AdamW + EMA), top {args.top} operators by self CPU time:",
+        f"(forward + backward + clip + Adam + EMA), top {args.top} operators by self CPU time:",
         "",
         markdown_table(["operator", "self CPU", "ms per step", "calls per step"], top_rows),
         "",

@@ -1,6 +1,7 @@
 """Steps against quality: "how many steps do I need?", and how much guidance.
 
     python -m benchmarks.steps_quality --model runs/shapes        # writes BENCHMARKS.md section 3
+    python -m benchmarks.steps_quality --model runs/flow --steps 5 10 20 50 --name steps_quality_flow
     python -m benchmarks.steps_quality --model runs/shapes --steps 10 20 --guidance-scales 1 4 \\
         --samples-per-prompt 1 --no-md                             # a quick check
 
@@ -9,8 +10,9 @@ For a trained model folder: prompt accuracy (minidiff.evaluate: every evaluation
 (wall-clock of that evaluation divided by the images it made, so it includes the text
 encoder and the conversion to PIL images) for
 
-- DDPM (Ho et al. 2020) and DDIM (Song et al. 2021, eta = 0) at each of `--steps`, at the
-  pipeline's default guidance scale;
+- each sampler the model accepts (a DDPM model: DDPM, Ho et al. 2020, and DDIM, Song et al.
+  2021, eta = 0; a flow model: Euler, as SD3) at each of `--steps`, at the pipeline's
+  default guidance scale;
 - each sampler at the pipeline's default step count for each of `--guidance-scales`
   (classifier-free guidance, Ho & Salimans 2022; at 1 the unconditional pass is skipped).
 
@@ -90,7 +92,8 @@ def table(rows) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="runs/shapes", help="folder written by train.py (default runs/shapes)")
-    p.add_argument("--samplers", nargs="+", choices=["ddpm", "ddim"], default=["ddpm", "ddim"])
+    p.add_argument("--samplers", nargs="+", choices=["ddpm", "ddim", "euler"],
+                   help="default: every sampler the model accepts")
     p.add_argument("--steps", nargs="+", type=int, default=[10, 20, 50, 100, 250])
     p.add_argument("--guidance-scales", nargs="+", type=float, default=[1, 2, 3, 4, 5, 6, 7, 8])
     p.add_argument("--samples-per-prompt", type=int, default=8, help="(default 8, as minidiff.evaluate)")
@@ -98,6 +101,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-md", action="store_true", help="do not touch BENCHMARKS.md (results/ still written)")
+    p.add_argument("--name", default="steps_quality",
+                   help="results/<name>.{md,json,png} and the BENCHMARKS.md section of that name")
     args = p.parse_args(argv)
     if args.samples_per_prompt < 1 or min(args.steps) < 1 or min(args.guidance_scales) < 0:
         p.error("--samples-per-prompt and --steps must be >= 1, --guidance-scales >= 0")
@@ -107,16 +112,19 @@ def main(argv=None) -> int:
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    report = Report("steps_quality", "3. Steps and guidance against quality", threads)
+    args.samplers = args.samplers or list(pipe.samplers)
+    titles = {"steps_quality": "3. Steps and guidance against quality"}
+    report = Report(args.name, titles.get(args.name, f"Steps and guidance against quality: {args.name}"), threads,
+                    "steps_quality")
     default_steps, default_guidance = pipe.default_num_inference_steps, pipe.default_guidance_scale
     step_rows = [measure(pipe, args, sampler, steps, default_guidance)
                  for sampler in args.samplers for steps in args.steps]
     guidance_rows = [measure(pipe, args, sampler, default_steps, g)
                      for sampler in args.samplers for g in args.guidance_scales]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(step_rows, guidance_rows, RESULTS / "steps_quality.png")
+    plot(step_rows, guidance_rows, RESULTS / f"{args.name}.png")
     body = "\n".join([
-        f"Model `{args.model}` ({pipe.image_size} px); {args.samples_per_prompt} samples per prompt, seed {args.seed}, "
+        f"Model `{args.model}` ({pipe.config.objective}, {pipe.image_size} px); {args.samples_per_prompt} samples per prompt, seed {args.seed}, "
         f"{len(evaluation_prompts(pipe.image_size))} prompts. Seconds per image = wall-clock of the evaluation / images.",
         "",
         f"Steps (guidance {default_guidance:g}):",
@@ -127,7 +135,7 @@ def main(argv=None) -> int:
         "",
         table(guidance_rows),
         "",
-        "![steps and guidance](benchmarks/results/steps_quality.png)",
+        f"![steps and guidance](benchmarks/results/{args.name}.png)",
     ])
     print(report.write(body, {"model": args.model, "steps": step_rows, "guidance": guidance_rows},
                        update_md=not args.no_md))

@@ -1,14 +1,20 @@
-"""Time to quality: prompt accuracy against minutes of training, minidiff against the
-diffusers-UNet baseline.
+"""Time to quality: prompt accuracy against minutes of training, for several training recipes.
 
-    python -m benchmarks.time_to_quality --minutes 20            # writes BENCHMARKS.md section 2
-    python -m benchmarks.time_to_quality --minutes 20 --sampler ddpm --eval-steps 20   # cheaper evaluations
+    python -m benchmarks.time_to_quality --minutes 20            # minidiff vs the diffusers UNet: section 2
+    python -m benchmarks.time_to_quality --runs minidiff diffusers-recipe --minutes 12 --name recipe
+    python -m benchmarks.time_to_quality --runs minidiff --variant flow:objective=flow --name objective
     python -m benchmarks.time_to_quality --minutes 1 --eval-every 0.5 --samples-per-prompt 1 --no-md
 
-Both models start from the CPU preset of minidiff.training (same text encoder and initial
-text weights, same Shapes data in the same order, same noise/timestep/caption-dropout
-draws, L_simple, AdamW with the same learning-rate schedule, EMA); only the UNet differs
-(benchmarks.common). Each gets the same budget of training wall-clock (data rendering +
+The runs (`--runs`, plus `--variant NAME:key=value,...` for minidiff's defaults with some
+TrainConfig fields changed):
+- minidiff: `python train.py`'s CPU preset, as the Trainer trains it.
+- diffusers-unet: the same recipe with diffusers' UNet2DConditionModel in place of minidiff's
+  (benchmarks.common; same text encoder and initial text weights, same Shapes data in the same
+  order, same noise/timestep/caption-dropout draws); only the UNet differs.
+- diffusers-recipe: what a diffusers user would pick: that UNet, `DDPMScheduler()`'s defaults
+  (linear betas, epsilon), and train_text_to_image.py's defaults (AdamW lr 1e-4, weight decay
+  1e-2, "constant" learning rate, which has no warm-up; EMA 0.9999; gradient norm 1.0).
+Each gets the same budget of training wall-clock (data rendering +
 training steps; `--clock cpu` counts this process's CPU time instead, which other jobs on a
 shared machine inflate far less); every `--eval-every` minutes of that clock, the EMA weights (what
 train.py saves) are scored with minidiff.evaluate (single-object prompt accuracy, colour
@@ -23,6 +29,7 @@ process, so a change in the machine's load during the run hits both alike.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -32,16 +39,45 @@ from minidiff.evaluate import evaluate
 from minidiff.pipeline import MiniDiffusionPipeline
 from minidiff.training import batch_indices, load_batch
 
-from .common import (BACKBONES, RESULTS, Report, TrainState, build_model, count_parameters, make_dataset,
+from .common import (RESULTS, Report, TrainState, build_model, count_parameters, make_dataset,
                      markdown_table, preset_config, pyplot, set_threads)
+
+
+RECIPES = {  # run name -> (UNet, TrainConfig changes, TrainState options)
+    "minidiff": ("minidiff", {}, {}),
+    "diffusers-unet": ("diffusers", {}, {}),
+    "diffusers-recipe": ("diffusers", dict(objective="ddpm", beta_schedule="linear", lr=1e-4, warmup_steps=0,
+                                           ema_decay=0.9999), dict(weight_decay=1e-2, lr_schedule="constant")),
+}
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """"NAME:key=value,key=value" -> (NAME, {field: value}), values typed like TrainConfig's fields."""
+    name, _, settings = text.partition(":")
+    types = {f.name: f.type for f in dataclasses.fields(preset_config("cpu"))}
+    changes = {}
+    for item in filter(None, settings.split(",")):
+        key, _, value = item.partition("=")
+        if key not in types:
+            raise SystemExit(f"error: --variant {text}: {key!r} is not a TrainConfig field")
+        kind = str(types[key])
+        if "tuple" in kind:
+            changes[key] = tuple(int(v) for v in value.split("/") if v)
+        elif "int" in kind:
+            changes[key] = int(value)
+        elif "float" in kind:
+            changes[key] = float(value)
+        else:
+            changes[key] = value
+    return name, changes
 
 
 class Run:
     """One model's training, advanced in slices of its training clock, with its evaluations."""
 
-    def __init__(self, backbone: str, config, dataset, clock=time.perf_counter):
-        self.backbone, self.dataset, self.clock = backbone, dataset, clock
-        self.state = TrainState(build_model(config, backbone), config)
+    def __init__(self, name: str, backbone: str, config, dataset, clock=time.perf_counter, **state_options):
+        self.backbone, self.dataset, self.clock = name, dataset, clock
+        self.state = TrainState(build_model(config, backbone), config, **state_options)
         self.seconds = 0.0  # training clock
         self.losses: list[float] = []
         self.points: list[dict] = []
@@ -58,14 +94,16 @@ class Run:
         model = self.state.ema_model() if args.weights == "ema" else self.state.model.eval()
         start = time.perf_counter()
         summary = evaluate(MiniDiffusionPipeline(model, device="cpu"), args.samples_per_prompt, seed=0,
-                           num_inference_steps=args.eval_steps, guidance_scale=args.guidance, sampler=args.sampler)
+                           num_inference_steps=args.eval_steps, guidance_scale=args.guidance,
+                           sampler=args.sampler if args.sampler in ("ddpm", "ddim") and model.config.objective == "ddpm"
+                           else None)
         recent = self.losses[-50:]
         point = {"minutes": self.seconds / 60, "step": self.state.step, "accuracy": summary["single"]["both"],
                  "colour": summary["single"]["colour"], "shape": summary["single"]["shape"],
                  "loss": statistics.mean(recent) if recent else float("nan"),
                  "eval_seconds": time.perf_counter() - start}
         self.points.append(point)
-        print(f"{self.backbone:9s} {point['minutes']:6.2f} min  step {point['step']:5d}  loss {point['loss']:.4f}  "
+        print(f"{self.backbone:16s} {point['minutes']:6.2f} min  step {point['step']:5d}  loss {point['loss']:.4f}  "
               f"accuracy {point['accuracy']:.1%}  (eval {point['eval_seconds']:.0f} s)", flush=True)
         return point
 
@@ -78,7 +116,7 @@ def plot(runs: dict[str, Run], target: float, path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, run in runs.items():
         ax.plot([0] + [p["minutes"] for p in run.points], [0] + [p["accuracy"] for p in run.points], "o-",
-                label=f"{name} UNet", markersize=4)
+                label=name, markersize=4)
     ax.axhline(target, color="gray", linestyle="--", linewidth=0.8, label=f"target {target:.0%}")
     ax.set(xlabel="minutes of training (evaluation excluded)", ylabel="single-object prompt accuracy",
            ylim=(0, 1.02), title="time to quality, CPU preset")
@@ -89,32 +127,45 @@ def plot(runs: dict[str, Run], target: float, path) -> None:
 
 
 def body(runs: dict[str, Run], args, config) -> str:
-    first, second = runs["minidiff"], runs["diffusers"]
-    rows = [[f"{a['minutes']:.2f} / {b['minutes']:.2f}", a["step"], f"{a['accuracy']:.1%}", f"{a['loss']:.4f}",
-             b["step"], f"{b['accuracy']:.1%}", f"{b['loss']:.4f}"] for a, b in zip(first.points, second.points)]
+    names = list(runs)
+    header = ["point"] + [f"{n} {what}" for n in names for what in ("minutes", "step", "accuracy", "loss")]
+    rows = []
+    for k in range(max(len(r.points) for r in runs.values())):
+        row = [k + 1]
+        for run in runs.values():
+            p = run.points[k] if k < len(run.points) else None
+            row += [f"{p['minutes']:.2f}", p["step"], f"{p['accuracy']:.1%}", f"{p['loss']:.4f}"] if p else ["", "", "", ""]
+        rows.append(row)
 
     def minutes(run):
         found = run.minutes_to(args.target)
         return f"{found:.1f}" if found is not None else f"not within {args.minutes:g}"
 
-    a, b = first.minutes_to(args.target), second.minutes_to(args.target)
-    verdict = (f"ratio diffusers / minidiff = {b / a:.2f} (goal: >= 2)" if a and b else
-               "ratio: undefined (a model did not reach the target within the budget)")
+    first = runs[names[0]]
+    ratios = []
+    for name in names[1:]:
+        a, b = first.minutes_to(args.target), runs[name].minutes_to(args.target)
+        if a and b:
+            ratios.append(f"{name} / {names[0]} = {b / a:.2f}")
+        elif a:
+            ratios.append(f"{name} / {names[0]} > {args.minutes / a:.2f} ({name} did not reach it within the budget)")
+        else:
+            ratios.append(f"{name} / {names[0]}: undefined ({names[0]} did not reach it)")
+    described = "; ".join(f"{name}: {run.description}" for name, run in runs.items())
     return "\n".join([
-        f"CPU preset ({config.image_size} px, batch {config.batch_size}, base width {config.base_channels}, lr "
-        f"{config.lr:g}, schedule over {config.steps} steps); UNet parameters: minidiff "
-        f"{count_parameters(first.state.model.unet):,}, diffusers {count_parameters(second.state.model.unet):,}. "
-        f"Budget {args.minutes:g} min of training ({args.clock} clock) each; evaluation every {args.eval_every:g} min of {args.weights} weights "
-        f"with {args.samples_per_prompt} samples per prompt x 18 prompts, {args.sampler} {args.eval_steps or 'default'} steps, "
+        f"CPU preset ({config.image_size} px, batch {config.batch_size}, base width {config.base_channels}); "
+        f"runs: {described}. "
+        f"Budget {args.minutes:g} min of training ({args.clock} clock) each; evaluation every {args.eval_every:g} min of "
+        f"{args.weights} weights with {args.samples_per_prompt} samples per prompt x 18 prompts, each model's default "
+        f"sampler ({args.sampler or 'ddim'} for DDPM models) at {args.eval_steps or 'the default'} steps, "
         f"guidance {args.guidance if args.guidance is not None else 'default'}.",
         "",
-        markdown_table(["training minutes (minidiff / diffusers)", "minidiff step", "minidiff accuracy", "minidiff loss",
-                        "diffusers step", "diffusers accuracy", "diffusers loss"], rows),
+        markdown_table(header, rows),
         "",
-        f"Minutes to {args.target:.0%} single-object accuracy: minidiff {minutes(first)}, diffusers {minutes(second)}; "
-        f"{verdict}.",
+        f"Minutes to {args.target:.0%} single-object accuracy: "
+        + ", ".join(f"{name} {minutes(run)}" for name, run in runs.items()) + "; " + "; ".join(ratios) + ".",
         "",
-        "![accuracy against minutes](benchmarks/results/time_to_quality.png)",
+        f"![accuracy against minutes](benchmarks/results/{args.name}.png)",
     ])
 
 
@@ -125,7 +176,14 @@ def main(argv=None) -> int:
     p.add_argument("--samples-per-prompt", type=int, default=4, help="evaluation samples per prompt (default 4)")
     p.add_argument("--eval-steps", type=int, help="sampling steps of the evaluation (default: the pipeline's, 50)")
     p.add_argument("--guidance", type=float, help="guidance scale of the evaluation (default: the pipeline's)")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="sampler of the evaluation (default ddim)")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], default=None,
+                   help="sampler of DDPM models' evaluations (default: the pipeline's); flow models use Euler")
+    p.add_argument("--runs", nargs="*", default=["minidiff", "diffusers-unet"], choices=sorted(RECIPES),
+                   help="recipes to train (default: minidiff diffusers-unet)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:key=value,...",
+                   help="also train minidiff's recipe with these TrainConfig fields changed (tuples as 1/2)")
+    p.add_argument("--name", default="time_to_quality",
+                   help="results/<name>.{md,json,png} and the BENCHMARKS.md section of that name")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="weights evaluated (default: ema)")
     p.add_argument("--target", type=float, default=0.95, help="accuracy target (default 0.95)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
@@ -138,19 +196,30 @@ def main(argv=None) -> int:
     if args.minutes <= 0 or args.eval_every <= 0 or args.samples_per_prompt < 1 or not 0 < args.target <= 1:
         p.error("--minutes and --eval-every must be > 0, --samples-per-prompt >= 1, --target in (0, 1]")
     threads = set_threads(args.threads)
-    report = Report("time_to_quality", "2. Time to quality", threads)
+    titles = {"time_to_quality": "2. Time to quality"}
+    report = Report(args.name, titles.get(args.name, f"Time to quality: {args.name}"), threads, "time_to_quality")
     config = preset_config(args.preset)
     dataset = make_dataset(config)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    runs = {name: Run(name, config, dataset, clock) for name in BACKBONES}
+    specs = {name: RECIPES[name] for name in args.runs}
+    for text in args.variant:
+        name, changes = parse_variant(text)
+        specs[name] = ("minidiff", changes, {})
+    runs = {}
+    for name, (backbone, changes, options) in specs.items():
+        run_config = dataclasses.replace(config, **changes)
+        runs[name] = Run(name, backbone, run_config, dataset, clock, **options)
+        runs[name].description = (f"{backbone} UNet ({count_parameters(runs[name].state.model.unet):,} parameters)"
+                                  + "".join(f", {k}={v}" for k, v in {**changes, **options}.items()))
+    names = list(runs)
     segments = max(1, round(args.minutes / args.eval_every))
     for k in range(1, segments + 1):
         until = 60 * min(args.minutes, k * args.eval_every)
-        for name in (BACKBONES if k % 2 else BACKBONES[::-1]):
+        for name in (names if k % 2 else names[::-1]):
             runs[name].train_until(until)
             runs[name].evaluate(args)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(runs, args.target, RESULTS / "time_to_quality.png")
+    plot(runs, args.target, RESULTS / f"{args.name}.png")
     data = {name: {"points": run.points, "minutes_to_target": run.minutes_to(args.target)} for name, run in runs.items()}
     print(report.write(body(runs, args, config), data, update_md=not args.no_md))
     return 0

@@ -144,7 +144,7 @@ def body(results: list[dict], args) -> str:
                            "yes" if min(r["train_ratio"], r["sample_ratio"]) >= GOAL else "no"])
     return "\n".join([
         f"{args.repeats} alternating rounds of {args.steps} steps each (after {args.warmup} warm-up), CPU, float32. "
-        "Training step = forward + backward + clip + AdamW + EMA; sampling step = one CFG forward of 2B rows, "
+        "Training step = forward + backward + clip + Adam + EMA; sampling step = one CFG forward of 2B rows, "
         "no grad. GFLOP: one UNet forward per image (torch.utils.flop_counter).",
         "",
         markdown_table(["preset", "size", "UNet", "UNet params", "text encoder params", "GFLOP/img",
