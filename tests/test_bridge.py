@@ -192,7 +192,8 @@ def test_drop_t5_loads_without_the_third_encoder(tiny_sd3_dir, tiny_sd3):
 @pytest.mark.parametrize("kwargs,message", [
     (dict(offload="gpu"), "offload must be one of"),
     (dict(offload="model"), "the device is the CPU"),
-    (dict(dtype=torch.float16), "float16"),
+    (dict(quantization="int4"), "quantization must be one of"),
+    (dict(quantization="nf4"), "needs a CUDA GPU"),
 ])
 def test_bad_load_options(tiny_sd3_dir, kwargs, message):
     with pytest.raises(ValueError, match=message):
