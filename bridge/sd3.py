@@ -228,9 +228,10 @@ def quantization_config(quantization, dtype: torch.dtype, device: torch.device, 
     if quantization not in QUANTIZATION_MODES:
         raise ValueError(f"quantization must be one of {QUANTIZATION_MODES} or a diffusers "
                          f"PipelineQuantizationConfig, got {quantization!r}")
-    import diffusers
     import transformers
     from diffusers.quantizers import PipelineQuantizationConfig
+
+    diffusers = _diffusers()
 
     if quantization == "int8":  # weights stored as int8 with a scale per row, computed in `dtype`
         _need("torchao", "quantization='int8'")
@@ -294,16 +295,29 @@ class _DiffusersSteps:
         return {}
 
 
-@contextlib.contextmanager
-def _quiet_diffusers():
-    from diffusers.utils import logging as diffusers_logging
+def _diffusers():
+    """diffusers, with the pipelines loaded. The first import is made quiet: with torchao installed
+    (quantization="int8"), torch 2.14 logs two deprecation warnings about torchao's enums and
+    diffusers 0.42 one about torchao 0.18's moved tensor classes; harmless, and they would bury
+    the one-line errors of sample.py."""
+    import logging
 
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
+    pytree = logging.getLogger("torch.utils._pytree")
+    pytree_level = pytree.level
+    pytree.setLevel(logging.ERROR)
     try:
-        yield
+        from diffusers.utils import logging as diffusers_logging
+
+        level = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()
+        try:
+            import diffusers
+            from diffusers import StableDiffusion3Pipeline  # noqa: F401 (the lazy module loads here)
+        finally:
+            diffusers_logging.set_verbosity(level)
     finally:
-        diffusers_logging.set_verbosity(level)
+        pytree.setLevel(pytree_level)
+    return diffusers
 
 
 # --- the bridge -------------------------------------------------------------------------------
@@ -318,8 +332,7 @@ class SD3Bridge(TextToImagePipeline):
     The callback dict carries latents, not pixels; the trace decodes them."""
 
     def __init__(self, pipe, *, name: str | None = None, device=None, offload: str | None = None):
-        from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3InpaintPipeline
-
+        diffusers = _diffusers()
         if offload not in OFFLOAD_MODES:
             raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
         self.pipe = pipe
@@ -327,8 +340,8 @@ class SD3Bridge(TextToImagePipeline):
         # The siblings get the very same module objects. Not `from_pipe`: it ends with
         # `.to(dtype=...)` on the new pipeline, which casts the shared modules too (a quantised
         # transformer refuses, a float32 VAE or T5's float32 `wo` layers are flattened).
-        self.img2img_pipe = StableDiffusion3Img2ImgPipeline(**pipe.components)
-        self.inpaint_pipe = StableDiffusion3InpaintPipeline(**pipe.components)
+        self.img2img_pipe = diffusers.StableDiffusion3Img2ImgPipeline(**pipe.components)
+        self.inpaint_pipe = diffusers.StableDiffusion3InpaintPipeline(**pipe.components)
         self.device = pick_device(device)
         if offload == "model":  # whole models move to the GPU one at a time
             pipe.enable_model_cpu_offload(device=self.device)
@@ -357,8 +370,6 @@ class SD3Bridge(TextToImagePipeline):
         offload: None, "model" (enable_model_cpu_offload) or "sequential" (enable_sequential_cpu_offload).
         quantization: None, "int8" (torchao, CPU or CUDA), "nf4" (bitsandbytes, CUDA), or a diffusers
             `PipelineQuantizationConfig`; "int8"/"nf4" quantise the transformer and T5."""
-        from diffusers import StableDiffusion3Pipeline
-
         model = str(model_id_or_path)
         if offload not in OFFLOAD_MODES:
             raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
@@ -372,13 +383,14 @@ class SD3Bridge(TextToImagePipeline):
         if offload is not None and importlib.util.find_spec("accelerate") is None:
             raise BridgeError(f"offload={offload!r} needs the accelerate package: pip install accelerate")
         _check_local_folder(model)
+        diffusers = _diffusers()
         drop_t5 = drop_t5 or saved_without_t5(model)
         options = {"text_encoder_3": None, "tokenizer_3": None} if drop_t5 else {}
         quantized = quantization_config(quantization, dtype, device, with_t5=not drop_t5)
         if quantized is not None:
             options["quantization_config"] = quantized
         try:
-            pipe = StableDiffusion3Pipeline.from_pretrained(model, dtype=dtype, **options)
+            pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(model, dtype=dtype, **options)
         except (OSError, ValueError) as error:  # hub errors arrive as OSError (or ValueError for a bad id)
             _raise_load_error(model, error)
         return cls(pipe, name=model, device=device, offload=offload)
