@@ -250,6 +250,14 @@ def quantization_config(quantization, dtype: torch.dtype, device: torch.device, 
     return PipelineQuantizationConfig(quant_mapping=mapping)
 
 
+def _token_count(tokenizer, text: str, limit: int) -> int:
+    """Tokens of `text` (with the start/end tokens), or 0 when it cannot exceed `limit`: a token
+    covers at least one UTF-8 byte, so a short prompt needs no tokenizing (most calls)."""
+    if len(text.encode()) + 2 <= limit:
+        return 0
+    return len(tokenizer(text, truncation=False).input_ids)
+
+
 # --- the per-step trace ---------------------------------------------------------------------------
 
 class _DiffusersSteps:
@@ -498,13 +506,13 @@ class SD3Bridge(TextToImagePipeline):
         t5 = self.pipe.tokenizer_3 if self.pipe.text_encoder_3 is not None else None
         t5_limit = 256 if max_sequence_length is None else max_sequence_length
         for text in dict.fromkeys(p for p in prompts + negatives if p):
-            clip_tokens = len(clip(text, truncation=False).input_ids)
+            clip_tokens = _token_count(clip, text, clip.model_max_length)
             if clip_tokens > clip.model_max_length:
                 reader = (f"T5 reads up to {t5_limit} tokens of it" if t5 is not None
                           else "without T5 the rest is lost")
                 warnings.warn(f"the prompt {text[:40]!r}... is {clip_tokens} CLIP tokens; the CLIP encoders read "
                               f"the first {clip.model_max_length} ({reader})", stacklevel=4)
-            if t5 is not None and len(t5(text, truncation=False).input_ids) > t5_limit:
+            if t5 is not None and _token_count(t5, text, t5_limit) > t5_limit:
                 warnings.warn(f"the prompt {text[:40]!r}... is longer than T5's {t5_limit} tokens; raise "
                               f"max_sequence_length (up to {MAX_T5_TOKENS})", stacklevel=4)
 
