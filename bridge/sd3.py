@@ -228,10 +228,9 @@ def quantization_config(quantization, dtype: torch.dtype, device: torch.device, 
     if quantization not in QUANTIZATION_MODES:
         raise ValueError(f"quantization must be one of {QUANTIZATION_MODES} or a diffusers "
                          f"PipelineQuantizationConfig, got {quantization!r}")
+    diffusers = _diffusers()  # first: the quiet import
     import transformers
     from diffusers.quantizers import PipelineQuantizationConfig
-
-    diffusers = _diffusers()
 
     if quantization == "int8":  # weights stored as int8 with a scale per row, computed in `dtype`
         _need("torchao", "quantization='int8'")
