@@ -28,6 +28,7 @@ from minidiff.figures import noising_strip, trace_strip
 from minidiff.images import load_image, make_grid
 
 DEFAULT_MODEL = "runs/shapes"
+SD3_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,6 +47,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="minidiff only (default: the model's own, ddim for DDPM models, euler for flow models)")
     p.add_argument("--height", type=int, default=None, help="sd3 only (default: the model's native size)")
     p.add_argument("--width", type=int, default=None, help="sd3 only (default: the model's native size)")
+    sd3 = p.add_argument_group("Stable Diffusion 3.5 only (README: memory, quantisation, LoRA)")
+    sd3.add_argument("--dtype", choices=list(SD3_DTYPES), default=None,
+                     help="default: bfloat16 on CUDA cards with native bf16, float16 on older ones, float32 on CPU")
+    sd3.add_argument("--drop-t5", action="store_true", help="leave out the 4.7B-parameter T5 text encoder")
+    sd3.add_argument("--offload", choices=["model", "sequential"], default=None,
+                     help="move models (or layers) to the GPU only while they run: less memory, slower")
+    sd3.add_argument("--quantize", choices=["int8", "nf4"], default=None,
+                     help="transformer and T5 weights: int8 (torchao, CPU or CUDA) or nf4 (bitsandbytes, CUDA)")
+    sd3.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                     help="a LoRA file, folder or hub id, at SCALE (default 1); repeat for several")
+    sd3.add_argument("--skip-layer-guidance", nargs="?", const="recommended", default=None, metavar="L,L,...",
+                     help="text-to-image: skip-layer guidance on these transformer layers "
+                          "(alone: the model's recommended ones, 7,8,9 for SD3.5 Medium)")
+    sd3.add_argument("--max-sequence-length", type=int, default=None, metavar="N",
+                     help="T5 tokens read from the prompt, up to 512 (default 256)")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default="sample.png", help="PNG to write")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -123,7 +139,12 @@ def load_pipeline(args):
     if args.backend == "sd3":
         from bridge import SD3Bridge
 
-        return SD3Bridge.from_pretrained(args.model, device=args.device)
+        pipe = SD3Bridge.from_pretrained(args.model, device=args.device, dtype=SD3_DTYPES.get(args.dtype),
+                                         drop_t5=args.drop_t5, offload=args.offload, quantization=args.quantize)
+        for lora in args.lora:
+            path, scale = lora_and_scale(lora)
+            pipe.load_lora_weights(path, scale=scale)
+        return pipe
     from minidiff import MiniDiffusionPipeline
 
     return MiniDiffusionPipeline.from_pretrained(args.model, device=args.device)
@@ -135,6 +156,20 @@ def write(picture, path: Path) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
 
+def lora_and_scale(text: str) -> tuple[str, float]:
+    """--lora PATH[:SCALE] -> (PATH, SCALE); a colon not followed by a number belongs to the path."""
+    path, _, scale = text.rpartition(":")
+    try:
+        return (path, float(scale)) if path else (text, 1.0)
+    except ValueError:
+        return text, 1.0
+
+
+def skip_layers(text: str):
+    """--skip-layer-guidance alone -> True (the model's recommended layers); L,L,... -> a list of layers."""
+    return True if text == "recommended" else int_list(text, "--skip-layer-guidance")
+
+
 def backend_options(args) -> dict:
     """The keywords only one backend takes, checked (before loading anything) against the backend."""
     if args.backend == "sd3":
@@ -142,9 +177,22 @@ def backend_options(args) -> dict:
             raise UsageError("--sampler applies to minidiff models; SD3 always uses its flow-matching Euler sampler")
         if args.resample_jumps:
             raise UsageError("--resample-jumps applies to minidiff models")
-        return {"height": args.height, "width": args.width}
+        options = {"height": args.height, "width": args.width, "max_sequence_length": args.max_sequence_length}
+        if args.skip_layer_guidance is not None:
+            if args.image is not None:
+                raise UsageError("--skip-layer-guidance applies to text-to-image only (diffusers' SD3 img2img and "
+                                 "inpaint pipelines have no skip-layer guidance); drop it or --image")
+            options["skip_layer_guidance"] = skip_layers(args.skip_layer_guidance)
+        return options
     if args.height is not None or args.width is not None:
         raise UsageError("--height/--width apply to SD3 models; a minidiff model renders at its trained size")
+    for flag, value in (("--dtype", args.dtype), ("--drop-t5", args.drop_t5), ("--offload", args.offload),
+                        ("--quantize", args.quantize), ("--lora", args.lora),
+                        ("--skip-layer-guidance", args.skip_layer_guidance),
+                        ("--max-sequence-length", args.max_sequence_length)):
+        if value not in (None, False, []):
+            raise UsageError(f"{flag} applies to SD3 models (a Hugging Face id or a diffusers folder); "
+                             "drop it for a minidiff model")
     options = {"sampler": args.sampler}  # None: the model's default
     if args.mask is not None:
         options["resample_jumps"] = args.resample_jumps

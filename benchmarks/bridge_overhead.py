@@ -83,6 +83,7 @@ def main() -> None:
 
     class Stub:
         scheduler = pipe.scheduler
+        tokenizer, tokenizer_3, text_encoder_3 = pipe.tokenizer, pipe.tokenizer_3, pipe.text_encoder_3  # prompt checks
 
         def __call__(self, *args, **kwargs):
             return SimpleNamespace(images=images)

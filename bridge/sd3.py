@@ -7,8 +7,9 @@
 
 Everything after the first line is the same as with `MiniDiffusionPipeline`: the bridge answers
 the calls of `minidiff.contract.TextToImagePipeline` by handing them to diffusers'
-`StableDiffusion3Pipeline` (loaded once) and its img2img / inpaint siblings, which share its
-components (`from_pipe`, no second copy of the weights).
+`StableDiffusion3Pipeline` (loaded once) and its img2img / inpaint siblings, built from the same
+component objects (no second copy of the weights, no cast: a quantised transformer, a float32
+VAE or T5's float32 `wo` layers stay as they were loaded).
 
 What differs from the toy model, and where it shows here:
 - SD3 denoises *latents* (16 channels at 1/8 of the image size), not pixels: the VAE's encoder
@@ -21,12 +22,17 @@ What differs from the toy model, and where it shows here:
       x_0 = x_sigma - sigma * v                      (`velocity_to_x0`),
   and an Euler step to the next sigma is x_next = x_sigma + (sigma_next - sigma) * v.
   In diffusers' names: `scheduler.sigmas` -> sigma, `timesteps` = 1000 * sigma, `noise_pred` -> v.
+- Skip-layer guidance (SD3.5 Medium; Stability's reference `sd3_infer.py`): on top of
+  classifier-free guidance, v += s * (v_cond - v_skip), where v_skip is the conditional
+  prediction with some transformer layers skipped, for the steps i with
+  start * N < i < stop * N.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import re
 import warnings
 from pathlib import Path
@@ -43,12 +49,12 @@ from huggingface_hub.errors import (
 )
 from PIL import Image
 
-from minidiff.contract import ImageOutput, TextToImagePipeline, as_prompt_list, check_arguments
+from minidiff.contract import ImageOutput, StepRecorder, TextToImagePipeline, as_prompt_list, check_arguments
 from minidiff.images import load_image, load_mask, paste_kept
 from minidiff.runtime import pick_device
 
 # Steps and guidance from the model cards' examples (diffusers' own defaults, 50 / 7.0, are
-# SD3-era). Recognised by a name in the repo id or folder path; the first match wins, so
+# SD3-era). Recognised by the model's own name (`model_name`); the first match wins, so
 # "large-turbo" must come before "large".
 MODEL_DEFAULTS = [  # (name, num_inference_steps, guidance_scale)
     ("large-turbo", 4, 0.0),  # stabilityai/stable-diffusion-3.5-large-turbo: distilled, no CFG
@@ -56,7 +62,17 @@ MODEL_DEFAULTS = [  # (name, num_inference_steps, guidance_scale)
     ("medium", 40, 4.5),  # stabilityai/stable-diffusion-3.5-medium
 ]
 GENERIC_DEFAULTS = (28, 3.5)  # any other SD3 folder (a fine-tune, a renamed copy): Large's settings
+# Skip-layer guidance as Stability's reference inference (sd3_infer.py, CONFIGS["sd3.5_medium"]
+# ["skip_layer_config"]) sets it; it is off there unless asked for (--skip_layer_cfg), so here too.
+# Only Medium has a recommended set of layers.
+SKIP_LAYER_GUIDANCE = {"medium": [7, 8, 9]}
+SKIP_LAYER_SETTINGS = dict(skip_layer_guidance_scale=2.5, skip_layer_guidance_start=0.01,
+                           skip_layer_guidance_stop=0.2)
 OFFLOAD_MODES = (None, "model", "sequential")
+# quantization="int8": torchao int8 weight-only (CPU and CUDA); "nf4": bitsandbytes 4-bit NF4,
+# as on the SD3.5 model cards (CUDA only). Either applies to the transformer and T5, the two big models.
+QUANTIZATION_MODES = ("int8", "nf4")
+MAX_T5_TOKENS = 512  # diffusers refuses a longer max_sequence_length
 EXAMPLE_ID = "stabilityai/stable-diffusion-3.5-medium"
 
 
@@ -64,19 +80,34 @@ class BridgeError(ValueError):
     """A model that cannot be loaded, with what to do about it (minidiff.cli prints it as one line)."""
 
 
+def model_name(model_id_or_path) -> str:
+    """The model's own name: the last part of a hub id or folder path (the folders above it say
+    nothing about the model), or the repo name in a Hugging Face cache snapshot path."""
+    text = str(model_id_or_path).replace("\\", "/").rstrip("/")
+    cached = re.search(r"models--[^/]+--([^/]+)/snapshots/", text)
+    return cached.group(1) if cached else text.rsplit("/", 1)[-1]
+
+
+def _model_key(model_id_or_path) -> str | None:
+    name = model_name(model_id_or_path).lower().replace("_", "-")
+    return next((key for key, _, _ in MODEL_DEFAULTS if key in name), None)
+
+
 def defaults_for(model_id_or_path) -> tuple[int, float]:
-    """(num_inference_steps, guidance_scale) for a model, recognised by its repo id or folder name."""
-    name = str(model_id_or_path).lower().replace("_", "-")
-    for key, steps, guidance in MODEL_DEFAULTS:
-        if key in name:
-            return steps, guidance
-    return GENERIC_DEFAULTS
+    """(num_inference_steps, guidance_scale) for a model, recognised by its own name."""
+    key = _model_key(model_id_or_path)
+    return next(((steps, guidance) for k, steps, guidance in MODEL_DEFAULTS if k == key), GENERIC_DEFAULTS)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    # bf16 halves the memory and is what the models were trained in; on CPU, bf16 SD3 is known
-    # to produce noise, so CPU (and MPS, whose bf16 support depends on the macOS version) use fp32.
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    """bf16 on CUDA cards that have it natively (Ampere and later): half the memory, and what the
+    models were trained in. float16 on older CUDA cards (T4, V100, RTX 20xx), where bf16 is emulated
+    and slow; T5 stays finite there because its `wo` layers are kept in float32 (transformers'
+    `_keep_in_fp32_modules`, which the bridge never casts away). On CPU, bf16 SD3 is known to produce
+    noise, so CPU (and MPS, whose bf16 support depends on the macOS version) use float32."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 def velocity_to_x0(x_t: torch.Tensor, v: torch.Tensor, sigma) -> torch.Tensor:
@@ -113,8 +144,9 @@ def _network_errors() -> tuple[type, ...]:
     return tuple(errors)
 
 
-def explain_load_error(model: str, error: BaseException) -> str:
-    """One sentence saying what went wrong loading `model` and what to do about it."""
+def explain_load_error(model: str, error: BaseException) -> str | None:
+    """One sentence saying what went wrong loading `model` and what to do about it, or None
+    when the error is not one we recognise."""
     page = f"https://huggingface.co/{model}"
     logged_in = huggingface_hub.get_token() is not None
     login = "run `hf auth login` (or set the HF_TOKEN environment variable to a token from https://huggingface.co/settings/tokens)"
@@ -138,8 +170,21 @@ def explain_load_error(model: str, error: BaseException) -> str:
             offline = " (HF_HUB_OFFLINE is set)" if huggingface_hub.constants.HF_HUB_OFFLINE else ""
             return (f"{model} is not in the local Hugging Face cache and the Hub cannot be reached{offline}: "
                     f"connect to the internet once to download it, or pass the folder of a downloaded copy")
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return f"could not load {model}: {first_line}"
+        if isinstance(cause, ValueError) and "text_encoder_3" in str(cause) and "expected" in str(cause):
+            return (f"{model} was saved without the T5 text encoder (text_encoder_3); load it with "
+                    f"drop_t5=True (sample.py --drop-t5)")
+    return None
+
+
+def _raise_load_error(model: str, error: BaseException):
+    """Raise the BridgeError for a failed load, from inside the `except` that caught `error`. A
+    recognised error is explained in full, so its chain (~80 lines of diffusers and hub frames)
+    would only bury the one line that matters: cut it. An unrecognised one keeps its chain."""
+    explained = explain_load_error(model, error)
+    if explained is not None:
+        raise BridgeError(explained) from None
+    lines = str(error).strip().splitlines()
+    raise BridgeError(f"could not load {model}: {lines[0] if lines else type(error).__name__}") from error
 
 
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -157,32 +202,79 @@ def _check_local_folder(model: str) -> None:
                           f"(a minidiff checkpoint is loaded with MiniDiffusionPipeline, or sample.py --backend minidiff)")
 
 
+def saved_without_t5(model: str) -> bool:
+    """A local folder whose model_index.json has no T5 (`"text_encoder_3": [null, null]`, as
+    `save_pretrained` writes for a pipeline loaded without it)."""
+    index = Path(model).expanduser() / "model_index.json"
+    if not index.is_file():
+        return False
+    try:
+        entry = json.loads(index.read_text()).get("text_encoder_3")
+    except (OSError, ValueError):
+        return False
+    return entry is None or entry == [None, None]
+
+
+def _need(package: str, what: str) -> None:
+    if importlib.util.find_spec(package) is None:
+        raise BridgeError(f"{what} needs the {package} package: pip install {package}")
+
+
+def quantization_config(quantization, dtype: torch.dtype, device: torch.device, with_t5: bool):
+    """diffusers' PipelineQuantizationConfig for `quantization` ("int8", "nf4"), applied to the
+    transformer and T5; a PipelineQuantizationConfig of your own is passed through unchanged."""
+    if quantization is None or not isinstance(quantization, str):
+        return quantization
+    if quantization not in QUANTIZATION_MODES:
+        raise ValueError(f"quantization must be one of {QUANTIZATION_MODES} or a diffusers "
+                         f"PipelineQuantizationConfig, got {quantization!r}")
+    diffusers = _diffusers()  # first: the quiet import
+    import transformers
+    from diffusers.quantizers import PipelineQuantizationConfig
+
+    if quantization == "int8":  # weights stored as int8 with a scale per row, computed in `dtype`
+        _need("torchao", "quantization='int8'")
+        from torchao.quantization import Int8WeightOnlyConfig
+
+        configs = (diffusers.TorchAoConfig(Int8WeightOnlyConfig()), transformers.TorchAoConfig(Int8WeightOnlyConfig()))
+    else:  # nf4: 4-bit NormalFloat weights, as the SD3.5 model cards show
+        if device.type != "cuda":
+            raise ValueError("quantization='nf4' (bitsandbytes) needs a CUDA GPU; on this device use 'int8'")
+        _need("bitsandbytes", "quantization='nf4'")
+        nf4 = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+        configs = (diffusers.BitsAndBytesConfig(**nf4), transformers.BitsAndBytesConfig(**nf4))
+    mapping = {"transformer": configs[0]}
+    if with_t5:
+        mapping["text_encoder_3"] = configs[1]
+    return PipelineQuantizationConfig(quant_mapping=mapping)
+
+
+def _token_count(tokenizer, text: str, limit: int) -> int:
+    """Tokens of `text` (with the start/end tokens), or 0 when it cannot exceed `limit`: a token
+    covers at least one UTF-8 byte, so a short prompt needs no tokenizing (most calls)."""
+    if len(text.encode()) + 2 <= limit:
+        return 0
+    return len(tokenizer(text, truncation=False).input_ids)
+
+
 # --- the per-step trace ---------------------------------------------------------------------------
 
-class _StepWatcher:
-    """The contract's per-step `callback` dict and `capture_steps` trace, on top of diffusers.
+class _DiffusersSteps:
+    """diffusers' per-step hooks turned into the contract's callback dict, for a `StepRecorder`
+    (the one implementation of `callback` and `capture_steps`, shared with minidiff).
 
     diffusers calls `callback_on_step_end(pipe, i, t, {"latents": x})` after step i, but does not
     hand over the model's output; the scheduler's `step` receives it (the guided velocity v) and the
     x_t it was predicted from, so we listen there during the call and nowhere else."""
 
-    def __init__(self, bridge: "SD3Bridge", callback, capture_steps, steps_run: int):
-        self.bridge, self.callback = bridge, callback
-        self.capture = sorted(set(capture_steps or ()))
-        if any(not isinstance(k, int) or not 0 <= k <= steps_run for k in self.capture):
-            raise ValueError(f"capture_steps must be whole numbers from 0 to {steps_run} (the steps this call runs), "
-                             f"got {list(capture_steps)}")
-        self.latents: list[tuple[int, float, torch.Tensor, torch.Tensor | None]] = []  # (k, t, x_t, x0)
+    def __init__(self, recorder: StepRecorder):
+        self.recorder = recorder
         self._last_step = None
-
-    @property
-    def active(self) -> bool:
-        return self.callback is not None or bool(self.capture)
 
     @contextlib.contextmanager
     def watching(self, scheduler):
         """Yield the keywords for the diffusers call; listen to `scheduler.step` meanwhile."""
-        if not self.active:
+        if not (self.recorder.steps or self.recorder.user_callback):
             yield {}
             return
         original_step = scheduler.step
@@ -202,33 +294,37 @@ class _StepWatcher:
     def on_step_end(self, pipe, i: int, t, tensors: dict) -> dict:
         x = tensors["latents"]  # (B, 16, H/8, W/8): after the step (and, inpainting, after the kept region's blend)
         x_t, v, sigma = self._last_step
-        x0 = velocity_to_x0(x_t, v, sigma)
-        t = float(t)
-        if i == 0 and 0 in self.capture:
-            self.latents.append((0, t, x_t.detach().clone(), None))
-        if i + 1 in self.capture:
-            self.latents.append((i + 1, t, x.detach().clone(), x0.detach().clone()))
-        if self.callback is not None:
-            self.callback({"i": i, "t": t, "x": x, "denoised": x0, "noise_pred": v})
+        if i == 0:
+            self.recorder.start(x_t, float(t))
+        if self.recorder.callback is not None:
+            self.recorder.callback({"i": i, "t": float(t), "x": x, "denoised": velocity_to_x0(x_t, v, sigma),
+                                    "noise_pred": v})
         return {}
 
-    def trace(self) -> list[dict]:
-        """Decode the captured latents; the velocity has no picture of its own, so noise_pred is None."""
-        decode = self.bridge.decode_latents
-        return [{"step": k, "timestep": t, "x_t": decode(x_t), "pred_x0": None if x0 is None else decode(x0),
-                 "noise_pred": None} for k, t, x_t, x0 in self.latents]
 
+def _diffusers():
+    """diffusers, with the pipelines loaded. The first import is made quiet: with torchao installed
+    (quantization="int8"), torch 2.14 logs two deprecation warnings about torchao's enums and
+    diffusers 0.42 one about torchao 0.18's moved tensor classes; harmless, and they would bury
+    the one-line errors of sample.py."""
+    import logging
 
-@contextlib.contextmanager
-def _quiet_diffusers():
-    from diffusers.utils import logging as diffusers_logging
-
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
+    pytree = logging.getLogger("torch.utils._pytree")
+    pytree_level = pytree.level
+    pytree.setLevel(logging.ERROR)
     try:
-        yield
+        from diffusers.utils import logging as diffusers_logging
+
+        level = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()
+        try:
+            import diffusers
+            from diffusers import StableDiffusion3Pipeline  # noqa: F401 (the lazy module loads here)
+        finally:
+            diffusers_logging.set_verbosity(level)
     finally:
-        diffusers_logging.set_verbosity(level)
+        pytree.setLevel(pytree_level)
+    return diffusers
 
 
 # --- the bridge -------------------------------------------------------------------------------
@@ -237,21 +333,22 @@ class SD3Bridge(TextToImagePipeline):
     """Stable Diffusion 3.5 behind `sample`, `img2img` and `inpaint`, with minidiff's keywords.
 
     Extra keywords: `height` and `width` (default: the model's native size, 1024 for SD3.5;
-    multiples of `size_multiple`, 16 for SD3.5). Inputs to img2img/inpaint are resized to that
-    size, with a warning. The callback dict carries latents, not pixels; the trace decodes them."""
+    multiples of `size_multiple`, 16 for SD3.5); `max_sequence_length` (T5 tokens, up to 512;
+    diffusers' default 256); `skip_layer_guidance` (sample only). Inputs to img2img/inpaint are
+    resized to that size as diffusers' image processor resizes them (Lanczos), with a warning.
+    The callback dict carries latents, not pixels; the trace decodes them."""
 
-    def __init__(self, pipe, *, name: str = "", device=None, offload: str | None = None):
-        from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3InpaintPipeline
-
+    def __init__(self, pipe, *, name: str | None = None, device=None, offload: str | None = None):
+        diffusers = _diffusers()
         if offload not in OFFLOAD_MODES:
             raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
         self.pipe = pipe
         self.dtype = pipe.dtype
-        # Built before any offloading hooks exist: from_pipe casts the shared modules to `dtype` (a no-op
-        # here, but diffusers warns about it; hence the quiet logger).
-        with _quiet_diffusers():
-            self.img2img_pipe = StableDiffusion3Img2ImgPipeline.from_pipe(pipe, dtype=self.dtype)
-            self.inpaint_pipe = StableDiffusion3InpaintPipeline.from_pipe(pipe, dtype=self.dtype)
+        # The siblings get the very same module objects. Not `from_pipe`: it ends with
+        # `.to(dtype=...)` on the new pipeline, which casts the shared modules too (a quantised
+        # transformer refuses, a float32 VAE or T5's float32 `wo` layers are flattened).
+        self.img2img_pipe = diffusers.StableDiffusion3Img2ImgPipeline(**pipe.components)
+        self.inpaint_pipe = diffusers.StableDiffusion3InpaintPipeline(**pipe.components)
         self.device = pick_device(device)
         if offload == "model":  # whole models move to the GPU one at a time
             pipe.enable_model_cpu_offload(device=self.device)
@@ -260,28 +357,31 @@ class SD3Bridge(TextToImagePipeline):
         else:
             pipe.to(self.device)
         self.offload = offload
-        self.default_num_inference_steps, self.default_guidance_scale = defaults_for(name)
+        self.name = name or getattr(pipe, "name_or_path", None) or ""  # a pipeline passed in: its own path or id
+        self.default_num_inference_steps, self.default_guidance_scale = defaults_for(self.name)
+        self.recommended_skip_layers = SKIP_LAYER_GUIDANCE.get(_model_key(self.name))
         self.size_multiple = pipe.vae_scale_factor * pipe.patch_size
         self.native_size = pipe.default_sample_size * pipe.vae_scale_factor  # 128 * 8 = 1024 for SD3.5
+        self.loras: dict[str, float] = {}  # adapter name -> scale, in loading order
+        self._warned_negative = False
 
     @classmethod
     def from_pretrained(cls, model_id_or_path, *, device=None, dtype=None, drop_t5: bool = False,
-                        offload: str | None = None) -> "SD3Bridge":
+                        offload: str | None = None, quantization=None) -> "SD3Bridge":
         """Load a Hugging Face SD3 model (hub id or folder with model_index.json) once.
 
-        device: "auto"/None picks cuda, then mps, then cpu. dtype: bf16 on CUDA, fp32 elsewhere.
-        drop_t5: leave out the 4.7B-parameter T5 text encoder (prompts then use CLIP alone).
-        offload: None, "model" (enable_model_cpu_offload) or "sequential" (enable_sequential_cpu_offload)."""
-        from diffusers import StableDiffusion3Pipeline
-
+        device: "auto"/None picks cuda, then mps, then cpu.
+        dtype: bf16 on CUDA cards with native bf16, float16 on older CUDA cards, float32 elsewhere.
+        drop_t5: leave out the 4.7B-parameter T5 text encoder (prompts then use CLIP alone); a folder
+            saved without T5 is loaded that way by itself.
+        offload: None, "model" (enable_model_cpu_offload) or "sequential" (enable_sequential_cpu_offload).
+        quantization: None, "int8" (torchao, CPU or CUDA), "nf4" (bitsandbytes, CUDA), or a diffusers
+            `PipelineQuantizationConfig`; "int8"/"nf4" quantise the transformer and T5."""
         model = str(model_id_or_path)
         if offload not in OFFLOAD_MODES:
             raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
         device = pick_device(device)
         dtype = default_dtype(device) if dtype is None else dtype
-        if dtype == torch.float16 and not drop_t5:
-            raise ValueError("the T5 text encoder overflows in float16; use dtype=torch.bfloat16 (or float32), "
-                             "or drop_t5=True")
         if dtype == torch.bfloat16 and device.type == "cpu":
             warnings.warn("bfloat16 on CPU is known to give noise with SD3; float32 is the CPU default", stacklevel=2)
         if offload is not None and device.type == "cpu":
@@ -290,17 +390,56 @@ class SD3Bridge(TextToImagePipeline):
         if offload is not None and importlib.util.find_spec("accelerate") is None:
             raise BridgeError(f"offload={offload!r} needs the accelerate package: pip install accelerate")
         _check_local_folder(model)
-        without_t5 = {"text_encoder_3": None, "tokenizer_3": None} if drop_t5 else {}
+        diffusers = _diffusers()
+        drop_t5 = drop_t5 or saved_without_t5(model)
+        options = {"text_encoder_3": None, "tokenizer_3": None} if drop_t5 else {}
+        quantized = quantization_config(quantization, dtype, device, with_t5=not drop_t5)
+        if quantized is not None:
+            options["quantization_config"] = quantized
         try:
-            pipe = StableDiffusion3Pipeline.from_pretrained(model, dtype=dtype, **without_t5)
+            pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(model, dtype=dtype, **options)
         except (OSError, ValueError) as error:  # hub errors arrive as OSError (or ValueError for a bad id)
-            raise BridgeError(explain_load_error(model, error)) from error
+            _raise_load_error(model, error)
         return cls(pipe, name=model, device=device, offload=offload)
 
     @property
     def image_size(self) -> int:
         """The model's native size in pixels (height = width), as `MiniDiffusionPipeline.image_size`."""
         return self.native_size
+
+    # -- LoRA: the transformer (and text encoders) are shared, so an adapter reaches all three calls --
+
+    def load_lora_weights(self, path_or_id, adapter_name: str | None = None, scale: float = 1.0,
+                          **kwargs) -> str:
+        """Load a LoRA (a .safetensors file, a folder, or a hub id, as diffusers' `load_lora_weights`
+        takes) at weight `scale`; W' = W + scale * B A in every adapted layer. Several LoRAs add up.
+        Returns the adapter's name (adapter_name, or "lora_0", "lora_1", ...)."""
+        from diffusers.utils import USE_PEFT_BACKEND
+
+        if not USE_PEFT_BACKEND:
+            raise BridgeError("LoRA loading needs the peft package: pip install peft")
+        name = adapter_name or f"lora_{len(self.loras)}"
+        if name in self.loras:
+            raise ValueError(f"a LoRA named {name!r} is already loaded; pass another adapter_name")
+        try:
+            self.pipe.load_lora_weights(path_or_id, adapter_name=name, **kwargs)
+        except (OSError, ValueError) as error:
+            _raise_load_error(str(path_or_id), error)
+        self.loras[name] = float(scale)
+        self.pipe.set_adapters(list(self.loras), list(self.loras.values()))
+        return name
+
+    def set_lora_scale(self, adapter_name: str, scale: float) -> None:
+        """Change one loaded LoRA's weight (0 turns it off without unloading it)."""
+        if adapter_name not in self.loras:
+            raise ValueError(f"no LoRA named {adapter_name!r} is loaded (loaded: {list(self.loras) or 'none'})")
+        self.loras[adapter_name] = float(scale)
+        self.pipe.set_adapters(list(self.loras), list(self.loras.values()))
+
+    def unload_lora_weights(self) -> None:
+        """Remove every LoRA: the weights are the base model's again."""
+        self.pipe.unload_lora_weights()
+        self.loras.clear()
 
     # -- helpers shared by the three calls --
 
@@ -319,6 +458,63 @@ class SD3Bridge(TextToImagePipeline):
         return num_inference_steps - int(max(num_inference_steps - min(num_inference_steps * strength,
                                                                        num_inference_steps), 0))
 
+    def _resize(self, image: Image.Image, height: int, width: int, what: str) -> Image.Image:
+        """Resize as diffusers' VaeImageProcessor does (Lanczos, its `resize`), so that the pixels
+        diffusers would see are the ones we hand it (and paste back)."""
+        if image.size != (width, height):
+            warnings.warn(f"{what} of size {image.size[0]}x{image.size[1]} resized to {width}x{height}", stacklevel=3)
+            image = self.pipe.image_processor.resize(image, height, width)
+        return image
+
+    def _resize_mask(self, mask: Image.Image, height: int, width: int) -> Image.Image:
+        """The mask as diffusers' mask processor sees it: resized (Lanczos), binarised at 0.5."""
+        if mask.size == (width, height):
+            return mask
+        binary = self.inpaint_pipe.mask_processor.preprocess(mask, height=height, width=width)  # (1, 1, H, W) in {0, 1}
+        return Image.fromarray((binary[0, 0].numpy() * 255).astype("uint8"), mode="L")
+
+    def _skip_layers(self, skip_layer_guidance, guidance: float) -> dict:
+        """The diffusers keywords for skip-layer guidance: None/False off (the default, as in the
+        reference inference), True the model's recommended layers, or a list of layer indices."""
+        if skip_layer_guidance is None or skip_layer_guidance is False:
+            return {}
+        if skip_layer_guidance is True:
+            if self.recommended_skip_layers is None:
+                raise ValueError(f"no recommended skip layers for {model_name(self.name) or 'this model'} (only "
+                                 "SD3.5 Medium has them, [7, 8, 9]); pass a list of layer indices")
+            layers = list(self.recommended_skip_layers)
+        else:
+            layers = list(skip_layer_guidance)
+            count = self.pipe.transformer.config.num_layers
+            if not layers or any(isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < count for k in layers):
+                raise ValueError(f"skip_layer_guidance must be True or a list of layer indices from 0 to "
+                                 f"{count - 1}, got {skip_layer_guidance!r}")
+        if guidance <= 1:
+            raise ValueError(f"skip-layer guidance works inside classifier-free guidance, which is off at "
+                             f"guidance_scale {guidance} (<= 1); raise guidance_scale or drop skip_layer_guidance")
+        return {"skip_guidance_layers": layers, **SKIP_LAYER_SETTINGS}
+
+    def _check_prompts(self, prompts, negatives, guidance, max_sequence_length) -> None:
+        """Warn about text the model will not read: a negative prompt without CFG, CLIP's 77-token cut,
+        T5's max_sequence_length cut."""
+        if guidance <= 1 and any(negatives) and not self._warned_negative:
+            self._warned_negative = True
+            warnings.warn(f"negative_prompt is ignored at guidance_scale {guidance}: it replaces the empty prompt "
+                          "of classifier-free guidance, which runs only above 1", stacklevel=4)
+        clip = self.pipe.tokenizer
+        t5 = self.pipe.tokenizer_3 if self.pipe.text_encoder_3 is not None else None
+        t5_limit = 256 if max_sequence_length is None else max_sequence_length
+        for text in dict.fromkeys(p for p in prompts + negatives if p):
+            clip_tokens = _token_count(clip, text, clip.model_max_length)
+            if clip_tokens > clip.model_max_length:
+                reader = (f"T5 reads up to {t5_limit} tokens of it" if t5 is not None
+                          else "without T5 the rest is lost")
+                warnings.warn(f"the prompt {text[:40]!r}... is {clip_tokens} CLIP tokens; the CLIP encoders read "
+                              f"the first {clip.model_max_length} ({reader})", stacklevel=4)
+            if t5 is not None and _token_count(t5, text, t5_limit) > t5_limit:
+                warnings.warn(f"the prompt {text[:40]!r}... is longer than T5's {t5_limit} tokens; raise "
+                              f"max_sequence_length (up to {MAX_T5_TOKENS})", stacklevel=4)
+
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
         """Latents (B, 16, h, w) -> PIL images, through the VAE decoder with scaling *and* shift."""
@@ -327,65 +523,85 @@ class SD3Bridge(TextToImagePipeline):
         return self.pipe.image_processor.postprocess(pixels, output_type="pil")
 
     def _call(self, pipeline, prompt, negative_prompt, steps, guidance, generator, num_images_per_prompt,
-              height, width, callback, capture_steps, steps_run, **inputs) -> tuple[list, list[dict]]:
+              height, width, callback, capture_steps, steps_run, max_sequence_length, finish=None,
+              **inputs) -> ImageOutput:
+        """Run one diffusers call with the trace hooks; `finish` turns its output into the images.
+        With offload="model" every model goes back to the CPU afterwards, also when the call fails."""
         prompts, negatives = as_prompt_list(prompt, negative_prompt)
-        watcher = _StepWatcher(self, callback, capture_steps, steps_run)
-        with watcher.watching(pipeline.scheduler) as hooks:
-            images = pipeline(prompts, negative_prompt=negatives, num_inference_steps=steps, guidance_scale=guidance,
-                              generator=generator, num_images_per_prompt=num_images_per_prompt, height=height,
-                              width=width, **inputs, **hooks).images
-        return images, watcher.trace()
+        if max_sequence_length is not None and (isinstance(max_sequence_length, bool) or not isinstance(
+                max_sequence_length, int) or not 1 <= max_sequence_length <= MAX_T5_TOKENS):
+            raise ValueError(f"max_sequence_length must be a whole number from 1 to {MAX_T5_TOKENS} (T5 tokens), "
+                             f"got {max_sequence_length!r}")
+        recorder = StepRecorder(capture_steps, steps_run, callback, decode=self.decode_latents)
+        self._check_prompts(prompts, negatives, guidance, max_sequence_length)
+        if max_sequence_length is not None:
+            inputs["max_sequence_length"] = max_sequence_length
+        steps_hooks = _DiffusersSteps(recorder)
+        try:
+            with steps_hooks.watching(pipeline.scheduler) as hooks:
+                images = pipeline(prompts, negative_prompt=negatives, num_inference_steps=steps,
+                                  guidance_scale=guidance, generator=generator,
+                                  num_images_per_prompt=num_images_per_prompt, height=height, width=width,
+                                  **inputs, **hooks).images
+            images = images if finish is None else finish(images)
+            return ImageOutput(images=images, trace=recorder.trace)  # the trace decodes here, before the release
+        finally:
+            self._release()
 
     def _release(self) -> None:
         """With offload="model", send every model back to the CPU (diffusers does this for its own
-        pipeline's last step, not for the VAE decodes we add, nor for the img2img/inpaint siblings)."""
+        pipeline's last step, not for the VAE decodes we add, nor for the img2img/inpaint siblings,
+        nor when a call fails)."""
         if self.offload == "model":
             self.pipe.maybe_free_model_hooks()
 
     def _unchanged(self, image, prompt, negative_prompt, num_images_per_prompt, capture_steps) -> ImageOutput:
         """strength 0: nothing is noised and no step runs, so the input is the answer (diffusers itself refuses)."""
         prompts, _ = as_prompt_list(prompt, negative_prompt)
-        _StepWatcher(self, None, capture_steps, 0)  # validates capture_steps
         images = [image.copy() for _ in range(len(prompts) * num_images_per_prompt)]
-        trace = [{"step": 0, "timestep": 0.0, "x_t": images, "pred_x0": None, "noise_pred": None}] \
-            if capture_steps else []
-        return ImageOutput(images=images, trace=trace)
+        recorder = StepRecorder(capture_steps, 0, decode=lambda pictures: pictures)  # validates capture_steps
+        recorder.start(images, 0.0)
+        return ImageOutput(images=images, trace=recorder.trace)
+
+    @staticmethod
+    def _no_skip_layers(skip_layer_guidance, call: str) -> None:
+        if skip_layer_guidance not in (None, False):
+            raise ValueError(f"skip-layer guidance is in diffusers' SD3 text-to-image pipeline only, not in its "
+                             f"{call} pipeline; drop skip_layer_guidance here")
 
     # -- the contract --
 
     def sample(self, prompt, *, negative_prompt=None, num_inference_steps=None, guidance_scale=None,
                generator=None, num_images_per_prompt=1, callback=None, capture_steps=None, height=None,
-               width=None) -> ImageOutput:
+               width=None, max_sequence_length=None, skip_layer_guidance=None) -> ImageOutput:
         """Text to image: from pure noise in latent space, `num_inference_steps` Euler steps of the flow."""
         steps, guidance = self._defaults(num_inference_steps, guidance_scale)
         check_arguments(steps, guidance, None, num_images_per_prompt)
         height, width = self._size(height, width)
-        images, trace = self._call(self.pipe, prompt, negative_prompt, steps, guidance, generator,
-                                   num_images_per_prompt, height, width, callback, capture_steps, steps)
-        self._release()
-        return ImageOutput(images=images, trace=trace)
+        skip = self._skip_layers(skip_layer_guidance, guidance)
+        return self._call(self.pipe, prompt, negative_prompt, steps, guidance, generator, num_images_per_prompt,
+                          height, width, callback, capture_steps, steps, max_sequence_length, **skip)
 
     def img2img(self, prompt, image, *, strength=0.7, negative_prompt=None, num_inference_steps=None,
                 guidance_scale=None, generator=None, num_images_per_prompt=1, callback=None, capture_steps=None,
-                height=None, width=None) -> ImageOutput:
+                height=None, width=None, max_sequence_length=None, skip_layer_guidance=None) -> ImageOutput:
         """Encode `image`, move it to sigma = strength along the flow (x = (1 - s) z + s * noise), and run
         the remaining steps: with strength 0.7 and 100 steps, 70 run."""
         steps, guidance = self._defaults(num_inference_steps, guidance_scale)
         check_arguments(steps, guidance, strength, num_images_per_prompt)
+        self._no_skip_layers(skip_layer_guidance, "img2img")
         height, width = self._size(height, width)
-        image = load_image(image, size=(width, height))
+        image = self._resize(load_image(image), height, width, "image")
         steps_run = self.steps_run(steps, strength)
         if steps_run == 0:
             return self._unchanged(image, prompt, negative_prompt, num_images_per_prompt, capture_steps)
-        images, trace = self._call(self.img2img_pipe, prompt, negative_prompt, steps, guidance, generator,
-                                   num_images_per_prompt, height, width, callback, capture_steps, steps_run,
-                                   image=image, strength=strength)
-        self._release()
-        return ImageOutput(images=images, trace=trace)
+        return self._call(self.img2img_pipe, prompt, negative_prompt, steps, guidance, generator,
+                          num_images_per_prompt, height, width, callback, capture_steps, steps_run,
+                          max_sequence_length, image=image, strength=strength)
 
     def inpaint(self, prompt, image, mask_image, *, strength=0.99, negative_prompt=None, num_inference_steps=None,
                 guidance_scale=None, generator=None, num_images_per_prompt=1, callback=None, capture_steps=None,
-                height=None, width=None) -> ImageOutput:
+                height=None, width=None, max_sequence_length=None, skip_layer_guidance=None) -> ImageOutput:
         """Regenerate the white part of `mask_image` (binarised at 0.5), keep the black part of `image`.
 
         diffusers 0.42's StableDiffusion3InpaintPipeline decodes with latents / scaling_factor and
@@ -394,16 +610,19 @@ class SD3Bridge(TextToImagePipeline):
         then the black-mask pixels are pasted back so they equal the input exactly."""
         steps, guidance = self._defaults(num_inference_steps, guidance_scale)
         check_arguments(steps, guidance, strength, num_images_per_prompt)
+        self._no_skip_layers(skip_layer_guidance, "inpaint")
         height, width = self._size(height, width)
         image = load_image(image)
-        mask = load_mask(mask_image, size=(width, height), image_size=image.size)  # sizes must match
-        image = load_image(image, size=(width, height))
+        mask = load_mask(mask_image, image_size=image.size)  # sizes must match
+        image, mask = self._resize(image, height, width, "image"), self._resize_mask(mask, height, width)
         steps_run = self.steps_run(steps, strength)
         if steps_run == 0:
             return self._unchanged(image, prompt, negative_prompt, num_images_per_prompt, capture_steps)
-        latents, trace = self._call(self.inpaint_pipe, prompt, negative_prompt, steps, guidance, generator,
-                                    num_images_per_prompt, height, width, callback, capture_steps, steps_run,
-                                    image=image, mask_image=mask, strength=strength, output_type="latent")
-        images = [paste_kept(generated, image, mask) for generated in self.decode_latents(latents)]
-        self._release()
-        return ImageOutput(images=images, trace=trace)
+
+        def decode_and_paste(latents):
+            return [paste_kept(generated, image, mask) for generated in self.decode_latents(latents)]
+
+        return self._call(self.inpaint_pipe, prompt, negative_prompt, steps, guidance, generator,
+                          num_images_per_prompt, height, width, callback, capture_steps, steps_run,
+                          max_sequence_length, finish=decode_and_paste, image=image, mask_image=mask,
+                          strength=strength, output_type="latent")

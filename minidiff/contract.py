@@ -80,6 +80,8 @@ class StepRecorder:
 
     `decode` turns the callback's x / denoised into PIL images (pixels for minidiff, a VAE
     decode for latents); `decode_noise` does the same for noise_pred, or None to leave it out.
+    The tensors are copied when recorded and decoded when `trace` is first read, after the
+    loop: a VAE decode mid-loop would cost time, and with model offloading GPU memory.
     The user's own `callback`, if any, still sees every step's dict unchanged.
     """
 
@@ -101,13 +103,13 @@ class StepRecorder:
             raise ValueError("capture_steps needs a decode function")
         self.steps, self.num_steps = steps, num_steps
         self.user_callback, self.decode, self.decode_noise = callback, decode, decode_noise
-        self.trace: list[dict] = []
+        self._records: list[tuple] = []  # (k, timestep, x_t, pred_x0, noise_pred), not yet decoded
+        self._trace: list[dict] | None = None
 
     def start(self, x, timestep) -> None:
         """Record k = 0, the starting point (pure noise, or the noised input image)."""
         if 0 in self.steps:
-            self.trace.append({"step": 0, "timestep": timestep, "x_t": self.decode(x), "pred_x0": None,
-                               "noise_pred": None})
+            self._records.append((0, timestep, _copy(x), None, None))
 
     @property
     def callback(self) -> Callable[[dict], None] | None:
@@ -119,9 +121,23 @@ class StepRecorder:
             self.user_callback(step)
         k = step["i"] + 1  # after step i, k = i + 1 steps have run
         if k in self.steps:
-            noise = self.decode_noise(step["noise_pred"]) if self.decode_noise is not None else None
-            self.trace.append({"step": k, "timestep": step["t"], "x_t": self.decode(step["x"]),
-                               "pred_x0": self.decode(step["denoised"]), "noise_pred": noise})
+            noise = _copy(step["noise_pred"]) if self.decode_noise is not None else None
+            self._records.append((k, step["t"], _copy(step["x"]), _copy(step["denoised"]), noise))
+
+    @property
+    def trace(self) -> list[dict]:
+        """The records asked for, decoded to PIL images (once, on first reading)."""
+        if self._trace is None:
+            self._trace = [{"step": k, "timestep": t, "x_t": self.decode(x),
+                            "pred_x0": None if x0 is None else self.decode(x0),
+                            "noise_pred": None if noise is None else self.decode_noise(noise)}
+                           for k, t, x, x0, noise in self._records]
+        return self._trace
+
+
+def _copy(x):
+    """A tensor's values as they are now (the loop may reuse its buffers); anything else as it is."""
+    return x.detach().clone() if hasattr(x, "detach") else x
 
 
 class TextToImagePipeline(ABC):

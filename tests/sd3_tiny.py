@@ -89,3 +89,42 @@ def build_tiny_sd3(folder: Path | str, shift_factor: float = 0.0609, scaling_fac
                                     text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
     pipe.save_pretrained(folder)
     return folder
+
+
+# --- shared by the bridge tests -------------------------------------------------------------------
+
+def pixels(images):
+    """PIL images -> one uint8 array (N, H, W, 3), to compare exactly."""
+    import numpy as np
+
+    return np.stack([np.asarray(im) for im in images])
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def diffusers_pipe(folder, kind: str = "sample", **kwargs):
+    """diffusers' own SD3 pipeline of `kind` ("sample", "img2img", "inpaint"), loaded on its own from `folder`."""
+    import diffusers
+
+    cls = {"sample": diffusers.StableDiffusion3Pipeline, "img2img": diffusers.StableDiffusion3Img2ImgPipeline,
+           "inpaint": diffusers.StableDiffusion3InpaintPipeline}[kind]
+    pipe = cls.from_pretrained(folder, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_tiny_lora(pipeline_folder: Path | str, out: Path | str, rank: int = 4, seed: int = 1) -> Path:
+    """A LoRA for the tiny transformer's attention projections, made with peft (random A and B,
+    so that it visibly changes the output) and saved as diffusers saves SD3 LoRAs; returns `out`."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    transformer = SD3Transformer2DModel.from_pretrained(Path(pipeline_folder) / "transformer")
+    torch.manual_seed(seed)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    StableDiffusion3Pipeline.save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(transformer))
+    return Path(out)

@@ -168,6 +168,9 @@ def test_capture_steps_out_of_range_is_a_clear_error(tiny_sd3, start_image):
     ("stabilityai/stable-diffusion-3.5-large-turbo", (4, 0.0)),
     ("/models/sd3.5_large_turbo", (4, 0.0)),
     ("/tmp/my-finetune", (28, 3.5)),
+    ("/mnt/large_disk/stable-diffusion-3.5-medium/", (40, 4.5)),  # the model's own name, not the folders above it
+    ("/mnt/large_disk/my-finetune", (28, 3.5)),
+    ("~/.cache/huggingface/hub/models--stabilityai--stable-diffusion-3.5-large-turbo/snapshots/0123abc", (4, 0.0)),
 ])
 def test_defaults_per_model(name, expected):
     assert defaults_for(name) == expected
@@ -192,7 +195,8 @@ def test_drop_t5_loads_without_the_third_encoder(tiny_sd3_dir, tiny_sd3):
 @pytest.mark.parametrize("kwargs,message", [
     (dict(offload="gpu"), "offload must be one of"),
     (dict(offload="model"), "the device is the CPU"),
-    (dict(dtype=torch.float16), "float16"),
+    (dict(quantization="int4"), "quantization must be one of"),
+    (dict(quantization="nf4"), "needs a CUDA GPU"),
 ])
 def test_bad_load_options(tiny_sd3_dir, kwargs, message):
     with pytest.raises(ValueError, match=message):
