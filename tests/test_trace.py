@@ -112,9 +112,10 @@ def test_trace_values_are_each_steps_guided_noise_and_clipped_x0(tiny_pipe, pict
         torch.testing.assert_close(step["denoised"], x0.clamp(-1, 1), rtol=1e-5, atol=1e-5)
         clipped |= bool((x0.abs() > 1.01).any())
         assert record["timestep"] == t
-        for name, value, decode in (("pred_x0", step["denoised"], tensor_to_pil),
-                                    ("noise_pred", step["noise_pred"], noise_to_pil), ("x_t", step["x"], tensor_to_pil)):
-            assert np.array_equal(np.asarray(record[name][0]), np.asarray(decode(value)[0])), (name, t)
+        decoded = {"pred_x0": tensor_to_pil(step["denoised"]), "noise_pred": noise_to_pil(step["noise_pred"]),
+                   "x_t": tensor_to_pil(step["x"])}
+        for name, images in decoded.items():
+            assert np.array_equal(np.asarray(record[name][0]), np.asarray(images[0])), (name, t)
         x = step["x"]  # the next step's x_t (inpainting: after the kept region is put back)
     assert clipped  # the clipping was exercised
 
