@@ -137,9 +137,10 @@ PRESETS = {
 class EMA:
     """Exponential moving average of the weights, shadow <- decay * shadow + (1 - decay) * weights,
     with diffusers' EMAModel warm-up of the decay: 0 at the first update (the shadow starts as the
-    weights after it), then decay_k = min(max_decay, k / (9 + k)) at update k + 1. `max_decay` is
-    a cap the warm-up reaches only after about 9 / (1 - max_decay) updates: 0.999 after 9,000; at
-    2,400 steps the decay is 0.9963, an average over roughly the last 270 steps.
+    weights after it), then decay_k = min(max_decay, (1 + k) / (10 + k)) at update k + 1 (EMAModel's
+    get_decay(k + 1)). `max_decay` is a cap the warm-up reaches only after about 9 / (1 - max_decay)
+    updates: 0.999 after 8,991; at 2,400 steps the decay is 0.9963, an average over roughly the
+    last 270 steps.
 
     The parameters and buffers are listed once (the tensors `state_dict` hands out share the
     model's storage), so an update is one foreach lerp over cached lists."""
@@ -152,7 +153,7 @@ class EMA:
     @staticmethod
     def decay_at(step: int, max_decay: float) -> float:
         """The decay of the update after optimizer step `step` (0-based), as diffusers' EMAModel.get_decay."""
-        return 0.0 if step == 0 else min(max_decay, step / (9 + step))
+        return 0.0 if step == 0 else min(max_decay, (1 + step) / (10 + step))
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:

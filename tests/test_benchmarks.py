@@ -52,7 +52,11 @@ def test_baseline_trains_with_minidiffs_loss_and_samples_with_its_pipeline():
     out = pipe.sample(["a red circle", "a blue square"], num_inference_steps=2, output_type="pt",
                       generator=torch.Generator().manual_seed(0))
     assert len(out.images) == 2 and out.images[0].shape == (3, 16, 16)
-    assert not torch.allclose(out.images[0], out.images[1])  # the prompt reaches the diffusers UNet
+    # the prompt reaches the diffusers UNet: the same noise (same seed, one image) and another prompt
+    same_noise = [pipe.sample(prompt, num_inference_steps=2, output_type="pt", guidance_scale=1.0,
+                              generator=torch.Generator().manual_seed(0)).images[0]
+                  for prompt in ("a red circle", "a red circle", "a blue square")]
+    assert torch.equal(same_noise[0], same_noise[1]) and not torch.allclose(same_noise[0], same_noise[2])
 
 
 def test_baseline_ignores_padded_text_tokens():

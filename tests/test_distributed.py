@@ -4,8 +4,10 @@ process with the global batch."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -64,3 +66,49 @@ def test_torchrun_two_processes_equal_one_process_with_the_global_batch(tmp_path
         torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5, msg=name)
     half = single(PER_RANK)  # rank 0's share alone: the tolerance above tells them apart
     assert any(not torch.allclose(got[k], half[k], rtol=1e-4, atol=1e-5) for k in half)
+
+
+RANK0_FAILS = """
+import sys
+sys.path.insert(0, {root!r})
+import train
+from minidiff.cli import run
+from minidiff.training import Trainer
+
+def full_disk(self, name):  # rank 0 alone writes samples
+    raise OSError("no space left on device (raised by the test)")
+
+Trainer.write_samples = full_disk
+sys.exit(run(train.main))
+"""
+
+
+def test_an_error_on_rank_0_while_sampling_stops_every_rank_at_once(tmp_path):
+    """Two ranks (gloo), as torchrun starts them: rank 0's write_samples raises after step 1.
+    Both processes must exit with an error promptly, rank 1 saying why, instead of rank 1
+    waiting in its next all-reduce (gloo's timeout: 30 minutes)."""
+    script = tmp_path / "rank0_fails.py"
+    script.write_text(RANK0_FAILS.format(root=str(ROOT)))
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    flags = ["--out", str(tmp_path / "run"), "--steps", "3", "--batch-size", "2", "--image-size", "16",
+             "--base-channels", "8", "--channel-mults", "1", "2", "--attention-levels", "1", "--text-dim", "16",
+             "--sample-every", "1", "--checkpoint-every", "0", "--device", "cpu"]
+    ranks = []
+    for rank in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank)}
+        ranks.append(subprocess.Popen([sys.executable, str(script), *flags], cwd=ROOT, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    start = time.monotonic()
+    try:
+        results = [process.communicate(timeout=240) for process in ranks]
+    finally:
+        for process in ranks:
+            process.kill()
+    assert time.monotonic() - start < 200
+    errors = [stderr for _, stderr in results]
+    assert [process.returncode for process in ranks] == [1, 1], errors
+    assert "OSError: no space left on device (raised by the test)" in errors[0]
+    assert "RuntimeError: rank 0 failed while saving or sampling; see its error" in errors[1], errors[1][-2000:]

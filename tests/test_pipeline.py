@@ -30,11 +30,65 @@ def test_same_seed_same_images_bit_for_bit(tiny_pipe):
 
 
 def test_prompt_list_and_images_per_prompt_order(tiny_pipe):
-    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    both = tiny_pipe.sample(["a red circle", "a blue square"], num_inference_steps=2, num_images_per_prompt=3,
-                            generator=gen(), output_type="pt")
-    assert len(both.images) == 6
-    assert all(0 <= im.min() and im.max() <= 1 for im in both.images)
+    """images lists num_images_per_prompt images of each prompt, prompt by prompt: the same as
+    asking for each prompt repeated in that order (same noise, row for row), and not the same as
+    another order (the prompts do change the images)."""
+    def run(prompts, n):
+        return torch.stack(tiny_pipe.sample(prompts, num_inference_steps=2, num_images_per_prompt=n, output_type="pt",
+                                            generator=torch.Generator().manual_seed(0)).images)
+
+    both = run(["a red circle", "a blue square"], 3)
+    assert both.shape == (6, 3, 16, 16) and 0 <= both.min() and both.max() <= 1
+    assert torch.equal(both, run(["a red circle"] * 3 + ["a blue square"] * 3, 1))
+    assert not torch.allclose(both, run(["a red circle", "a blue square"] * 3, 1))
+
+
+PROMPT_VALUES = {"": 0.0, "a red circle": 1.0, "a blue square": -2.0, "a green triangle": 0.5}
+
+
+class PromptValueModel(torch.nn.Module):
+    """Stands in for the model, with an output that depends on the prompt in a known way: each
+    prompt is encoded as one number (PROMPT_VALUES) and the "UNet" predicts that number at every
+    pixel, whatever x_t and t. Its calls are recorded."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the pipeline a device to find
+        self.unet = PromptValueUNet()
+
+    def encode_prompt(self, prompts):
+        context = torch.tensor([PROMPT_VALUES[p] for p in prompts]).reshape(-1, 1, 1)  # (B, L = 1, D = 1)
+        return context, torch.ones(len(prompts), 1, dtype=torch.bool)
+
+
+class PromptValueUNet(torch.nn.Module):
+    def forward(self, x, timesteps, context, mask):
+        self.rows = getattr(self, "rows", []) + [x.shape[0]]
+        return context.reshape(-1, 1, 1, 1).expand_as(x).clone()
+
+
+@pytest.mark.parametrize("guidance", [3.0, 1.0])
+def test_guidance_is_uncond_plus_w_times_cond_minus_uncond_with_the_negative_prompt_as_uncond(tiny_pipe, guidance):
+    """eps = eps_uncond + w (eps_cond - eps_uncond) (Ho & Salimans 2022 eq. 6), the negative prompt
+    in the unconditional row, the empty prompt where none is given; at w <= 1 the conditional
+    prediction alone, one row per image."""
+    pipe = MiniDiffusionPipeline(PromptValueModel(tiny_pipe.config), device="cpu")
+    seen = []
+    pipe.sample(["a red circle", "a blue square", "a green triangle"], negative_prompt=["a blue square", "", ""],
+                guidance_scale=guidance, num_images_per_prompt=2, num_inference_steps=3,
+                generator=torch.Generator().manual_seed(0), callback=seen.append)
+    cond = torch.tensor([1.0, -2.0, 0.5])
+    uncond = torch.tensor([-2.0, 0.0, 0.0])  # "a blue square", then the empty prompt
+    expected = uncond + guidance * (cond - uncond) if guidance > 1 else cond  # w = 3: 7, -6, 1.5
+    expected = expected.repeat_interleave(2).reshape(-1, 1, 1, 1).expand(6, 3, 16, 16)
+    assert len(seen) == 3
+    for step in seen:
+        torch.testing.assert_close(step["noise_pred"], expected, rtol=0, atol=1e-6)
+    assert pipe.model.unet.rows == [12 if guidance > 1 else 6] * 3  # uncond rows only with guidance
+    seen.clear()
+    pipe.sample("a red circle", guidance_scale=guidance, num_inference_steps=1, callback=seen.append)
+    torch.testing.assert_close(seen[0]["noise_pred"], torch.full((1, 3, 16, 16), guidance * 1.0))  # uncond: ""
 
 
 def test_negative_prompt_changes_the_result_only_with_guidance(tiny_pipe):

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -124,3 +125,81 @@ def test_resume_keeps_the_runs_settings_and_lets_only_run_settings_change(tmp_pa
         config_for_resume(checkpoint, {"batch_size": 8})
     with pytest.raises(ValueError, match="--steps 1 is below the step the run has reached"):
         config_for_resume(checkpoint, {"steps": 1})
+
+
+@pytest.fixture
+def stop_plan(monkeypatch):
+    """In-process runs of train.main with stops at chosen steps, deterministically: `plan[k]` runs
+    once the k-th forward pass of a run has drawn its numbers (caption dropout, timesteps, noise),
+    before the loop looks for a stop; `clock` is the loop's time.monotonic. No sample grids (they
+    change no weights and cost seconds)."""
+    real, calls, plan, clock = training.diffusion_loss, [], {}, {"now": 0.0}
+
+    def spy(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(1)
+        action = plan.pop(len(calls), None)
+        if action is not None:
+            action()
+        return result
+
+    monkeypatch.setattr(training, "diffusion_loss", spy)
+    monkeypatch.setattr(training, "time", SimpleNamespace(monotonic=lambda: clock["now"]))
+    monkeypatch.setattr(Trainer, "write_samples", lambda self, name: None)
+
+    def new_run(actions=None):
+        calls.clear()
+        plan.clear()
+        plan.update(actions or {})
+
+    return SimpleNamespace(new_run=new_run, clock=clock, plan=plan)
+
+
+def test_ctrl_c_and_max_minutes_with_default_checkpoint_every_resume_bitwise_equal(tmp_path, stop_plan, capsys):
+    """Issue 9, item 1: with the default --checkpoint-every no save falls on the stop, so the
+    checkpoint written at the stop must hold the generator from before the thrown-away step."""
+    flags = ["--steps", "8", *TINY_FLAGS]  # no --checkpoint-every: the default (500)
+    stop_plan.new_run()
+    assert run(train.main, ["--out", str(tmp_path / "ref"), *flags]) == 0
+
+    out = tmp_path / "run"
+    stop_plan.new_run({4: lambda: signal.raise_signal(signal.SIGINT)})  # Ctrl-C during step 4
+    assert run(train.main, ["--out", str(out), *flags]) == 0
+    err = capsys.readouterr().err
+    assert "stopping after this step" in err and "stopped after step 3 (interrupted" in err
+    assert reached(out) == 3 and json.loads((out / "config.json").read_text())["trained_steps"] == 3
+
+    # resumed with --max-minutes 1; the clock passes it during the 2nd step of this run (step 5)
+    stop_plan.new_run({2: lambda: stop_plan.clock.update(now=61.0)})
+    assert run(train.main, ["--out", str(out), "--resume", "--device", "cpu", "--max-minutes", "1"]) == 0
+    assert "stopped after step 4 (time limit of 1.0 min" in capsys.readouterr().err
+    assert reached(out) == 4
+
+    stop_plan.clock["now"] = 0.0
+    stop_plan.new_run()
+    assert run(train.main, ["--out", str(out), "--resume", "--device", "cpu"]) == 0
+    assert stop_plan.plan == {}  # every planned stop happened
+    final = "checkpoints/step-00000008"
+    for name in ("model.safetensors", f"{final}/model.safetensors", f"{final}/ema.safetensors",
+                 f"{final}/optimizer.safetensors", f"{final}/rng.safetensors"):
+        got, want = read_safetensors(out / name), read_safetensors(tmp_path / "ref" / name)
+        assert got.keys() == want.keys(), name
+        assert all(torch.equal(got[k], want[k]) for k in want), name
+    rows = lambda run_dir: [{k: v for k, v in r.items() if k not in ("images_per_s",)}  # noqa: E731
+                            for r in csv.DictReader(open(run_dir / "loss.csv"))]
+    assert rows(out) == rows(tmp_path / "ref") and len(rows(out)) == 4
+
+
+def test_second_ctrl_c_quits_without_saving_and_names_the_step_the_model_holds(tmp_path, stop_plan, capsys):
+    out = tmp_path / "run"
+
+    def ctrl_c_twice():
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+
+    stop_plan.new_run({3: ctrl_c_twice})
+    assert run(train.main, ["--out", str(out), "--steps", "8", "--checkpoint-every", "2", *TINY_FLAGS]) == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (f"error: interrupted twice, stopped without saving; the last checkpoint, "
+                    f"{out / 'checkpoints' / 'step-00000002'}, and {out / 'model.safetensors'} hold step 2")
+    assert reached(out) == 2 and json.loads((out / "config.json").read_text())["trained_steps"] == 2

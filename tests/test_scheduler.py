@@ -7,12 +7,14 @@ every step of a complete sampling loop must agree within 1e-5.
 from __future__ import annotations
 
 import math
+import random
 
 import diffusers
 import pytest
 import torch
 
-from minidiff.scheduler import DDIMScheduler, DDPMScheduler, NoiseSchedule, SchedulerConfig, make_betas
+from minidiff.scheduler import (TIMESTEP_SPACINGS, DDIMScheduler, DDPMScheduler, NoiseSchedule, SchedulerConfig,
+                                make_betas)
 
 DIFFUSERS_BETA = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 
@@ -107,16 +109,75 @@ def test_add_noise_statistics():
     assert x_t.var().item() == pytest.approx(1 - a, abs=0.02)
 
 
-def test_ddim_eta0_is_deterministic_and_recovers_x0_from_true_noise():
-    """With the true noise as the model output, one DDIM step from t to -1 returns x_0 exactly."""
-    config = SchedulerConfig(clip_sample=False)
+GRIDS = [(spacing, offset) for spacing in TIMESTEP_SPACINGS for offset in ((0, 1) if spacing == "leading" else (0,))]
+
+
+@pytest.mark.parametrize("T", [1000, 500, 200])
+@pytest.mark.parametrize("spacing,offset", GRIDS)
+def test_timesteps_equal_diffusers_for_every_step_count(T, spacing, offset):
+    """Every N from 1 to T (rounding .5 the other way shows up at a few N only, e.g. trailing
+    N = 48 and linspace N = 27 of T = 1000): the grid of DDPMScheduler and DDIMScheduler."""
+    config = SchedulerConfig(num_train_timesteps=T, timestep_spacing=spacing, steps_offset=offset)
+    ours = NoiseSchedule(config)
+    theirs = {name: cls(**diffusers_kwargs(config)) for name, cls in
+              (("ddpm", diffusers.DDPMScheduler), ("ddim", diffusers.DDIMScheduler))}
+    wrong = {"ddpm": [], "ddim": []}
+    for n in range(1, T + 1 - offset):  # an offset with n = T steps past T - 1 (refused, tested below)
+        ours.set_timesteps(n)
+        for name, scheduler in theirs.items():
+            scheduler.set_timesteps(n)
+            if ours.timesteps.tolist() != scheduler.timesteps.tolist():
+                wrong[name].append(n)
+    assert wrong == {"ddpm": [], "ddim": []}
+
+
+# complete loops at the step counts the issue found (T = 1000 unless noted), and a few random ones per spacing
+LOOPS = ([("trailing", 1000, 48), ("linspace", 1000, 27), ("linspace", 1000, 31), ("linspace", 1000, 121),
+          ("linspace", 500, 71)]
+         + [(spacing, 1000, n) for i, spacing in enumerate(TIMESTEP_SPACINGS)
+            for n in random.Random(i).sample(range(2, 301), 3)])
+
+
+@pytest.mark.parametrize("spacing,T,steps", LOOPS)
+def test_complete_loops_match_diffusers_at_more_step_counts(spacing, T, steps):
+    config = SchedulerConfig(num_train_timesteps=T, timestep_spacing=spacing)
+    run_both(DDIMScheduler(config), diffusers.DDIMScheduler(**diffusers_kwargs(config)), steps, {"eta": 0.0})
+    run_both(DDPMScheduler(config), diffusers.DDPMScheduler(**diffusers_kwargs(config)), steps, {})
+
+
+def ddim_loop(config, steps, model, x, eta, generator):
     scheduler = DDIMScheduler(config)
-    scheduler.set_timesteps(1)
-    t = int(scheduler.timesteps[0])
-    x0, noise = torch.rand(1, 3, 4, 4) * 2 - 1, torch.randn(1, 3, 4, 4)
-    x_t = scheduler.add_noise(x0, noise, torch.tensor([t]))
-    out = scheduler.step(noise, t, x_t)
-    torch.testing.assert_close(out.prev_sample, x0, atol=1e-4, rtol=0)
+    scheduler.set_timesteps(steps)
+    for t in scheduler.timesteps.tolist():
+        x = scheduler.step(model(x, t), t, x, eta=eta, generator=generator).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("spacing", TIMESTEP_SPACINGS)
+def test_ddim_eta0_loop_is_deterministic_and_follows_the_true_noise_back_to_x0(spacing):
+    """A complete 20-step loop. eta = 0 draws no noise: two generators, the same result bit for
+    bit (at eta = 1 they differ). Given the true noise at every step,
+    eps(x_t, t) = (x_t - sqrt(alpha-bar_t) x_0) / sqrt(1 - alpha-bar_t), every DDIM step
+    (Song et al. eq. 12) stays on the line from x_0 along eps and the loop ends on x_0."""
+    config = SchedulerConfig(beta_schedule="linear", clip_sample=False, timestep_spacing=spacing)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.rand(2, 3, 8, 8, generator=g) * 2 - 1, torch.randn(2, 3, 8, 8, generator=g)
+    runs = {(eta, seed): ddim_loop(config, 20, fake_model, noise, eta, torch.Generator().manual_seed(seed))
+            for eta in (0.0, 1.0) for seed in (1, 2)}
+    assert torch.equal(runs[0.0, 1], runs[0.0, 2])
+    assert not torch.allclose(runs[1.0, 1], runs[1.0, 2])
+
+    schedule = NoiseSchedule(config)
+    schedule.set_timesteps(20)
+    x_start = schedule.add_noise(x0, noise, schedule.timesteps[:1].expand(2))
+
+    def true_noise(x, t):
+        alpha_bar = schedule.alphas_cumprod[t]
+        return (x - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
+
+    out = ddim_loop(config, 20, true_noise, x_start, 0.0, None)
+    torch.testing.assert_close(out, x0, atol=1e-4, rtol=0)
+    assert (x_start - x0).abs().max() > 1  # the loop started far from x_0
 
 
 def test_bad_config_is_refused():

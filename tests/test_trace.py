@@ -15,6 +15,7 @@ from minidiff import Shapes
 from minidiff.cli import run
 from minidiff.contract import StepRecorder
 from minidiff.figures import FIGURES, noising_strip, trace_strip
+from minidiff.images import noise_to_pil, pil_to_tensor, tensor_to_pil
 from minidiff.scheduler import SchedulerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +73,51 @@ def test_sample_captures_the_steps_asked_for(tiny_pipe):
                           ((noise[1].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(last["x_t"], out.images))
     assert out.trace and not tiny_pipe.sample("a red circle", num_inference_steps=2, generator=gen()).trace
+
+
+@pytest.mark.parametrize("call", ["sample", "img2img", "inpaint"])
+def test_trace_values_are_each_steps_guided_noise_and_clipped_x0(tiny_pipe, picture_file, call):
+    """The values, not just the sizes: at every step, noise_pred is the guided model output
+    eps = eps_uncond + w (eps_cond - eps_uncond) at (x_t, t), recomputed here from the UNet, and
+    pred_x0 = (x_t - sqrt(1 - alpha-bar_t) eps) / sqrt(alpha-bar_t) (Ho et al. eq. 15), clipped to
+    [-1, 1] as the sampler clips; the trace holds exactly those, decoded."""
+    guidance, seen = 3.0, []
+    runs = STEPS if call == "sample" else int(STEPS * 0.75)  # the edits run int(N * strength) steps
+    kwargs = dict(num_inference_steps=STEPS, guidance_scale=guidance, generator=gen(), callback=seen.append,
+                  capture_steps=list(range(runs + 1)))
+    mask = Image.new("L", (16, 16), 0)
+    mask.paste(255, (8, 0, 16, 16))
+    out = {"sample": lambda: tiny_pipe.sample("a red circle", **kwargs),
+           "img2img": lambda: tiny_pipe.img2img("a red circle", picture_file, strength=0.75, **kwargs),
+           "inpaint": lambda: tiny_pipe.inpaint("a red circle", picture_file, mask, strength=0.75, **kwargs)}[call]()
+    assert len(seen) == runs and len(out.trace) == runs + 1
+    alphas_cumprod = tiny_pipe.make_scheduler(None, STEPS).alphas_cumprod
+    # the start: x_T, or the input noised to the first timestep that runs (Ho eq. 4)
+    x = torch.randn(1, 3, 16, 16, generator=gen())
+    if call != "sample":
+        a = alphas_cumprod[seen[0]["t"]]
+        x = a.sqrt() * pil_to_tensor(Image.open(picture_file))[None] + (1 - a).sqrt() * x
+    start = np.asarray(out.trace[0]["x_t"][0], dtype=int)
+    assert np.abs(start - np.asarray(tensor_to_pil(x)[0], dtype=int)).max() <= 1
+    context, context_mask = tiny_pipe.model.encode_prompt(["a red circle", ""])
+    clipped = False
+    for step, record in zip(seen, out.trace[1:]):
+        t, alpha_bar = step["t"], alphas_cumprod[step["t"]]
+        with torch.no_grad():
+            eps_cond, eps_uncond = tiny_pipe.model.unet(torch.cat([x, x]), torch.tensor([t, t]), context,
+                                                        context_mask).chunk(2)
+        eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+        torch.testing.assert_close(step["noise_pred"], eps, rtol=1e-5, atol=1e-5)
+        x0 = (x - (1 - alpha_bar).sqrt() * step["noise_pred"]) / alpha_bar.sqrt()
+        torch.testing.assert_close(step["denoised"], x0.clamp(-1, 1), rtol=1e-5, atol=1e-5)
+        clipped |= bool((x0.abs() > 1.01).any())
+        assert record["timestep"] == t
+        decoded = {"pred_x0": tensor_to_pil(step["denoised"]), "noise_pred": noise_to_pil(step["noise_pred"]),
+                   "x_t": tensor_to_pil(step["x"])}
+        for name, images in decoded.items():
+            assert np.array_equal(np.asarray(record[name][0]), np.asarray(images[0])), (name, t)
+        x = step["x"]  # the next step's x_t (inpainting: after the kept region is put back)
+    assert clipped  # the clipping was exercised
 
 
 def test_capture_counts_the_steps_an_edit_runs(tiny_pipe, picture_file):

@@ -74,3 +74,63 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_loss_regresses_the_noise_not_x0():
+    """L_simple (Ho et al. 2020 eq. 14): a network that returns the noise actually added,
+    eps = (x_t - sqrt(alpha-bar_t) x_0) / sqrt(1 - alpha-bar_t) (eq. 4 solved for eps), has loss 0;
+    with x_0 as the target its loss would be about E[(eps - x_0)^2] > 1."""
+    from minidiff.scheduler import NoiseSchedule
+    from minidiff.text import Tokenizer
+    from minidiff.training import diffusion_loss
+
+    schedule = NoiseSchedule()
+    images = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+    def knows_the_noise(x_t, t, ids, mask):
+        alpha_bar = schedule.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+        return (x_t - alpha_bar.sqrt() * images) / (1 - alpha_bar).sqrt()
+
+    tokenizer = Tokenizer.from_captions(["a red circle"])
+    per_sample, t = diffusion_loss(knows_the_noise, tokenizer, schedule, images, ["a red circle"] * 8,
+                                   torch.Generator().manual_seed(3), 0.0, torch.device("cpu"))
+    assert per_sample.shape == (8,) and len(set(t.tolist())) > 1
+    assert per_sample.max().item() < 1e-6
+    zero, _ = diffusion_loss(lambda x_t, *args: torch.zeros_like(x_t), tokenizer, schedule, images,
+                             ["a red circle"] * 8, torch.Generator().manual_seed(3), 0.0, torch.device("cpu"))
+    assert 0.5 < zero.mean().item() < 1.5  # E[eps^2] = 1: the loss is not degenerate
+
+
+def test_ema_decay_is_diffusers_ema_models():
+    """EMA.decay_at(k) is the decay of update k + 1, which diffusers' EMAModel computes as
+    get_decay(k + 1) (default settings: no update_after_step, no power warm-up)."""
+    from diffusers.training_utils import EMAModel
+
+    from minidiff.training import EMA
+
+    theirs = EMAModel([torch.nn.Parameter(torch.zeros(1))], decay=0.999)
+    for step in [*range(12), 99, 2399, 8990, 9000, 20000]:
+        assert EMA.decay_at(step, 0.999) == pytest.approx(theirs.get_decay(step + 1), rel=1e-12, abs=0), step
+    assert EMA.decay_at(2399, 0.999) == pytest.approx(0.9963, abs=5e-5)  # the last update of the CPU preset
+    assert EMA.decay_at(20000, 0.999) == 0.999
+
+
+def test_ema_first_update_copies_the_weights_then_averages_as_diffusers():
+    from diffusers.training_utils import EMAModel
+
+    from minidiff.training import EMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    ours = EMA(model, 0.999)
+    theirs = EMAModel(model.parameters(), decay=0.999, foreach=False)
+    for step in range(6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ours.update(model, step)
+        theirs.step(model.parameters())
+        if step == 0:  # decay 0: the shadow is the weights after the first step, exactly
+            assert all(torch.equal(ours.shadow[k], v) for k, v in model.state_dict().items())
+        for (name, _), shadow in zip(model.named_parameters(), theirs.shadow_params):
+            torch.testing.assert_close(ours.shadow[name], shadow, rtol=1e-6, atol=1e-7)

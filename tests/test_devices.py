@@ -1,0 +1,113 @@
+"""The laptop-GPU paths, checked as far as a CPU shows them: which autocast a CUDA card gets
+(the capability query patched), what train.py says about it, the gradient scaler's state in a
+checkpoint, torchrun on a Mac, and the out-of-memory hint. What a CPU cannot show: fp16 and
+bf16 numerics on a real GPU (autocast is a no-op on CPU)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import train
+from minidiff import runtime, training
+from minidiff.cli import run
+from minidiff.runtime import precision_for
+from minidiff.training import Trainer, latest_checkpoint
+
+from conftest import tiny_train_config
+
+TINY_FLAGS = ["--image-size", "16", "--base-channels", "16", "--channel-mults", "1", "2", "--attention-levels", "1",
+              "--text-dim", "32", "--batch-size", "2", "--sample-every", "0", "--device", "cpu"]
+
+
+def ampere(including_emulation=True):
+    """torch.cuda.is_bf16_supported on a card that computes bf16 natively (Ampere and newer)."""
+    return True
+
+
+def turing(including_emulation=True):
+    """On a Turing card (RTX 20xx, GTX 16xx, T4) bf16 is only emulated: 'supported' unless the
+    emulation is excluded."""
+    return including_emulation
+
+
+@pytest.mark.parametrize("card,expected", [(ampere, torch.bfloat16), (turing, torch.float16)])
+def test_precision_is_bf16_where_native_else_fp16(monkeypatch, card, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", card)
+    assert precision_for(torch.device("cuda")) == expected
+    assert precision_for(torch.device("cuda", 1)) == expected
+    assert precision_for(torch.device("cpu")) is None and precision_for(torch.device("mps")) is None
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """train.main up to the first log line: Trainer.train returns at once; the trainers built are kept."""
+    built = []
+
+    def train_nothing(self):
+        built.append(self)
+        return {"step": self.step, "stop_reason": "done", "seconds": 0.0}
+
+    monkeypatch.setattr(Trainer, "train", train_nothing)
+    return built
+
+
+@pytest.mark.parametrize("card,named,scaler", [(None, "float32", False), (ampere, "bf16 autocast", False),
+                                               (turing, "fp16 autocast + gradient scaler", True)])
+def test_first_log_line_names_the_precision_and_fp16_gets_a_gradient_scaler(tmp_path, monkeypatch, capsys,
+                                                                             no_training, card, named, scaler):
+    if card is not None:  # the trainer asks the real rule what a CUDA card with this capability gets
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", card)
+        monkeypatch.setattr(training, "precision_for", lambda device: runtime.precision_for(torch.device("cuda")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # GradScaler("cuda") without CUDA disables itself, with a warning
+        assert run(train.main, ["--out", str(tmp_path / "run"), "--steps", "1", *TINY_FLAGS]) == 0
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first.startswith(f"training on cpu ({named}): ddpm objective")
+    assert isinstance(no_training[0].scaler, torch.amp.GradScaler) == scaler
+
+
+def test_gradient_scaler_state_round_trips_through_a_checkpoint(tmp_path):
+    """A CPU GradScaler (enabled: torch scales on CPU too) drives apply_gradients for 3 steps;
+    its scale and growth tracker are saved in state.json and restored by load_checkpoint."""
+    config = tiny_train_config(tmp_path, steps=3, batch_size=2)
+    trainer = Trainer(config)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+    trainer.write_samples = lambda name: None
+    trainer.train()
+    saved = trainer.scaler.state_dict()
+    assert saved["scale"] == 2.0**11 and saved["_growth_tracker"] == 1  # grew once after 2 finite steps
+    state = json.loads((latest_checkpoint(tmp_path) / "state.json").read_text())
+    assert state["grad_scaler"] == saved
+    resumed = Trainer(config)
+    resumed.scaler = torch.amp.GradScaler("cpu")  # a fresh scaler: scale 65536, tracker 0
+    resumed.load_checkpoint(latest_checkpoint(tmp_path))
+    assert resumed.scaler.state_dict() == saved
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), trainer.model.parameters()))
+
+
+def test_torchrun_on_mps_is_refused_with_one_line(tmp_path, monkeypatch, capsys):
+    import torch.distributed as dist
+
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(train, "pick_device", lambda device=None: torch.device("mps"))
+    assert run(train.main, ["--out", str(tmp_path / "run"), "--steps", "1", *TINY_FLAGS[:-2]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: torchrun on a Mac: DDP cannot run on MPS") and len(err.splitlines()) == 1
+    assert not dist.is_initialized()
+
+
+def test_out_of_memory_is_a_hint_to_lower_the_batch_size(tmp_path, monkeypatch, capsys):
+    def oom(self):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Trainer, "train", oom)
+    assert run(train.main, ["--out", str(tmp_path / "run"), "--steps", "1", *TINY_FLAGS[:-4], "--batch-size", "128",
+                            "--sample-every", "0", "--device", "cpu"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == ("error: the GPU ran out of memory with --batch-size 128 at 16 px (the GPU preset needs about "
+                    "3-4 GB free); try --batch-size 64")
