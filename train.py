@@ -20,9 +20,9 @@ from dataclasses import fields
 from pathlib import Path
 
 from minidiff.cli import ArgumentParser, UsageError, run, writable_folder
-from minidiff.data import DATA_NAMES, load_dataset
+from minidiff.data import DATA_NAMES, METADATA_NAME, ImageFolder, load_dataset
 from minidiff.runtime import pick_device
-from minidiff.training import PRESETS, TrainConfig, Trainer, config_for_resume, latest_checkpoint
+from minidiff.training import PRESETS, TrainConfig, Trainer, config_for_resume, latest_checkpoint, read_train_state
 from minidiff.unet import UNetConfig
 
 
@@ -137,6 +137,20 @@ def open_dataset(config: TrainConfig, distributed: dict):
     return dataset if dataset is not None else build()
 
 
+def data_notes(dataset, name: str, batch_size: int) -> list[str]:
+    """What a user should know about their data before a long run: a folder without captions,
+    a folder smaller than one batch."""
+    folder = getattr(dataset, "dataset", dataset)  # Endless wraps a finite set
+    notes = []
+    if isinstance(folder, ImageFolder) and not folder.captioned:
+        notes.append(f"{name} has no {METADATA_NAME}: every caption is empty and the model learns unconditionally "
+                     f"(prompts will be ignored); add one {{\"file_name\": ..., \"text\": ...}} line per image to caption them")
+    if isinstance(folder, ImageFolder) and len(folder) < batch_size:
+        notes.append(f"{name} holds {len(folder)} images, fewer than one batch of {batch_size}: each batch "
+                     "repeats them (fine for a test; real training wants many more)")
+    return notes
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
@@ -149,6 +163,12 @@ def main(argv=None) -> int:
             raise UsageError(f"--resume: {out} holds no checkpoint to resume from; start the run without --resume")
         config, changes = config_for_resume(checkpoint, given_settings(args))
         config.device = args.device  # the machine may have changed since
+        reached = read_train_state(checkpoint)["step"]
+        if reached >= config.steps:  # nothing to train: say so, rather than save and render it all again
+            if os.environ.get("RANK", "0") == "0":
+                print(f"{out} is already at its last step ({reached} of {config.steps}); to train longer, "
+                      f"pass --steps N with N above {reached}, e.g. --resume --steps {2 * reached}", file=sys.stderr)
+            return 0
     else:
         config, changes = build_config(args), {}
         if latest_checkpoint(out) is not None or (out / "model.safetensors").exists():
@@ -165,6 +185,8 @@ def main(argv=None) -> int:
             trainer.load_checkpoint(checkpoint)
             changed = "".join(f", {k} {old} -> {new}" for k, (old, new) in changes.items() if k != "out")
             say(f"resuming from {checkpoint} (step {trainer.step}{changed})")
+        for note in data_notes(trainer.dataset, config.data, config.batch_size):
+            say(f"warning: {note}")
         ranks = distributed.get("world_size", 1)
         say(f"training on {trainer.device}{f' x {ranks} processes' if ranks > 1 else ''}: {config.image_size} px, "
             f"{config.steps} steps of {config.batch_size * ranks} images, data {config.data}, "
