@@ -1,8 +1,8 @@
 """Steps against quality: "how many steps do I need?", and how much guidance.
 
-    python -m benchmarks.steps_quality --model runs/shapes        # writes BENCHMARKS.md section 3
+    python -m benchmarks.steps_quality --model runs/shapes --publish   # writes BENCHMARKS.md section 3
     python -m benchmarks.steps_quality --model runs/shapes --steps 10 20 --guidance-scales 1 4 \\
-        --samples-per-prompt 1 --no-md                             # a quick check
+        --samples-per-prompt 1                             # a quick check
 
 For a trained model folder: prompt accuracy (minidiff.evaluate: every evaluation prompt,
 `--samples-per-prompt` fixed seeds each, judged by the pixel analyser) and seconds per image
@@ -27,7 +27,7 @@ from minidiff.checkpoint import CheckpointError
 from minidiff.evaluate import evaluate, evaluation_prompts
 from minidiff.pipeline import MiniDiffusionPipeline
 
-from .common import RESULTS, Report, markdown_table, pyplot, set_threads
+from .common import Report, add_publish_flag, markdown_table, pyplot, results_folder, set_threads
 
 
 def measure(pipe, args, sampler: str, steps: int, guidance: float) -> dict:
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--no-md", action="store_true", help="do not touch BENCHMARKS.md (results/ still written)")
+    add_publish_flag(p)
     args = p.parse_args(argv)
     if args.samples_per_prompt < 1 or min(args.steps) < 1 or min(args.guidance_scales) < 0:
         p.error("--samples-per-prompt and --steps must be >= 1, --guidance-scales >= 0")
@@ -113,8 +113,7 @@ def main(argv=None) -> int:
                  for sampler in args.samplers for steps in args.steps]
     guidance_rows = [measure(pipe, args, sampler, default_steps, g)
                      for sampler in args.samplers for g in args.guidance_scales]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(step_rows, guidance_rows, RESULTS / "steps_quality.png")
+    plot(step_rows, guidance_rows, results_folder(args.publish) / "steps_quality.png")
     body = "\n".join([
         f"Model `{args.model}` ({pipe.image_size} px); {args.samples_per_prompt} samples per prompt, seed {args.seed}, "
         f"{len(evaluation_prompts(pipe.image_size))} prompts. Seconds per image = wall-clock of the evaluation / images.",
@@ -130,7 +129,7 @@ def main(argv=None) -> int:
         "![steps and guidance](benchmarks/results/steps_quality.png)",
     ])
     print(report.write(body, {"model": args.model, "steps": step_rows, "guidance": guidance_rows},
-                       update_md=not args.no_md))
+                       publish=args.publish))
     return 0
 
 
