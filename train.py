@@ -22,7 +22,7 @@ from pathlib import Path
 from minidiff.cli import ArgumentParser, UsageError, run, writable_folder
 from minidiff.data import DATA_NAMES, METADATA_NAME, ImageFolder, load_dataset
 from minidiff.runtime import pick_device
-from minidiff.training import PRESETS, TrainConfig, Trainer, config_for_resume, latest_checkpoint, read_train_state
+from minidiff.training import PRESETS, TrainConfig, Trainer, config_for_resume, latest_checkpoint
 from minidiff.unet import UNetConfig
 
 
@@ -143,8 +143,9 @@ def data_notes(dataset, name: str, batch_size: int) -> list[str]:
     folder = getattr(dataset, "dataset", dataset)  # Endless wraps a finite set
     notes = []
     if isinstance(folder, ImageFolder) and not folder.captioned:
-        notes.append(f"{name} has no {METADATA_NAME}: every caption is empty and the model learns unconditionally "
-                     f"(prompts will be ignored); add one {{\"file_name\": ..., \"text\": ...}} line per image to caption them")
+        notes.append(f"{name} has no {METADATA_NAME}: every caption is empty and the model learns "
+                     "unconditionally (prompts will be ignored); to caption the images, add one "
+                     '{"file_name": ..., "text": ...} line per image')
     if isinstance(folder, ImageFolder) and len(folder) < batch_size:
         notes.append(f"{name} holds {len(folder)} images, fewer than one batch of {batch_size}: each batch "
                      "repeats them (fine for a test; real training wants many more)")
@@ -163,12 +164,6 @@ def main(argv=None) -> int:
             raise UsageError(f"--resume: {out} holds no checkpoint to resume from; start the run without --resume")
         config, changes = config_for_resume(checkpoint, given_settings(args))
         config.device = args.device  # the machine may have changed since
-        reached = read_train_state(checkpoint)["step"]
-        if reached >= config.steps:  # nothing to train: say so, rather than save and render it all again
-            if os.environ.get("RANK", "0") == "0":
-                print(f"{out} is already at its last step ({reached} of {config.steps}); to train longer, "
-                      f"pass --steps N with N above {reached}, e.g. --resume --steps {2 * reached}", file=sys.stderr)
-            return 0
     else:
         config, changes = build_config(args), {}
         if latest_checkpoint(out) is not None or (out / "model.safetensors").exists():
@@ -184,6 +179,10 @@ def main(argv=None) -> int:
         if checkpoint is not None:
             trainer.load_checkpoint(checkpoint)
             changed = "".join(f", {k} {old} -> {new}" for k, (old, new) in changes.items() if k != "out")
+            if trainer.step >= config.steps:  # nothing to train: say so, rather than save and render it all again
+                say(f"{out} is already at its last step ({trainer.step} of {config.steps}); to train longer, pass "
+                    f"--steps N with N above {trainer.step}, e.g. --resume --steps {2 * trainer.step}")
+                return 0
             say(f"resuming from {checkpoint} (step {trainer.step}{changed})")
         for note in data_notes(trainer.dataset, config.data, config.batch_size):
             say(f"warning: {note}")
