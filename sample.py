@@ -21,6 +21,7 @@ Face id or a folder with model_index.json; --backend auto tells them apart.
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import sys
 from pathlib import Path
@@ -223,10 +224,10 @@ def main(argv=None) -> int:
                   capture_steps=save_steps, **options)
     if args.mask is not None:
         strength = 0.99 if args.strength is None else args.strength
-        call = lambda prompt, **kw: pipe.inpaint(prompt, args.image, args.mask, strength=strength, **kw)  # noqa: E731
+        call = functools.partial(pipe.inpaint, image=args.image, mask_image=args.mask, strength=strength)
     elif args.image is not None:
         strength = 0.7 if args.strength is None else args.strength
-        call = lambda prompt, **kw: pipe.img2img(prompt, args.image, strength=strength, **kw)  # noqa: E731
+        call = functools.partial(pipe.img2img, image=args.image, strength=strength)
     else:
         call = pipe.sample
     batch_size = args.batch_size or max(1, BATCH_PIXELS // pipe.image_size ** 2)

@@ -225,7 +225,8 @@ def readme_environment(copy: Path, scratch: Path):
     socket_path = scratch / "warm.sock"
     client = scratch / "warm_client.py"
     client.write_text(f"REAL, SOCKET = {sys.executable!r}, {str(socket_path)!r}\n" + WARM_CLIENT)
-    (bin_dir / "python").write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -S -E {shlex.quote(str(client))} "$@"\n')
+    shim = f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -S -E {shlex.quote(str(client))} "$@"\n'
+    (bin_dir / "python").write_text(shim)
     (bin_dir / "python").chmod(0o755)
     server = subprocess.Popen([sys.executable, "-c", WARM_SERVER, str(socket_path)], cwd=copy, env=env,
                               stdout=subprocess.PIPE, text=True)
@@ -271,7 +272,8 @@ def test_parser_reads_blocks_markers_and_shortening():
     with pytest.raises(ValueError, match="must read"):
         readme_blocks("<!-- readme-test: skip -->\n```bash\nls\n```\n")
     line = 'python train.py --out "runs/a # b" --steps 9  # a comment\n'
-    assert shorten(line, "/x") == f'python train.py --out "runs/a # b" --steps 9 {shlex.join(TINY_TRAIN)}  # a comment\n'
+    tiny = shlex.join(TINY_TRAIN)
+    assert shorten(line, "/x") == f'python train.py --out "runs/a # b" --steps 9 {tiny}  # a comment\n'
     assert shorten("python sample.py --model stabilityai/stable-diffusion-3.5-large --out a.png\n", "/tiny") == \
         "python sample.py --model /tiny --out a.png\n"
 
