@@ -7,7 +7,11 @@
     python sample.py --noise-strip red.png --timesteps 0,100,250,500,999 --out noising.png
     python sample.py --model stabilityai/stable-diffusion-3.5-medium --prompt "a red circle" --out red.png
 
-A PNG is written to --out (a labelled grid when more than one image is asked for).
+A PNG is written to --out: a labelled grid, about square, when more than one image is asked
+for; small images are enlarged (nearest neighbour) to about 96 px a side, --raw-size keeps
+the model's size. Images are made --batch-size at a time, so memory does not grow with
+--num-images; a grid holds at most 1,024 images: for more, --out-dir DIR writes one PNG
+per image as each batch finishes.
 --save-steps also writes OUT-steps.png: x_t after each listed step, predicted x0 below.
 --noise-strip writes the forward process instead: the image noised to each --timesteps t.
 --model is a minidiff folder (written by train.py) or a Stable Diffusion 3.5 model: a Hugging
@@ -17,24 +21,31 @@ Face id or a folder with model_index.json; --backend auto tells them apart.
 from __future__ import annotations
 
 import argparse
+import functools
+import re
 import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from minidiff.checkpoint import atomic_write
 from minidiff.cli import ArgumentParser, UsageError, run, writable_folder
-from minidiff.figures import noising_strip, trace_strip
-from minidiff.images import load_image, make_grid
+from minidiff.figures import noising_strip, scale_for, trace_strip
+from minidiff.images import enlarge, grid_columns, load_image, make_grid
 
 DEFAULT_MODEL = "runs/shapes"
 SD3_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MAX_GRID_IMAGES = 1024  # a 32 x 32 grid of 96 px tiles: about 3,000 px a side
+MAX_TRACE_IMAGES = 64  # --save-steps draws two rows per image
+BATCH_PIXELS = 64 * 32 * 32  # default --batch-size: 64 images of 32 px, 256 of 16 px, 1 of SD3's 1024 px
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="a folder written by train.py, or an SD3 model: Hugging Face id or diffusers folder")
+                   help="a folder written by train.py, or an SD3 model: Hugging Face id or diffusers folder "
+                        "(default: %(default)s)")
     p.add_argument("--backend", choices=["auto", "minidiff", "sd3"], default="auto",
                    help="auto: a hub id or a folder with model_index.json is sd3, anything else minidiff")
     p.add_argument("--prompt", nargs="+", help="one or more prompts")
@@ -43,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=None, help="guidance_scale (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=int, default=1, help="num_images_per_prompt")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"images per forward pass (default: as many as hold {BATCH_PIXELS:,} pixels, at least 1)")
     p.add_argument("--sampler", choices=["ddim", "ddpm", "euler"], default=None,
                    help="minidiff only (default: the model's own, ddim for DDPM models, euler for flow models)")
     p.add_argument("--height", type=int, default=None, help="sd3 only (default: the model's native size)")
@@ -63,7 +76,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     sd3.add_argument("--max-sequence-length", type=int, default=None, metavar="N",
                      help="T5 tokens read from the prompt, up to 512 (default 256)")
     p.add_argument("--device", default=None)
-    p.add_argument("--out", default="sample.png", help="PNG to write")
+    p.add_argument("--out", default="sample.png", help="PNG to write (default: %(default)s)")
+    p.add_argument("--out-dir", default=None, metavar="DIR",
+                   help="instead of --out: one PNG per image in DIR, written as each batch finishes (for many images)")
+    p.add_argument("--raw-size", action="store_true",
+                   help="save images at the model's size instead of enlarged to about 96 px (nearest neighbour)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     edit = p.add_argument_group("start from a picture")
     edit.add_argument("--image", default=None, help="img2img: start from this picture")
@@ -92,12 +109,25 @@ def check_args(args) -> None:
     """Flag combinations that cannot work, refused before anything is loaded."""
     if args.noise_strip is not None:
         clashing = [flag for flag, value in (("--prompt", args.prompt), ("--image", args.image), ("--mask", args.mask),
-                                             ("--save-steps", args.save_steps)) if value is not None]
+                                             ("--save-steps", args.save_steps), ("--out-dir", args.out_dir))
+                    if value is not None]
         if clashing:
             raise UsageError(f"--noise-strip draws the forward process only; drop {', '.join(clashing)}")
         return
     if not args.prompt:
         raise UsageError("--prompt is required (or --noise-strip FILE for a forward-noising strip)")
+    for flag, value in (("--num-images", args.num_images), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
+    total = len(args.prompt) * args.num_images
+    if args.out_dir is None and total > MAX_GRID_IMAGES:
+        raise UsageError(f"{total:,} images are too many for one grid (at most {MAX_GRID_IMAGES:,}); "
+                         "write one PNG per image with --out-dir DIR")
+    if args.save_steps is not None and args.out_dir is not None:
+        raise UsageError("--save-steps writes OUT-steps.png beside --out; drop --out-dir")
+    if args.save_steps is not None and total > MAX_TRACE_IMAGES:
+        raise UsageError(f"--save-steps draws two rows per image; ask for at most {MAX_TRACE_IMAGES} images, "
+                         f"not {total:,}")
     if args.image is None:
         for flag, given in (("--mask", args.mask is not None), ("--strength", args.strength is not None)):
             if given:
@@ -106,7 +136,24 @@ def check_args(args) -> None:
         raise UsageError("--resample-jumps applies to inpainting only; give --image and --mask")
 
 
+def image_names(prompts: list[str], num_images: int) -> list[str]:
+    """--out-dir's file names: a running number, then the prompt (`00000-a-red-circle.png`)."""
+    digits = max(5, len(str(len(prompts) * num_images - 1)))
+    slugs = [re.sub(r"[^a-z0-9]+", "-", p.lower()).strip("-")[:60] or "image" for p in prompts]
+    return [f"{k:0{digits}d}-{slug}.png" for k, slug in enumerate(s for s in slugs for _ in range(num_images))]
+
+
 def output_paths(args) -> list[Path]:
+    """The files this run writes, refused before any work if one exists (without --overwrite)."""
+    if args.out_dir is not None:
+        folder = Path(args.out_dir)
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"--out-dir: {folder} is a file, not a folder; choose another --out-dir")
+        paths = [folder / name for name in image_names(args.prompt, args.num_images)]
+        existing = next((path for path in paths if path.exists()), None)
+        if existing is not None and not args.overwrite:
+            raise UsageError(f"{existing} exists; pass --overwrite to replace it, or choose another --out-dir")
+        return paths
     out_path = Path(args.out)
     if out_path.suffix.lower() != ".png":
         raise UsageError(f"--out must name a .png file, got {args.out}")
@@ -150,10 +197,11 @@ def load_pipeline(args):
     return MiniDiffusionPipeline.from_pretrained(args.model, device=args.device)
 
 
-def write(picture, path: Path) -> None:
+def write(picture, path: Path, quiet: bool = False) -> None:
     """Save atomically: a kill mid-write leaves any old file whole."""
     atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
-    print(f"wrote {path}", file=sys.stderr)
+    if not quiet:
+        print(f"wrote {path}", file=sys.stderr)
 
 
 def lora_and_scale(text: str) -> tuple[str, float]:
@@ -207,7 +255,7 @@ def main(argv=None) -> int:
     save_steps = int_list(args.save_steps, "--save-steps") if args.save_steps is not None else None
 
     options = backend_options(args)
-    writable_folder(paths[0].parent, "--out")
+    writable_folder(paths[0].parent, "--out-dir" if args.out_dir is not None else "--out")
     if args.noise_strip is not None:
         if args.backend != "minidiff":
             raise UsageError("--noise-strip shows minidiff's forward process; give a minidiff --model")
@@ -221,26 +269,83 @@ def main(argv=None) -> int:
 
     pipe = load_pipeline(args)
     common = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                  generator=torch.Generator().manual_seed(args.seed), num_images_per_prompt=args.num_images,
                   capture_steps=save_steps, **options)
-    prompts = args.prompt
     if args.mask is not None:
         strength = 0.99 if args.strength is None else args.strength
-        result = pipe.inpaint(prompts, args.image, args.mask, strength=strength, **common)
+        call = functools.partial(pipe.inpaint, image=args.image, mask_image=args.mask, strength=strength)
     elif args.image is not None:
         strength = 0.7 if args.strength is None else args.strength
-        result = pipe.img2img(prompts, args.image, strength=strength, **common)
+        call = functools.partial(pipe.img2img, image=args.image, strength=strength)
     else:
-        result = pipe.sample(prompts, **common)
-    images = result.images
-    labels = [p for p in prompts for _ in range(args.num_images)]
-    picture = images[0] if len(images) == 1 else make_grid(
-        images, labels=labels, columns=args.num_images if len(prompts) > 1 else None,
-        scale=max(1, 96 // images[0].size[0]))
+        call = pipe.sample
+    batch_size = args.batch_size or max(1, BATCH_PIXELS // pipe.image_size ** 2)
+    generator = torch.Generator().manual_seed(args.seed)  # one stream: the same seed and --batch-size, the same images
+    images, traces, written = [], [], 0
+    with ImageProgress(len(args.prompt) * args.num_images) as progress:
+        for prompt in args.prompt:
+            for start in range(0, args.num_images, batch_size):
+                n = min(batch_size, args.num_images - start)
+                result = call(prompt, num_images_per_prompt=n, generator=generator, callback=progress.step, **common)
+                progress.finished(n)
+                if args.out_dir is not None:  # written now, not kept: memory does not grow with the count
+                    for image in result.images:
+                        write(for_viewing(image, args.raw_size), paths[written], quiet=True)
+                        written += 1
+                else:
+                    images += result.images
+                    traces.append(result.trace)
+    if args.out_dir is not None:
+        print(f"wrote {written} images to {args.out_dir}", file=sys.stderr)
+        return 0
+    labels = [p for p in args.prompt for _ in range(args.num_images)]
+    picture = for_viewing(images[0], args.raw_size) if len(images) == 1 else make_grid(
+        images, labels=labels, columns=grid_columns(len(images), group=args.num_images if len(args.prompt) > 1 else 1),
+        scale=1 if args.raw_size else scale_for(images[0]))
     write(picture, paths[0])
     if save_steps is not None:
-        write(trace_strip(result.trace), paths[1])
+        write(trace_strip(merge_traces(traces)), paths[1])
     return 0
+
+
+def for_viewing(image, raw_size: bool = False):
+    """A single image as saved: enlarged as the grids' tiles are (nearest neighbour, to about
+    96 px a side), so that a 16 px sample is not a speck in an image viewer; or as it is."""
+    return image if raw_size else enlarge(image, scale_for(image))
+
+
+def merge_traces(traces: list[list[dict]]) -> list[dict]:
+    """The traces of several batches as one: the same steps, their images one after another."""
+    merged = [dict(record) for record in traces[0]]
+    for trace in traces[1:]:
+        for into, record in zip(merged, trace):
+            for key in ("x_t", "pred_x0", "noise_pred"):
+                if into.get(key) is not None and record.get(key) is not None:
+                    into[key] = list(into[key]) + list(record[key])
+    return merged
+
+
+class ImageProgress:
+    """A progress bar over images on stderr. It opens at the first denoising step, so that a
+    mistake found before any work (a bad image, a bad strength) is still the only line printed,
+    and moves as each batch finishes."""
+
+    def __init__(self, total: int):
+        self.total, self.bar = total, None
+
+    def step(self, record=None) -> None:
+        if self.bar is None:
+            self.bar = tqdm(total=self.total, unit="image", dynamic_ncols=True)
+
+    def finished(self, n: int) -> None:
+        self.step()
+        self.bar.update(n)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
 
 
 if __name__ == "__main__":

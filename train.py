@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from minidiff.cli import ArgumentParser, UsageError, run, writable_folder
-from minidiff.data import DATA_NAMES, load_dataset
+from minidiff.data import DATA_NAMES, METADATA_NAME, ImageFolder, load_dataset
 from minidiff.runtime import pick_device, precision_name
 from minidiff.training import PRESETS, TrainConfig, Trainer, config_for_resume, latest_checkpoint
 from minidiff.unet import UNetConfig
@@ -165,6 +165,21 @@ def saved_state(out: Path) -> str:
             f"`python train.py --out {out} --resume` writes it afresh")
 
 
+def data_notes(dataset, name: str, batch_size: int) -> list[str]:
+    """What a user should know about their data before a long run: a folder without captions,
+    a folder smaller than one batch."""
+    folder = getattr(dataset, "dataset", dataset)  # Endless wraps a finite set
+    notes = []
+    if isinstance(folder, ImageFolder) and not folder.captioned:
+        notes.append(f"{name} has no {METADATA_NAME}: every caption is empty and the model learns "
+                     "unconditionally (prompts will be ignored); to caption the images, add one "
+                     '{"file_name": ..., "text": ...} line per image')
+    if isinstance(folder, ImageFolder) and len(folder) < batch_size:
+        notes.append(f"{name} holds {len(folder)} images, fewer than one batch of {batch_size}: each batch "
+                     "repeats them (fine for a test; real training wants many more)")
+    return notes
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
@@ -192,7 +207,13 @@ def main(argv=None) -> int:
         if checkpoint is not None:
             trainer.load_checkpoint(checkpoint)
             changed = "".join(f", {k} {old} -> {new}" for k, (old, new) in changes.items() if k != "out")
+            if trainer.step >= config.steps:  # nothing to train: say so, rather than save and render it all again
+                say(f"{out} is already at its last step ({trainer.step} of {config.steps}); to train longer, pass "
+                    f"--steps N with N above {trainer.step}, e.g. --resume --steps {2 * trainer.step}")
+                return 0
             say(f"resuming from {checkpoint} (step {trainer.step}{changed})")
+        for note in data_notes(trainer.dataset, config.data, config.batch_size):
+            say(f"warning: {note}")
         ranks = distributed.get("world_size", 1)
         say(f"training on {trainer.device}{f' x {ranks} processes' if ranks > 1 else ''} "
             f"({precision_name(trainer.precision)}): {config.objective} objective, {config.image_size} px, "

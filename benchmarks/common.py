@@ -34,7 +34,8 @@ from minidiff.training import (EMA, PRESETS, TrainConfig, apply_gradients, diffu
 from minidiff.unet import UNetConfig, pool_text
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = ROOT / "benchmarks" / "results"  # committed: written only with --publish
+SCRATCH = ROOT / "runs" / "benchmarks"  # everything else (runs/ is not committed)
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
 BACKBONES = ("minidiff", "diffusers")
 
@@ -240,18 +241,32 @@ class Report:
             "",
         ])
 
-    def write(self, body: str, data: dict, update_md: bool = True) -> str:
-        """Write results/<name>.md and .json, and (unless told not to) replace this
-        benchmark's section of BENCHMARKS.md."""
-        RESULTS.mkdir(parents=True, exist_ok=True)
+    def write(self, body: str, data: dict, publish: bool = False) -> str:
+        """Write <name>.md and .json into results_folder(publish) and, when publishing, replace
+        this benchmark's section of BENCHMARKS.md."""
+        folder = results_folder(publish)
         text = self.markdown(body)
-        (RESULTS / f"{self.name}.md").write_text(text)
+        (folder / f"{self.name}.md").write_text(text)
         data = {"command": self.command, "machine": machine_line(self.threads), "date": self.started.isoformat(),
                 "load_start": self.load_start, "load_end": load_average(), **data}
-        (RESULTS / f"{self.name}.json").write_text(json.dumps(data, indent=2) + "\n")
-        if update_md:
+        (folder / f"{self.name}.json").write_text(json.dumps(data, indent=2) + "\n")
+        if publish:
             replace_section(BENCHMARKS_MD, self.name, text)
+        print(f"wrote {folder / self.name}.md, .json{' and BENCHMARKS.md' if publish else ''}", file=sys.stderr)
         return text
+
+
+def add_publish_flag(parser) -> None:
+    parser.add_argument("--publish", action="store_true",
+                        help="write into benchmarks/results/ and BENCHMARKS.md, the committed results (default: "
+                             "runs/benchmarks/, so that a quick check leaves them alone)")
+
+
+def results_folder(publish: bool) -> Path:
+    """Where a benchmark writes its results: the committed benchmarks/results/ only when asked to publish."""
+    folder = RESULTS if publish else SCRATCH
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def replace_section(path: Path, name: str, text: str) -> None:

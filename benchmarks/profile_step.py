@@ -1,7 +1,7 @@
 """Where the time of one training step goes (CPU preset), and what the usual CPU tricks change.
 
-    python -m benchmarks.profile_step                       # writes BENCHMARKS.md section 5
-    python -m benchmarks.profile_step --batch-size 8 --repeats 2 --sanity-steps 3 --no-md   # quick check
+    python -m benchmarks.profile_step --publish             # writes BENCHMARKS.md section 5
+    python -m benchmarks.profile_step --batch-size 8 --repeats 2 --sanity-steps 3   # quick check
 
 1. torch.profiler over `--profile-steps` training steps of the CPU preset (the step of
    benchmarks.common.TrainState: forward, backward, clip, Adam, EMA): the top operators
@@ -28,8 +28,8 @@ import torch
 
 from minidiff.training import batch_indices, load_batch
 
-from .common import (RESULTS, Report, TrainState, alternating_times, build_model, make_dataset, markdown_table,
-                     median_ratio, preset_config, pyplot, set_threads)
+from .common import (Report, TrainState, add_publish_flag, alternating_times, build_model, make_dataset,
+                     markdown_table, median_ratio, preset_config, pyplot, results_folder, set_threads)
 
 
 def make_variants(config, threads: int) -> dict[str, tuple[TrainState, int]]:
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=2, help="steps per round (default 2)")
     p.add_argument("--sanity-steps", type=int, default=30, help="steps of the bf16 loss comparison (default 30)")
     p.add_argument("--threads", type=int, help="torch threads of the 'as is' step (default: torch's choice)")
-    p.add_argument("--no-md", action="store_true", help="do not touch BENCHMARKS.md (results/ still written)")
+    add_publish_flag(p)
     args = p.parse_args(argv)
     if min(args.profile_steps, args.repeats, args.steps, args.sanity_steps, args.top) < 1:
         p.error("counts must be at least 1")
@@ -147,8 +147,7 @@ def main(argv=None) -> int:
                      f"{median_ratio(times['as is'], times[name]):.3f}"] for name in variants]
     print(markdown_table(["variant", "img/s", "speed-up"], variant_rows))
     sanity = bf16_sanity(config, batches, args.sanity_steps)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(list(variants), times, RESULTS / "profile_step.png")
+    plot(list(variants), times, results_folder(args.publish) / "profile_step.png")
 
     f32, bf16 = sanity["losses"]["float32"], sanity["losses"]["bf16"]
     k = max(1, len(f32) // 5)
@@ -172,7 +171,7 @@ def main(argv=None) -> int:
         "![variants](benchmarks/results/profile_step.png)",
     ])
     print(report.write(body, {"top_ops": top_rows, "attention_ops": attention_ops, "variants": variant_rows,
-                              "times": times, "bf16_sanity": sanity}, update_md=not args.no_md))
+                              "times": times, "bf16_sanity": sanity}, publish=args.publish))
     return 0
 
 

@@ -1,9 +1,9 @@
 """Steps against quality: "how many steps do I need?", and how much guidance.
 
-    python -m benchmarks.steps_quality --model runs/shapes        # writes BENCHMARKS.md section 3
-    python -m benchmarks.steps_quality --model runs/flow --steps 5 10 20 50 --name steps_quality_flow
+    python -m benchmarks.steps_quality --model runs/shapes --publish   # writes BENCHMARKS.md section 3
+    python -m benchmarks.steps_quality --model runs/flow --steps 5 10 20 50 --name steps_quality_flow --publish
     python -m benchmarks.steps_quality --model runs/shapes --steps 10 20 --guidance-scales 1 4 \\
-        --samples-per-prompt 1 --no-md                             # a quick check
+        --samples-per-prompt 1                             # a quick check
 
 For a trained model folder: prompt accuracy (minidiff.evaluate: every evaluation prompt,
 `--samples-per-prompt` fixed seeds each, judged by the pixel analyser) and seconds per image
@@ -29,7 +29,7 @@ from minidiff.checkpoint import CheckpointError
 from minidiff.evaluate import evaluate, evaluation_prompts
 from minidiff.pipeline import MiniDiffusionPipeline
 
-from .common import RESULTS, Report, markdown_table, pyplot, set_threads
+from .common import Report, add_publish_flag, markdown_table, pyplot, results_folder, set_threads
 
 
 def measure(pipe, args, sampler: str, steps: int, guidance: float) -> dict:
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--no-md", action="store_true", help="do not touch BENCHMARKS.md (results/ still written)")
+    add_publish_flag(p)
     p.add_argument("--name", default="steps_quality",
                    help="results/<name>.{md,json,png} and the BENCHMARKS.md section of that name")
     args = p.parse_args(argv)
@@ -121,8 +121,7 @@ def main(argv=None) -> int:
                  for sampler in args.samplers for steps in args.steps]
     guidance_rows = [measure(pipe, args, sampler, default_steps, g)
                      for sampler in args.samplers for g in args.guidance_scales]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(step_rows, guidance_rows, RESULTS / f"{args.name}.png")
+    plot(step_rows, guidance_rows, results_folder(args.publish) / f"{args.name}.png")
     body = "\n".join([
         f"Model `{args.model}` ({pipe.config.objective}, {pipe.image_size} px); {args.samples_per_prompt} samples per prompt, seed {args.seed}, "
         f"{len(evaluation_prompts(pipe.image_size))} prompts. Seconds per image = wall-clock of the evaluation / images.",
@@ -138,7 +137,7 @@ def main(argv=None) -> int:
         f"![steps and guidance](benchmarks/results/{args.name}.png)",
     ])
     print(report.write(body, {"model": args.model, "steps": step_rows, "guidance": guidance_rows},
-                       update_md=not args.no_md))
+                       publish=args.publish))
     return 0
 
 

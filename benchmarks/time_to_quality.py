@@ -1,9 +1,9 @@
 """Time to quality: prompt accuracy against minutes of training, for several training recipes.
 
-    python -m benchmarks.time_to_quality --minutes 20            # minidiff vs the diffusers UNet: section 2
-    python -m benchmarks.time_to_quality --runs minidiff diffusers-recipe --minutes 12 --name recipe
+    python -m benchmarks.time_to_quality --minutes 20 --publish  # minidiff vs the diffusers UNet: section 2
+    python -m benchmarks.time_to_quality --runs minidiff diffusers-recipe --minutes 12 --name recipe --publish
     python -m benchmarks.time_to_quality --runs minidiff --variant flow:objective=flow --name objective
-    python -m benchmarks.time_to_quality --minutes 1 --eval-every 0.5 --samples-per-prompt 1 --no-md
+    python -m benchmarks.time_to_quality --minutes 1 --eval-every 0.5 --samples-per-prompt 1   # a quick check
 
 The runs (`--runs`, plus `--variant NAME:key=value,...` for minidiff's defaults with some
 TrainConfig fields changed):
@@ -39,8 +39,8 @@ from minidiff.evaluate import evaluate
 from minidiff.pipeline import MiniDiffusionPipeline
 from minidiff.training import batch_indices, load_batch
 
-from .common import (RESULTS, Report, TrainState, build_model, count_parameters, make_dataset,
-                     markdown_table, preset_config, pyplot, set_threads)
+from .common import (Report, TrainState, add_publish_flag, build_model, count_parameters, make_dataset,
+                     markdown_table, preset_config, pyplot, results_folder, set_threads)
 
 
 RECIPES = {  # run name -> (UNet, TrainConfig changes, TrainState options)
@@ -191,7 +191,7 @@ def main(argv=None) -> int:
                         "machine: not inflated by other jobs; default wall)")
     p.add_argument("--preset", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--no-md", action="store_true", help="do not touch BENCHMARKS.md (results/ still written)")
+    add_publish_flag(p)
     args = p.parse_args(argv)
     if args.minutes <= 0 or args.eval_every <= 0 or args.samples_per_prompt < 1 or not 0 < args.target <= 1:
         p.error("--minutes and --eval-every must be > 0, --samples-per-prompt >= 1, --target in (0, 1]")
@@ -218,10 +218,9 @@ def main(argv=None) -> int:
         for name in (names if k % 2 else names[::-1]):
             runs[name].train_until(until)
             runs[name].evaluate(args)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(runs, args.target, RESULTS / f"{args.name}.png")
+    plot(runs, args.target, results_folder(args.publish) / f"{args.name}.png")
     data = {name: {"points": run.points, "minutes_to_target": run.minutes_to(args.target)} for name, run in runs.items()}
-    print(report.write(body(runs, args, config), data, update_md=not args.no_md))
+    print(report.write(body(runs, args, config), data, publish=args.publish))
     return 0
 
 

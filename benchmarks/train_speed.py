@@ -1,7 +1,7 @@
 """Training and sampling throughput: minidiff's UNet against diffusers' UNet2DConditionModel.
 
-    python -m benchmarks.train_speed                      # both presets, writes BENCHMARKS.md section 1
-    python -m benchmarks.train_speed --presets cpu --repeats 3 --no-md   # a quick check
+    python -m benchmarks.train_speed --publish            # both presets, writes BENCHMARKS.md section 1
+    python -m benchmarks.train_speed --presets cpu --repeats 3   # a quick check, into runs/benchmarks/
 
 What is measured, for each preset of minidiff.training.PRESETS (its image size, batch size
 and UNet width, on this machine's device):
@@ -38,8 +38,9 @@ import torch
 from minidiff.pipeline import MiniDiffusionPipeline
 from minidiff.training import batch_indices, load_batch
 
-from .common import (BACKBONES, RESULTS, Report, TrainState, alternating_times, build_model, count_parameters,
-                     make_dataset, markdown_table, median_ratio, preset_config, pyplot, set_threads)
+from .common import (BACKBONES, Report, TrainState, add_publish_flag, alternating_times, build_model,
+                     count_parameters, make_dataset, markdown_table, median_ratio, preset_config, pyplot,
+                     results_folder, set_threads)
 
 GOAL = 1.5  # minidiff images/s over diffusers' at equal parameters (issue 6)
 
@@ -168,16 +169,15 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, default=4, help="distinct data batches cycled through (default 4)")
     p.add_argument("--guidance", type=float, default=4.0, help="CFG scale of the sampling step (> 1: batch 2B)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--no-md", action="store_true", help="do not touch BENCHMARKS.md (results/ still written)")
+    add_publish_flag(p)
     args = p.parse_args(argv)
     if min(args.repeats, args.steps, args.batches) < 1 or (args.batch_size is not None and args.batch_size < 1):
         p.error("--repeats, --steps, --batches and --batch-size must be at least 1")
     threads = set_threads(args.threads)
     report = Report("train_speed", "1. Training and sampling throughput against diffusers", threads)
     results = [bench_preset(preset, args) for preset in args.presets]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(results, RESULTS / "train_speed.png")
-    print(report.write(body(results, args), {"results": results}, update_md=not args.no_md))
+    plot(results, results_folder(args.publish) / "train_speed.png")
+    print(report.write(body(results, args), {"results": results}, publish=args.publish))
     return 0
 
 

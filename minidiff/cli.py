@@ -41,9 +41,16 @@ def writable_folder(folder, flag: str) -> Path:
     return folder
 
 
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """`warnings.formatwarning` for the command line: `warning: MESSAGE`, one line, without the
+    file, line and source that Python's default adds (which read like a crash to a user)."""
+    return "warning: " + " ".join(str(message).split()) + "\n"
+
+
 def run(main, argv=None) -> int:
-    """Call main(argv); a user error prints `error: ...` on stderr and returns 2, no traceback."""
-    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+    """Call main(argv); a user error prints `error: ...` on stderr and returns 2, no traceback.
+    Warnings print as one `warning: ...` line each. Every script's `__main__` goes through here."""
+    warnings.formatwarning = one_line_warning
     try:
         return main(argv) or 0
     except USER_ERRORS as error:

@@ -211,7 +211,8 @@ class ImageFolder(torch.utils.data.Dataset):
         self.folder, self.image_size = Path(folder), image_size
         if not self.folder.is_dir():
             raise DataError(f"data folder {self.folder} does not exist")
-        if (self.folder / METADATA_NAME).is_file():
+        self.captioned = (self.folder / METADATA_NAME).is_file()  # False: every caption is empty
+        if self.captioned:
             self.files, self.texts = read_metadata(self.folder)
         else:
             self.files = sorted(p for p in self.folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)

@@ -18,13 +18,13 @@ How it reads one object (a region with a black background):
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from .data import COLOURS, SHAPES, caption_for
 
@@ -108,18 +108,35 @@ def score(found: list, expected: list) -> dict[str, bool]:
     }
 
 
+def check_shapes_model(pipe, prompts: list[str], name: str = "this model") -> None:
+    """Refuse a model that was not trained on Shapes: its vocabulary lacks words of the
+    evaluation prompts (a model trained on other captions would be scored on prompts it
+    cannot read, and the percentage would mean nothing)."""
+    missing = sorted({w for prompt in prompts for w in pipe.model.tokenizer.unknown_words(prompt)})
+    if missing:
+        shown = ", ".join(missing[:6]) + (", ..." if len(missing) > 6 else "")
+        raise ValueError(f"{name} was not trained on Shapes (its vocabulary lacks {shown}); minidiff.evaluate "
+                         "scores Shapes models only: for other data, look at the grids in the run's samples/ folder")
+
+
 @torch.no_grad()
-def evaluate(pipe, samples_per_prompt: int = 8, seed: int = 0, **sample_kwargs) -> dict:
+def evaluate(pipe, samples_per_prompt: int = 8, seed: int = 0, progress: bool = False, **sample_kwargs) -> dict:
     """Sample every prompt `samples_per_prompt` times (seed + prompt index as the generator
-    seed) and return accuracies: {"single": {...}, "two": {...} or None, "per_prompt": [...]}."""
+    seed) and return accuracies: {"single": {...}, "two": {...} or None, "per_prompt": [...]}.
+    `progress`: a bar over the images on stderr. A model not trained on Shapes is refused (ValueError)."""
+    prompts = evaluation_prompts(pipe.image_size)
+    check_shapes_model(pipe, [prompt for prompt, _ in prompts])
     results = {"single": [], "two": []}
     per_prompt = []
-    for index, (prompt, expected) in enumerate(evaluation_prompts(pipe.image_size)):
+    bar = tqdm(total=len(prompts) * samples_per_prompt, unit="image", disable=not progress, dynamic_ncols=True)
+    for index, (prompt, expected) in enumerate(prompts):
         generator = torch.Generator().manual_seed(seed + index)
         out = pipe.sample(prompt, num_images_per_prompt=samples_per_prompt, generator=generator, **sample_kwargs)
         scores = [score(analyse(img, two_objects=len(expected) == 2), expected) for img in out.images]
         results["single" if len(expected) == 1 else "two"] += scores
         per_prompt.append({"prompt": prompt, "both": sum(s["both"] for s in scores) / len(scores)})
+        bar.update(samples_per_prompt)
+    bar.close()
     summary = {"per_prompt": per_prompt}
     for kind, scores in results.items():
         summary[kind] = {k: sum(s[k] for s in scores) / len(scores) for k in ("colour", "shape", "both")} if scores else None
@@ -127,7 +144,9 @@ def evaluate(pipe, samples_per_prompt: int = 8, seed: int = 0, **sample_kwargs) 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Prompt accuracy of a minidiff Shapes model.")
+    from .cli import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m minidiff.evaluate", description="Prompt accuracy of a minidiff Shapes model.")
     parser.add_argument("--model", required=True, help="folder written by train.py")
     parser.add_argument("--samples-per-prompt", type=int, default=8)
     parser.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the pipeline's)")
@@ -137,14 +156,17 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
     parser.add_argument("--per-prompt", action="store_true", help="also print each prompt's accuracy")
-    args = parser.parse_args(argv)
 
     from .checkpoint import CheckpointError
     from .pipeline import MiniDiffusionPipeline
 
     try:
+        args = parser.parse_args(argv)
+        if args.samples_per_prompt < 1:
+            raise ValueError(f"--samples-per-prompt must be at least 1, got {args.samples_per_prompt}")
         pipe = MiniDiffusionPipeline.from_pretrained(args.model, device=args.device)
-        summary = evaluate(pipe, args.samples_per_prompt, args.seed, num_inference_steps=args.steps,
+        check_shapes_model(pipe, [prompt for prompt, _ in evaluation_prompts(pipe.image_size)], args.model)
+        summary = evaluate(pipe, args.samples_per_prompt, args.seed, progress=True, num_inference_steps=args.steps,
                            guidance_scale=args.guidance, sampler=args.sampler)
     except (CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -160,4 +182,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import run
+
+    sys.exit(run(main))

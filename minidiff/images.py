@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -78,6 +79,19 @@ def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
 def noise_to_pil(noise: torch.Tensor, std_range: float = 2.0) -> list[Image.Image]:
     """Noise-like tensors (B, 3, H, W), roughly N(0, 1) -> PIL images, +-`std_range` mapped to white/black."""
     return tensor_to_pil(noise / std_range)
+
+
+def grid_columns(count: int, group: int = 1) -> int:
+    """Columns for an about-square grid of `count` tiles: ceil(sqrt(count)), except that
+    `group` tiles in a row (one prompt's images) are kept when that is at most twice as wide."""
+    square = math.ceil(math.sqrt(count))
+    return group if 1 < group <= 2 * square else square
+
+
+def enlarge(image: Image.Image, scale: int) -> Image.Image:
+    """`scale` times larger, nearest neighbour: each pixel stays a visible square."""
+    return image if scale == 1 else image.resize((image.size[0] * scale, image.size[1] * scale),
+                                                 Image.Resampling.NEAREST)
 
 
 def make_grid(images: list[Image.Image], labels: list[str] | None = None, columns: int | None = None,

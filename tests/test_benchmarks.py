@@ -92,3 +92,27 @@ def test_replace_section_keeps_the_rest_of_the_file(tmp_path):
     assert text.startswith("# Benchmarks\n\nintro\n")
     assert "first, again" in text and "first\n" not in text and text.count("<!-- begin one -->") == 1
     assert text.index("first, again") < text.index("second")  # a rewritten section keeps its place
+
+
+def test_results_go_to_scratch_unless_published(tmp_path, monkeypatch):
+    """A quick check must not overwrite the committed benchmarks/results/ or BENCHMARKS.md."""
+    from benchmarks import common
+
+    paths = {"RESULTS": tmp_path / "results", "SCRATCH": tmp_path / "scratch", "BENCHMARKS_MD": tmp_path / "B.md"}
+    for name, path in paths.items():
+        monkeypatch.setattr(common, name, path)
+    report = common.Report("train_speed", "1. Throughput", threads=1)
+    report.write("quick", {"x": 1})
+    assert (paths["SCRATCH"] / "train_speed.json").exists() and (paths["SCRATCH"] / "train_speed.md").exists()
+    assert not paths["RESULTS"].exists() and not paths["BENCHMARKS_MD"].exists()
+    report.write("published", {"x": 2}, publish=True)
+    assert (paths["RESULTS"] / "train_speed.json").exists()
+    assert "published" in paths["BENCHMARKS_MD"].read_text()
+
+
+@pytest.mark.parametrize("name", ["train_speed", "time_to_quality", "steps_quality", "profile_step"])
+def test_every_benchmark_publishes_only_when_asked(name):
+    import importlib
+
+    source = importlib.import_module(f"benchmarks.{name}").__loader__.get_source(f"benchmarks.{name}")
+    assert "add_publish_flag(p)" in source and "publish=args.publish" in source and "RESULTS" not in source

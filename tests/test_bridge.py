@@ -299,7 +299,7 @@ def test_cli_runs_sd3_and_rejects_what_does_not_apply(tiny_sd3_dir, tiny_model_d
 
     out = tmp_path / "sd3.png"
     base = ["--prompt", "a red circle", "--steps", "2", "--device", "cpu"]
-    assert run(sample.main, ["--model", str(tiny_sd3_dir), *base, "--height", "16", "--out", str(out)]) == 0
+    assert run(sample.main, ["--model", str(tiny_sd3_dir), *base, "--height", "16", "--raw-size", "--out", str(out)]) == 0
     assert Image.open(out).size == (32, 16)
     assert run(sample.main, ["--model", str(tiny_sd3_dir), *base, "--sampler", "ddpm", "--out", str(tmp_path / "a.png")]) == 2
     assert run(sample.main, ["--model", str(tiny_model_dir), *base, "--width", "32", "--out", str(tmp_path / "b.png")]) == 2

@@ -127,6 +127,12 @@ CASES = [
     Case("sample: output exists", SAMPLE, lambda t: Image.new("RGB", (4, 4)).save(t / "out.png"), "pass --overwrite"),
     Case("sample: output folder not writable", SAMPLE + ["--out", "{tmp}/a_file/out.png"],
          lambda t: (t / "a_file").write_text("a file, not a folder"), "--out: cannot write to"),
+    Case("sample: no images asked for", SAMPLE + ["--num-images", "0"], None, "--num-images must be at least 1"),
+    Case("sample: too many images for one grid", SAMPLE + ["--num-images", "2000"], None,
+         "too many for one grid (at most 1,024); write one PNG per image with --out-dir"),
+    Case("sample: an image of --out-dir exists", SAMPLE + ["--out-dir", "{tmp}/images"],
+         lambda t: ((t / "images").mkdir(), Image.new("RGB", (4, 4)).save(t / "images" / "00000-a-red-circle.png")),
+         "pass --overwrite"),
     Case("sample: missing image", SAMPLE + ["--image", "{tmp}/nope.png"], None, "image file not found"),
     Case("sample: corrupt image", SAMPLE + ["--image", "{tmp}/bad.png"],
          lambda t: (t / "bad.png").write_bytes(b"not a png"), "is not a readable image"),
@@ -284,3 +290,11 @@ def print_table() -> None:
 
 if __name__ == "__main__":
     print_table()
+
+
+def test_warnings_print_as_one_line_each():
+    """Through `run`, as every script's __main__: `warning: ...`, no file, line or source."""
+    code = "import warnings; from minidiff.cli import run; run(lambda argv: warnings.warn('two\\n  lines'))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.stderr == "warning: two lines\n"

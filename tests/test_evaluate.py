@@ -58,3 +58,25 @@ def test_object_centre_finds_the_box_centre_of_circles_and_squares():
         assert abs(cx - ((x0 + x1) / 2 - 0.5)) < 0.3 and abs(cy - ((y0 + y1) / 2 - 0.5)) < 0.3
         checked += 1
     assert checked > 10 and object_centre(np.zeros((16, 16, 3), np.uint8)) is None
+
+
+def test_evaluate_refuses_a_model_not_trained_on_shapes_in_one_line(tmp_path, capsys):
+    from conftest import tiny_train_config
+    from minidiff.training import Trainer
+
+    folder = tmp_path / "cats"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (16, 16), (200, 120, 40)).save(folder / f"{i}.png")
+    (folder / "metadata.jsonl").write_text('{"file_name": "0.png", "text": "a ginger cat"}\n'
+                                           '{"file_name": "1.png", "text": "a ginger cat"}\n')
+    Trainer(tiny_train_config(tmp_path / "model", data=str(folder), steps=1)).train()
+    capsys.readouterr()
+    assert main(["--model", str(tmp_path / "model"), "--samples-per-prompt", "1", "--steps", "1"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "was not trained on Shapes" in lines[0] and "circle" in lines[0], lines
+
+
+def test_evaluate_shows_a_progress_bar_over_images(tiny_model_dir, capsys):
+    assert main(["--model", str(tiny_model_dir), "--samples-per-prompt", "2", "--steps", "1"]) == 0
+    assert "36/36" in capsys.readouterr().err  # 18 prompts x 2 images
