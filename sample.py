@@ -23,11 +23,9 @@ from pathlib import Path
 import torch
 
 from minidiff.checkpoint import atomic_write
-from minidiff.cli import ArgumentParser, UsageError, run, writable_folder
+from minidiff.cli import DEFAULT_MODEL, ArgumentParser, UsageError, open_pipeline, pick_backend, run, writable_folder
 from minidiff.figures import noising_strip, trace_strip
 from minidiff.images import load_image, make_grid
-
-DEFAULT_MODEL = "runs/shapes"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -103,30 +101,9 @@ def output_paths(args) -> list[Path]:
     return paths
 
 
-def pick_backend(model: str, backend: str = "auto") -> str:
-    """auto: a folder with model_index.json, or a Hugging Face id (owner/name that is not an existing
-    path), is sd3; anything else (a minidiff checkpoint folder, the default runs/shapes) is minidiff."""
-    if backend != "auto":
-        return backend
-    from bridge.sd3 import looks_like_hub_id
-
-    path = Path(model).expanduser()
-    if (path / "model_index.json").is_file():
-        return "sd3"
-    if not path.exists() and model != DEFAULT_MODEL and looks_like_hub_id(model):
-        return "sd3"
-    return "minidiff"
-
-
 def load_pipeline(args):
-    """The one place a pipeline is built: minidiff's or the SD3 bridge (args.backend, resolved by main)."""
-    if args.backend == "sd3":
-        from bridge import SD3Bridge
-
-        return SD3Bridge.from_pretrained(args.model, device=args.device)
-    from minidiff import MiniDiffusionPipeline
-
-    return MiniDiffusionPipeline.from_pretrained(args.model, device=args.device)
+    """The pipeline for args.model (args.backend, resolved by main); built in minidiff.cli.open_pipeline."""
+    return open_pipeline(args.model, args.backend, args.device)
 
 
 def write(picture, path: Path) -> None:
