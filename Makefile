@@ -9,7 +9,7 @@ DEMO_PROMPTS := "a red circle" "a blue square" "a yellow triangle" "a green circ
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,app]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -38,7 +38,7 @@ def main(argv=None) -> int:
         import gradio  # noqa: F401
     except ImportError:
         raise UsageError("the app needs Gradio: pip install -e '.[app]'") from None
-    from minidiff.webapp import AppModel, WebApp, build_ui, host_warning
+    from minidiff.webapp import PAGE_CSS, AppModel, WebApp, build_ui, host_warning
 
     warning = host_warning(args.host)
     if warning:
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     print(f"loaded {model.name} ({model.backend})", file=sys.stderr)
     demo = build_ui(WebApp(model, args.out, args.device))
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, inbrowser=False,
-                footer_links=["api", "gradio"])
+                footer_links=["api", "gradio"], css=PAGE_CSS)
     return 0
 
 

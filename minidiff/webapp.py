@@ -17,6 +17,7 @@ Gradio is imported by `build_ui` only: `pip install -e '.[app]'`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import queue
 import random
@@ -77,6 +78,7 @@ class Result:
     frames: list[Frame]  # the captured steps, step 0 (the start) first: what the step slider moves through
     settings: Settings
     files: list[Path] = field(default_factory=list)  # the PNGs to download (results, then input and mask)
+    warnings: list[str] = field(default_factory=list)  # what the call warned about (an input resized, say)
 
 
 class Cancelled(Exception):
@@ -222,10 +224,10 @@ def generate(model: AppModel, mode: str, settings: Settings, image=None, mask=No
 
     def work() -> None:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # e.g. "image resized": the page shows the result's size
-                events.put(("done", model.call(mode, settings, image, mask, callback=on_step, capture_steps=[0]),
-                            None))
+            with warnings.catch_warnings(record=True) as caught:  # e.g. "image resized": for the page to show
+                warnings.simplefilter("always")
+                output = model.call(mode, settings, image, mask, callback=on_step, capture_steps=[0])
+            events.put(("done", output, [str(w.message) for w in caught]))
         except BaseException as error:  # handed to the page's thread, raised there
             events.put(("error", error, None))
 
@@ -237,14 +239,14 @@ def generate(model: AppModel, mode: str, settings: Settings, image=None, mask=No
             if kind == "error":
                 raise value
             if kind == "done":
-                output = value
+                output, caught = value, record
                 break
             yield _frame(record, total) if record is not None else Frame(value, total, None)
     finally:
         stop.set()
         worker.join()
     trace = [_frame(r, total) for r in output.trace + recorder.trace]
-    yield Result(images=output.images, frames=trace, settings=settings)
+    yield Result(images=output.images, frames=trace, settings=settings, warnings=caught)
 
 
 def run(model: AppModel, mode: str, settings: Settings, image=None, mask=None, folder=None) -> Result:
@@ -388,7 +390,10 @@ class WebApp:
 
     def generate(self, mode: str, settings: Settings, picture=None, progress=None) -> Iterator[tuple]:
         """-> (status, live x_t, live pred_x0, result pictures or None, files or None, frames or None)
-        once per frame, then once at the end with the results, files and every captured frame."""
+        once per frame, then once at the end with the results, files and every captured frame.
+        Warnings of the call (an input resized, say) are shown in the page with `gr.Warning`."""
+        import gradio as gr
+
         mask = None
         try:
             if mode == "inpaint":
@@ -397,20 +402,20 @@ class WebApp:
                 if picture is None:
                     raise ValueError("upload a picture to start from first (or send a result here)")
                 picture = load_image(picture)
-            events = generate(self.model, mode, settings, picture, mask)
-            for event in events:
-                if isinstance(event, Result):
-                    break
-                if progress is not None:
-                    progress((event.step, event.total), desc="denoising")
-                if event.x_t is not None:
-                    yield (frame_label(event), event.x_t, event.pred_x0, None, None, None)
+            with contextlib.closing(generate(self.model, mode, settings, picture, mask)) as events:
+                for event in events:
+                    if isinstance(event, Result):
+                        break
+                    if progress is not None:
+                        progress((event.step, event.total), desc="denoising")
+                    if event.x_t is not None:
+                        yield (frame_label(event), event.x_t, event.pred_x0, None, None, None)
             result = event
             files = save_result(result, self.model, mode, self.out_dir, picture, mask)
-        except Cancelled:
-            return
         except USER_ERRORS as error:
             raise self._error(error) from None
+        for message in result.warnings:
+            gr.Warning(message)
         last = result.frames[-1]
         status = f"{frame_label(last)} · seed {result.settings.seed} · " \
                  f"`{sample_command(self.model, mode, result.settings, 'sample.png')}`"
@@ -427,8 +432,13 @@ def random_seed() -> int:
     return random.randint(0, MAX_SEED)
 
 
+# Small pictures (minidiff's 32 px) are shown enlarged: keep their pixels sharp instead of blurred.
+PAGE_CSS = ".pixels img, .pixels canvas { image-rendering: pixelated; }"
+
+
 def build_ui(app: WebApp):
-    """The Gradio Blocks page: three tabs over `app`, one generation at a time (a shared queue)."""
+    """The Gradio Blocks page: three tabs over `app`, one generation at a time (a shared queue).
+    Launch it with `css=PAGE_CSS`."""
     import gradio as gr
 
     with gr.Blocks(title="minidiff") as demo:
@@ -445,9 +455,9 @@ def build_ui(app: WebApp):
 
         for target in ("img2img", "inpaint"):  # "send to" buttons under every gallery
             for panel in panels.values():
-                panel["send"][target].click(lambda files, i, target=target: (_picked(files, i), gr.Tabs(selected=target)),
-                                            [panel["gallery_files"], panel["picked"]],
-                                            [panels[target]["picture"], tabs], queue=False)
+                panel["send"][target].click(
+                    lambda files, i, target=target: (_picked(files, i), gr.Tabs(selected=target)),
+                    [panel["gallery_files"], panel["picked"]], [panels[target]["picture"], tabs], queue=False)
 
         def load(name, backend):
             text = app.load(name, backend)
@@ -485,14 +495,15 @@ def _panel(gr, app: WebApp, mode: str, label: str) -> dict:
             with gr.Column(scale=1):
                 if mode == "img2img":
                     c["picture"] = gr.Image(type="pil", image_mode="RGB", label="Start from", format="png",
-                                            sources=["upload", "clipboard"], elem_id=f"{mode}-picture")
+                                            sources=["upload", "clipboard"], height=320, elem_id=f"{mode}-picture",
+                                            elem_classes=["pixels"])
                 elif mode == "inpaint":
                     c["picture"] = gr.ImageEditor(type="pil", image_mode="RGBA", format="png",
                                                   label="Paint the region to replace (white is replaced)",
                                                   sources=["upload", "clipboard"], layers=False, transforms=(),
                                                   brush=gr.Brush(colors=["#ffffff"], color_mode="fixed",
                                                                  default_size=max(2, m.pipe.image_size // 10)),
-                                                  elem_id=f"{mode}-picture")
+                                                  elem_id=f"{mode}-picture", elem_classes=["pixels"])
                 c["prompt"] = gr.Textbox(label="Prompt", lines=2, elem_id=f"{mode}-prompt")
                 c["negative"] = gr.Textbox(label="Negative prompt", elem_id=f"{mode}-negative")
                 if mode != "txt2img":
@@ -515,8 +526,9 @@ def _panel(gr, app: WebApp, mode: str, label: str) -> dict:
                     c["width"] = gr.Number(size, label="Width", precision=0, visible=m.is_sd3)
                 c["run"] = gr.Button("Generate", variant="primary", elem_id=f"{mode}-run")
             with gr.Column(scale=1):
-                c["gallery"] = gr.Gallery(label="Result (PNG with its settings)", columns=4, format="png", height=320,
-                                          elem_id=f"{mode}-gallery")
+                c["gallery"] = gr.Gallery(label="Result (PNG with its settings)", columns=4, format="png",
+                                          height=320, object_fit="contain", elem_id=f"{mode}-gallery",
+                                          elem_classes=["pixels"])
                 c["status"] = gr.Markdown(elem_id=f"{mode}-status")
                 with gr.Row():
                     c["x_t"] = gr.Image(label="x_t", format="png", interactive=False, elem_id=f"{mode}-x")
@@ -530,6 +542,8 @@ def _panel(gr, app: WebApp, mode: str, label: str) -> dict:
         c["frames"] = gr.State([])
         c["gallery_files"] = gr.State([])
         c["picked"] = gr.State(0)
+        for name in ("strength", "picture"):  # text to image has neither
+            c.setdefault(name, gr.State(None))
 
     c["random"].click(random_seed, None, c["seed"], queue=False)
     def selected(event):
@@ -550,10 +564,8 @@ def _panel(gr, app: WebApp, mode: str, label: str) -> dict:
                 yield (text, x_t, x0, pictures, files, frames, pictures,
                        gr.Slider(0, len(frames) - 1, value=len(frames) - 1, step=1, interactive=len(frames) > 1))
 
-    strength = c.get("strength", gr.State(None))
-    picture = c.get("picture", gr.State(None))
     inputs = [c["prompt"], c["negative"], c["steps"], c["guidance"], c["seed"], c["num_images"], c["sampler"],
-              c["height"], c["width"], strength, picture]
+              c["height"], c["width"], c["strength"], c["picture"]]
     outputs = [c["status"], c["x_t"], c["x0"], c["gallery"], c["files"], c["frames"], c["gallery_files"], c["slider"]]
     c["run"].click(run, inputs, outputs, concurrency_limit=1, concurrency_id="model")
     c["prompt"].submit(run, inputs, outputs, concurrency_limit=1, concurrency_id="model")
