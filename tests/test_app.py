@@ -176,7 +176,7 @@ def test_sd3_through_the_same_handlers(tiny_sd3, tiny_sd3_dir, tmp_path, picture
     assert result.settings.height == result.settings.width == 32 and result.settings.sampler is None
     edit = list(generate(model, "img2img", Settings("a red circle", steps=4, seed=1, strength=0.5),
                          picture.resize((32, 32))))[-1]
-    assert [f.step for f in edit.frames] == [0, 1, 2]  # SD3 runs N * strength of N steps
+    assert [f.step for f in edit.frames] == [0, 1, 2] and edit.frames[-1].total == 2  # N * strength of N steps
     command = Image.open(save_result(result, model, "txt2img", tmp_path)[0]).text["sample.py"]
     assert "--backend sd3" in command and "--height 32 --width 32" in command and "--sampler" not in command
     with pytest.raises(ValueError, match="sampler applies to minidiff"):
