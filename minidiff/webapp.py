@@ -3,7 +3,7 @@
     model = AppModel.load("runs/shapes")                       # minidiff, or an SD3 id / folder
     for event in generate(model, "txt2img", Settings("a red circle", seed=1)):
         ...                                                     # Frame every few steps, then one Result
-    demo = build_ui(model)                                      # the Gradio page over the same calls
+    build_ui(WebApp(model)).launch(css=PAGE_CSS)                # the Gradio page over the same calls
 
 Everything here goes through the calls of `minidiff.contract` (`sample`, `img2img`, `inpaint`)
 on either backend. Watching the denoising is their `callback` (every few steps, decoded with a
@@ -35,7 +35,7 @@ from PIL import Image, PngImagePlugin
 
 from .cli import USER_ERRORS, open_pipeline, pick_backend
 from .contract import StepRecorder
-from .images import load_image, load_mask, make_grid, tensor_to_pil
+from .images import load_image, load_mask, make_grid, open_image, tensor_to_pil
 
 MODES = ("txt2img", "img2img", "inpaint")
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -82,7 +82,7 @@ class Result:
 
 
 class Cancelled(Exception):
-    """Raised inside the pipeline's callback when the page stops listening (tab closed, stop pressed)."""
+    """Raised inside the pipeline's callback once nobody listens any more (the page was closed)."""
 
 
 def whole(value, name: str, low: int, high: int | None = None) -> int:
@@ -249,15 +249,6 @@ def generate(model: AppModel, mode: str, settings: Settings, image=None, mask=No
     yield Result(images=output.images, frames=trace, settings=settings, warnings=caught)
 
 
-def run(model: AppModel, mode: str, settings: Settings, image=None, mask=None, folder=None) -> Result:
-    """`generate` to the end, saving the PNGs (for scripts and tests)."""
-    result = None
-    for result in generate(model, mode, settings, image, mask):
-        pass
-    save_result(result, model, mode, folder or tempfile.mkdtemp(prefix="minidiff-app-"), image, mask)
-    return result
-
-
 # --- the pictures the page receives ---------------------------------------------------------------
 
 def mask_from_editor(value) -> tuple[Image.Image, Image.Image]:
@@ -268,7 +259,7 @@ def mask_from_editor(value) -> tuple[Image.Image, Image.Image]:
     background = load_image(value["background"])
     painted = np.zeros((background.size[1], background.size[0]), dtype=bool)  # (H, W)
     for layer in value.get("layers") or ():
-        layer = load_image_rgba(layer)
+        layer = open_image(layer, "mask layer").convert("RGBA")
         if layer.size != background.size:  # the canvas is the picture's size; be safe if it is not
             layer = layer.resize(background.size, Image.Resampling.NEAREST)
         painted |= np.asarray(layer)[..., 3] > 0
@@ -277,32 +268,25 @@ def mask_from_editor(value) -> tuple[Image.Image, Image.Image]:
     return background, Image.fromarray(np.where(painted, 255, 0).astype(np.uint8), mode="L")
 
 
-def load_image_rgba(image) -> Image.Image:
-    from .images import open_image
-
-    return open_image(image, "mask layer").convert("RGBA")
-
-
 # --- saving: PNG text chunks that reproduce the result ---------------------------------------------
 
-def sample_command(model: AppModel, mode: str, settings: Settings, out: str, image_file: str | None = None,
-                   mask_file: str | None = None) -> str:
-    """The sample.py command line that makes the same picture (a grid when num_images > 1)."""
+def sample_command(model: AppModel, mode: str, settings: Settings, out: str) -> str:
+    """The sample.py command line that makes the same picture (a grid when num_images > 1); for an
+    edit it reads input.png (and mask.png), which `save_result` writes beside the result.
+    Numbers are written with repr, so a float comes back exactly."""
     s = settings
     args = ["python", "sample.py", "--model", model.name, "--backend", model.backend, "--prompt", s.prompt]
     if s.negative_prompt:
         args += ["--negative-prompt", s.negative_prompt]
-    args += ["--steps", str(s.steps), "--guidance", f"{s.guidance:g}", "--seed", str(s.seed),
+    args += ["--steps", str(s.steps), "--guidance", repr(s.guidance), "--seed", str(s.seed),
              "--num-images", str(s.num_images)]
     if model.is_sd3:
         args += ["--height", str(s.height), "--width", str(s.width)]
     else:
         args += ["--sampler", s.sampler]
     if mode != "txt2img":
-        args += ["--image", image_file or "input.png"]
-        if mode == "inpaint":
-            args += ["--mask", mask_file or "mask.png"]
-        args += ["--strength", f"{s.strength:g}"]
+        args += ["--image", "input.png"] + (["--mask", "mask.png"] if mode == "inpaint" else [])
+        args += ["--strength", repr(s.strength)]
     return shlex.join(args + ["--out", out])
 
 
@@ -317,11 +301,11 @@ def png_text(model: AppModel, mode: str, settings: Settings, index: int, command
     if s.strength is not None:
         parameters += f", Denoising strength: {s.strength:g}"
     text = {"parameters": parameters, "mode": mode, "prompt": s.prompt, "negative_prompt": s.negative_prompt,
-            "seed": str(s.seed), "steps": str(s.steps), "guidance_scale": f"{s.guidance:g}", "sampler": sampler,
+            "seed": str(s.seed), "steps": str(s.steps), "guidance_scale": repr(s.guidance), "sampler": sampler,
             "model": model.name, "backend": model.backend, "num_images": str(s.num_images),
             "image_index": str(index), "sample.py": command}
     if s.strength is not None:
-        text["strength"] = f"{s.strength:g}"
+        text["strength"] = repr(s.strength)
     return text
 
 

@@ -67,7 +67,8 @@ def test_preview_steps():
 
 
 def test_txt2img_streams_frames_then_a_result_that_sample_py_reproduces(model, tmp_path):
-    events = list(generate(model, "txt2img", Settings("a red circle", steps=STEPS, seed=7, num_images=2), frames=3))
+    settings = Settings("a red circle", steps=STEPS, seed=7, num_images=2, guidance=2.718281828)  # every digit counts
+    events = list(generate(model, "txt2img", settings, frames=3))
     frames, result = events[:-1], events[-1]
     assert isinstance(result, Result) and all(isinstance(f, Frame) for f in frames)
     assert [f.step for f in frames] == list(range(1, STEPS + 1))  # every step: the progress bar
@@ -78,7 +79,7 @@ def test_txt2img_streams_frames_then_a_result_that_sample_py_reproduces(model, t
     # the last frame is the result itself, and a live frame is the same picture as its history entry
     assert np.array_equal(np.asarray(result.frames[-1].x_t), np.asarray(preview(result.images)))
     assert np.array_equal(np.asarray(frames[3].x_t), np.asarray(result.frames[2].x_t))
-    assert result.settings.steps == STEPS and result.settings.sampler == "ddim" and result.settings.guidance == 3.0
+    assert (result.settings.steps, result.settings.sampler, result.settings.guidance) == (STEPS, "ddim", 2.718281828)
 
     files = save_result(result, model, "txt2img", tmp_path / "out")
     assert [f.name for f in files] == ["txt2img-1.png", "txt2img-2.png"]
@@ -86,6 +87,8 @@ def test_txt2img_streams_frames_then_a_result_that_sample_py_reproduces(model, t
     assert text["prompt"] == "a red circle" and text["seed"] == "7" and text["image_index"] == "1"
     assert "Seed: 7" in text["parameters"] and "Steps: 6" in text["parameters"]
     # two images: sample.py draws a labelled grid, each image enlarged 6x (nearest) and centred in its cell
+    argv = shlex.split(text["sample.py"])
+    assert float(argv[argv.index("--guidance") + 1]) == 2.718281828  # exactly, not rounded for show
     grid, tile = np.asarray(reproduce(files[0], tmp_path)), 16 * 6
     cell = grid.shape[1] // 2
     for i, image in enumerate(result.images):
