@@ -373,8 +373,9 @@ class WebApp:
         return f"**Model:** `{m.name}` ({kind})"
 
     def generate(self, mode: str, settings: Settings, picture=None, progress=None) -> Iterator[tuple]:
-        """-> (status, live x_t, live pred_x0, result pictures or None, files or None, frames or None)
-        once per frame, then once at the end with the results, files and every captured frame.
+        """-> (text, live x_t, live pred_x0, result pictures or None, files or None, frames or None)
+        once per frame (text: the step), then once at the end with the results, files and every
+        captured frame (text: the seed used and the sample.py command).
         Warnings of the call (an input resized, say) are shown in the page with `gr.Warning`."""
         import gradio as gr
 
@@ -401,8 +402,7 @@ class WebApp:
         for message in result.warnings:
             gr.Warning(message)
         last = result.frames[-1]
-        status = f"{frame_label(last)} · seed {result.settings.seed} · " \
-                 f"`{sample_command(self.model, mode, result.settings, 'sample.png')}`"
+        status = f"seed {result.settings.seed} · `{sample_command(self.model, mode, result.settings, 'sample.png')}`"
         yield (status, last.x_t, last.pred_x0, [str(f) for f in files[:len(result.images)]], [str(f) for f in files],
                result.frames)
 
@@ -416,8 +416,9 @@ def random_seed() -> int:
     return random.randint(0, MAX_SEED)
 
 
-# Small pictures (minidiff's 32 px) are shown enlarged: keep their pixels sharp instead of blurred.
-PAGE_CSS = ".pixels img, .pixels canvas { image-rendering: pixelated; }"
+# Small pictures (minidiff's 32 px) are shown enlarged, their pixels kept sharp instead of blurred.
+PAGE_CSS = """.pixels img, .pixels canvas { image-rendering: pixelated; }
+#img2img-picture img { width: 100%; height: 100%; object-fit: contain; }"""
 
 
 def build_ui(app: WebApp):
@@ -425,7 +426,7 @@ def build_ui(app: WebApp):
     Launch it with `css=PAGE_CSS`."""
     import gradio as gr
 
-    with gr.Blocks(title="minidiff") as demo:
+    with gr.Blocks(title="minidiff", analytics_enabled=False) as demo:  # a local app: nothing sent elsewhere
         gr.Markdown("# minidiff: watch a picture denoise")
         with gr.Row():
             model_box = gr.Textbox(app.model.name, label="Model", scale=4,
@@ -511,14 +512,15 @@ def _panel(gr, app: WebApp, mode: str, label: str) -> dict:
                 c["run"] = gr.Button("Generate", variant="primary", elem_id=f"{mode}-run")
             with gr.Column(scale=1):
                 c["gallery"] = gr.Gallery(label="Result (PNG with its settings)", columns=4, format="png",
-                                          height=320, object_fit="contain", elem_id=f"{mode}-gallery",
+                                          height=320, fit_columns=False, elem_id=f"{mode}-gallery",
                                           elem_classes=["pixels"])
-                c["status"] = gr.Markdown(elem_id=f"{mode}-status")
+                c["status"] = gr.Markdown(elem_id=f"{mode}-status")  # the seed used, the sample.py command
                 with gr.Row():
                     c["x_t"] = gr.Image(label="x_t", format="png", interactive=False, elem_id=f"{mode}-x")
                     c["x0"] = gr.Image(label="predicted x_0", format="png", interactive=False, elem_id=f"{mode}-x0")
                 c["slider"] = gr.Slider(0, 1, value=0, step=1, label="Step back through the captured steps",
                                         interactive=False, elem_id=f"{mode}-slider")
+                c["step"] = gr.Markdown(elem_id=f"{mode}-step")  # which step the pictures above show
                 c["files"] = gr.File(label="Download", file_count="multiple", elem_id=f"{mode}-files")
                 with gr.Row():
                     c["send"] = {target: gr.Button(f"Send to {name}", size="sm", elem_id=f"{mode}-send-{target}")
@@ -543,14 +545,15 @@ def _panel(gr, app: WebApp, mode: str, label: str) -> dict:
                             height if app.model.is_sd3 else None, width if app.model.is_sd3 else None, strength)
         for text, x_t, x0, pictures, files, frames in app.generate(mode, settings, picture, progress):
             if frames is None:
-                yield text, x_t, x0, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                yield gr.skip(), text, x_t, x0, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             else:
-                yield (text, x_t, x0, pictures, files, frames, pictures,
+                yield (text, frame_label(frames[-1]), x_t, x0, pictures, files, frames, pictures,
                        gr.Slider(0, len(frames) - 1, value=len(frames) - 1, step=1, interactive=len(frames) > 1))
 
     inputs = [c["prompt"], c["negative"], c["steps"], c["guidance"], c["seed"], c["num_images"], c["sampler"],
               c["height"], c["width"], c["strength"], c["picture"]]
-    outputs = [c["status"], c["x_t"], c["x0"], c["gallery"], c["files"], c["frames"], c["gallery_files"], c["slider"]]
+    outputs = [c["status"], c["step"], c["x_t"], c["x0"], c["gallery"], c["files"], c["frames"], c["gallery_files"],
+               c["slider"]]
     c["run"].click(run, inputs, outputs, concurrency_limit=1, concurrency_id="model")
     c["prompt"].submit(run, inputs, outputs, concurrency_limit=1, concurrency_id="model")
 
@@ -560,5 +563,5 @@ def _panel(gr, app: WebApp, mode: str, label: str) -> dict:
         frame = frames[int(index)]
         return frame_label(frame), frame.x_t, frame.pred_x0
 
-    c["slider"].input(show, [c["slider"], c["frames"]], [c["status"], c["x_t"], c["x0"]], queue=False)
+    c["slider"].input(show, [c["slider"], c["frames"]], [c["step"], c["x_t"], c["x0"]], queue=False)
     return c

@@ -1,4 +1,4 @@
-"""The web app in a real browser: `python app.py` on a free local port with a tiny model trained
+"""The web app in a real browser: app.py's `main` on a free local port with a tiny model trained
 here, driven by headless Chromium (Debian's `chromium` + `chromium-driver`, through Selenium).
 
 One server and one browser for the module; the tests run in file order, as a user would:
@@ -13,8 +13,7 @@ import io
 import os
 import shutil
 import socket
-import subprocess
-import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -38,8 +37,12 @@ def _missing(what: str):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """app.py starting to serve a freshly trained tiny model on a free port of 127.0.0.1 -> a function
-    that waits until it answers and returns its URL (so that Chromium starts meanwhile)."""
+    """app.py's main serving a freshly trained tiny model on a free port of 127.0.0.1, in a thread of
+    this process (torch and Gradio are imported once) -> a function that waits until it answers and
+    returns its URL (so that Chromium starts meanwhile)."""
+    import gradio as gr
+
+    import app
     from minidiff.training import Trainer
 
     folder = tmp_path_factory.mktemp("app")
@@ -47,32 +50,32 @@ def server(tmp_path_factory):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    log = open(folder / "server.log", "w")
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "app.py", "--model", str(folder / "model"), "--port", str(port),
-                                "--out", str(folder / "results"), "--device", "cpu"],
-                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    failed = []
+
+    def serve():
+        try:
+            app.main(["--model", str(folder / "model"), "--port", str(port), "--out", str(folder / "results"),
+                      "--device", "cpu"])
+        except BaseException as error:  # shown by ready()
+            failed.append(error)
+
+    threading.Thread(target=serve, name="app.py", daemon=True).start()
     url = f"http://127.0.0.1:{port}/"
 
     def ready() -> str:
         deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"app.py exited with {process.returncode}:\n{(folder / 'server.log').read_text()}")
+        while not failed:
             try:
                 urllib.request.urlopen(url, timeout=2)
                 return url
             except OSError:
                 if time.monotonic() > deadline:
-                    pytest.fail(f"app.py did not answer in 120 s:\n{(folder / 'server.log').read_text()}")
+                    pytest.fail("app.py did not answer in 120 s")
                 time.sleep(0.3)
+        pytest.fail(f"app.py stopped: {failed[0]!r}")
 
-    try:
-        yield ready
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
+    yield ready
+    gr.close_all()
 
 
 @pytest.fixture(scope="module")
@@ -172,13 +175,13 @@ def test_text_to_image(page, screenshots):
     assert "--prompt 'a red circle' --steps 8" in result.text["sample.py"]  # the PNG's text chunks came through
     slider = find(page, "#txt2img-slider input[type=range]")
     assert slider.get_attribute("max") == STEPS  # steps 0..8 captured: the slider moves back through them
-    assert "step 8 of 8" in find(page, "#txt2img-status").text
+    assert "step 8 of 8" in find(page, "#txt2img-step").text
     last = find(page, "#txt2img-x img").get_attribute("src")
     slider.send_keys(Keys.HOME)  # step back to the start: pure noise, no prediction yet
-    wait_for(lambda: "step 0 of 8" in find(page, "#txt2img-status").text, "the slider to show step 0")
+    wait_for(lambda: "step 0 of 8" in find(page, "#txt2img-step").text, "the slider to show step 0")
     assert find(page, "#txt2img-x img").get_attribute("src") != last
     slider.send_keys(Keys.END)
-    wait_for(lambda: "step 8 of 8" in find(page, "#txt2img-status").text, "the slider to show step 8")
+    wait_for(lambda: "step 8 of 8" in find(page, "#txt2img-step").text, "the slider to show step 8")
     shoot(page, screenshots, "app-txt2img.png")
 
 
@@ -192,7 +195,7 @@ def test_send_to_image_to_image(page, screenshots):
     type_into(page, "#img2img-steps input", STEPS)
     result = run_and_wait(page, "img2img")
     assert result.size == (SIZE, SIZE) and result.text["strength"] == "0.7"
-    assert "step 5 of 5" in find(page, "#img2img-status").text  # int(8 * 0.7) steps run
+    assert "step 5 of 5" in find(page, "#img2img-step").text  # int(8 * 0.7) steps run
     shoot(page, screenshots, "app-img2img.png")
 
 
