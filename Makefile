@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	@echo "Creating $(VENV) and installing minidiff with torch, torchvision, diffusers, transformers and pytest:"
 	@echo "done once; it took 80 s on a fresh clone with a fast connection (mostly downloading torch), longer on a slow one."
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,app]'
 	touch $@
 	@echo "Installed. To run the README's python commands yourself: source $(VENV)/bin/activate"
 

@@ -30,11 +30,10 @@ import torch
 from tqdm import tqdm
 
 from minidiff.checkpoint import atomic_write
-from minidiff.cli import ArgumentParser, UsageError, run, writable_folder
+from minidiff.cli import DEFAULT_MODEL, ArgumentParser, UsageError, open_pipeline, pick_backend, run, writable_folder
 from minidiff.figures import noising_strip, scale_for, trace_strip
 from minidiff.images import enlarge, grid_columns, load_image, make_grid
 
-DEFAULT_MODEL = "runs/shapes"
 SD3_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_GRID_IMAGES = 1024  # a 32 x 32 grid of 96 px tiles: about 3,000 px a side
 MAX_TRACE_IMAGES = 64  # --save-steps draws two rows per image
@@ -166,35 +165,17 @@ def output_paths(args) -> list[Path]:
     return paths
 
 
-def pick_backend(model: str, backend: str = "auto") -> str:
-    """auto: a folder with model_index.json, or a Hugging Face id (owner/name that is not an existing
-    path), is sd3; anything else (a minidiff checkpoint folder, the default runs/shapes) is minidiff."""
-    if backend != "auto":
-        return backend
-    from bridge.sd3 import looks_like_hub_id
-
-    path = Path(model).expanduser()
-    if (path / "model_index.json").is_file():
-        return "sd3"
-    if not path.exists() and model != DEFAULT_MODEL and looks_like_hub_id(model):
-        return "sd3"
-    return "minidiff"
-
-
 def load_pipeline(args):
-    """The one place a pipeline is built: minidiff's or the SD3 bridge (args.backend, resolved by main)."""
-    if args.backend == "sd3":
-        from bridge import SD3Bridge
-
-        pipe = SD3Bridge.from_pretrained(args.model, device=args.device, dtype=SD3_DTYPES.get(args.dtype),
-                                         drop_t5=args.drop_t5, offload=args.offload, quantization=args.quantize)
-        for lora in args.lora:
-            path, scale = lora_and_scale(lora)
-            pipe.load_lora_weights(path, scale=scale)
-        return pipe
-    from minidiff import MiniDiffusionPipeline
-
-    return MiniDiffusionPipeline.from_pretrained(args.model, device=args.device)
+    """The pipeline for args.model (args.backend, resolved by main), built by minidiff.cli.open_pipeline,
+    with the SD3 options and LoRAs asked for."""
+    if args.backend != "sd3":
+        return open_pipeline(args.model, args.backend, args.device)
+    pipe = open_pipeline(args.model, args.backend, args.device, dtype=SD3_DTYPES.get(args.dtype),
+                         drop_t5=args.drop_t5, offload=args.offload, quantization=args.quantize)
+    for lora in args.lora:
+        path, scale = lora_and_scale(lora)
+        pipe.load_lora_weights(path, scale=scale)
+    return pipe
 
 
 def write(picture, path: Path, quiet: bool = False) -> None:

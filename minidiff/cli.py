@@ -11,6 +11,7 @@ from pathlib import Path
 from .checkpoint import CheckpointError
 from .images import ImageInputError
 
+DEFAULT_MODEL = "runs/shapes"
 USER_ERRORS = (CheckpointError, ImageInputError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError)
 
 
@@ -56,3 +57,30 @@ def run(main, argv=None) -> int:
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def pick_backend(model: str, backend: str = "auto") -> str:
+    """auto: a folder with model_index.json, or a Hugging Face id (owner/name that is not an existing
+    path), is sd3; anything else (a minidiff checkpoint folder, the default runs/shapes) is minidiff."""
+    if backend != "auto":
+        return backend
+    from bridge.sd3 import looks_like_hub_id
+
+    path = Path(model).expanduser()
+    if (path / "model_index.json").is_file():
+        return "sd3"
+    if not path.exists() and model != DEFAULT_MODEL and looks_like_hub_id(model):
+        return "sd3"
+    return "minidiff"
+
+
+def open_pipeline(model: str, backend: str, device=None, **sd3_options):
+    """The one place a pipeline is built, for sample.py and app.py: minidiff's or the SD3 bridge
+    (`backend` already resolved by `pick_backend`; `sd3_options` go to SD3Bridge.from_pretrained)."""
+    if backend == "sd3":
+        from bridge import SD3Bridge
+
+        return SD3Bridge.from_pretrained(model, device=device, **sd3_options)
+    from .pipeline import MiniDiffusionPipeline
+
+    return MiniDiffusionPipeline.from_pretrained(model, device=device)

@@ -1,0 +1,211 @@
+"""The web app's handlers without a browser (minidiff/webapp.py): frames while a call runs, the
+step history, PNGs whose text chunks make sample.py draw the same picture, bad input as one
+gr.Error, one generation at a time. The browser itself: tests/test_app_browser.py."""
+
+from __future__ import annotations
+
+import shlex
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+gr = pytest.importorskip("gradio")
+
+from minidiff import Shapes  # noqa: E402
+from minidiff.cli import run as run_cli  # noqa: E402
+from minidiff.webapp import (AppModel, Frame, Result, Settings, WebApp, build_ui, generate, host_warning,  # noqa: E402
+                             mask_from_editor, preview, preview_steps, save_result)
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return AppModel.load(str(tiny_model_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def picture():
+    return Shapes(16, seed=3).pil_and_caption(0)[0]  # the tiny model's size
+
+
+def painted(size, box, colour=(255, 255, 255, 255)) -> Image.Image:
+    """An ImageEditor layer: transparent, with `box` painted."""
+    layer = Image.new("RGBA", size, (0, 0, 0, 0))
+    layer.paste(Image.new("RGBA", (box[2] - box[0], box[3] - box[1]), colour), box[:2])
+    return layer
+
+
+def reproduce(png_path, tmp_path) -> Image.Image:
+    """Run the sample.py command stored in a result's text chunks (in the result's folder, where
+    input.png and mask.png lie) and return what it drew."""
+    import os
+
+    import sample
+
+    argv = shlex.split(Image.open(png_path).text["sample.py"])
+    assert argv[:2] == ["python", "sample.py"]
+    out = tmp_path / "again.png"
+    argv = argv[2:-2] + ["--out", str(out)]
+    cwd = os.getcwd()
+    os.chdir(png_path.parent)
+    try:
+        assert run_cli(sample.main, argv) == 0
+    finally:
+        os.chdir(cwd)
+    return Image.open(out).convert("RGB")
+
+
+def test_preview_steps():
+    assert preview_steps(6, 3) == [0, 2, 4, 6]
+    assert preview_steps(7, 3) == [0, 3, 6, 7]  # the last step always
+    assert preview_steps(2, 20) == [0, 1, 2]
+    assert preview_steps(0) == [0]  # strength 0: only the start
+
+
+def test_txt2img_streams_frames_then_a_result_that_sample_py_reproduces(model, tmp_path):
+    settings = Settings("a red circle", steps=STEPS, seed=7, num_images=2, guidance=2.718281828)  # every digit counts
+    events = list(generate(model, "txt2img", settings, frames=3))
+    frames, result = events[:-1], events[-1]
+    assert isinstance(result, Result) and all(isinstance(f, Frame) for f in frames)
+    assert [f.step for f in frames] == list(range(1, STEPS + 1))  # every step: the progress bar
+    assert [f.step for f in frames if f.x_t is not None] == [2, 4, 6]  # pictures every few steps
+    assert [f.step for f in result.frames] == [0, 2, 4, 6]  # the slider's history, the start first
+    assert result.frames[0].pred_x0 is None and all(f.pred_x0 is not None for f in result.frames[1:])
+    assert result.frames[0].timestep > result.frames[-1].timestep
+    # the last frame is the result itself, and a live frame is the same picture as its history entry
+    assert np.array_equal(np.asarray(result.frames[-1].x_t), np.asarray(preview(result.images)))
+    assert np.array_equal(np.asarray(frames[3].x_t), np.asarray(result.frames[2].x_t))
+    assert (result.settings.steps, result.settings.sampler, result.settings.guidance) == (STEPS, "ddim", 2.718281828)
+
+    files = save_result(result, model, "txt2img", tmp_path / "out")
+    assert [f.name for f in files] == ["txt2img-1.png", "txt2img-2.png"]
+    text = Image.open(files[1]).text
+    assert text["prompt"] == "a red circle" and text["seed"] == "7" and text["image_index"] == "1"
+    assert "Seed: 7" in text["parameters"] and "Steps: 6" in text["parameters"]
+    # two images: sample.py draws a labelled grid, each image enlarged 6x (nearest) and centred in its cell
+    argv = shlex.split(text["sample.py"])
+    assert float(argv[argv.index("--guidance") + 1]) == 2.718281828  # exactly, not rounded for show
+    grid, tile = np.asarray(reproduce(files[0], tmp_path)), 16 * 6
+    cell = grid.shape[1] // 2
+    for i, image in enumerate(result.images):
+        left = i * cell + (cell - tile) // 2
+        assert np.array_equal(grid[:tile:6, left:left + tile:6], np.asarray(image))
+
+
+def test_inpaint_handler_keeps_the_unpainted_pixels_and_reproduces(model, picture, tmp_path):
+    app = WebApp(model, tmp_path / "out")
+    editor = {"background": picture.convert("RGBA"), "layers": [painted(picture.size, (4, 4, 12, 10))],
+              "composite": None}
+    outputs = list(app.generate("inpaint", Settings("a green square", steps=STEPS, seed=3, strength=0.99), editor))
+    status, x_t, x0, pictures, files, frames = outputs[-1]
+    assert all(o[3] is None for o in outputs[:-1]) and len(frames) > 2 and "seed 3" in status
+    assert [f.rsplit("/", 1)[1] for f in files] == ["inpaint-1.png", "input.png", "mask.png"]
+    result = np.asarray(Image.open(pictures[0]).convert("RGB"))
+    mask = np.asarray(Image.open(files[2])) > 0
+    assert mask.sum() == 8 * 6 and mask[4:10, 4:12].all()  # the painted box, nothing else
+    assert np.array_equal(result[~mask], np.asarray(picture)[~mask])  # kept exactly
+    assert not np.array_equal(result[mask], np.asarray(picture)[mask])  # regenerated
+    again = reproduce(Path(pictures[0]), tmp_path)
+    assert np.array_equal(np.asarray(again), result)
+
+
+def test_mask_from_editor_takes_every_painted_pixel_in_any_colour(picture):
+    layer = painted(picture.size, (0, 0, 3, 2), colour=(255, 0, 0, 40))  # faint red still counts
+    image, mask = mask_from_editor({"background": picture, "layers": [layer, painted(picture.size, (15, 15, 16, 16))]})
+    assert image.mode == "RGB" and mask.mode == "L" and mask.size == picture.size
+    assert np.asarray(mask).astype(bool).sum() == 3 * 2 + 1
+    with pytest.raises(ValueError, match="no mask"):
+        mask_from_editor({"background": picture, "layers": [painted(picture.size, (0, 0, 0, 0))]})
+    with pytest.raises(ValueError, match="upload a picture"):
+        mask_from_editor({"background": None, "layers": []})
+
+
+@pytest.mark.parametrize("mode,change,message", [
+    ("img2img", dict(strength=1.5), "strength must be between 0 and 1"),
+    ("txt2img", dict(prompt="  "), "type a prompt"),
+    ("txt2img", dict(steps=0), "steps must be a whole number"),
+    ("txt2img", dict(steps=2.5), "steps must be a whole number"),
+    ("txt2img", dict(seed=-1), "seed must be a whole number"),
+    ("txt2img", dict(num_images=0), "number of images"),
+    ("txt2img", dict(sampler="euler-a"), "sampler must be one of"),
+    ("txt2img", dict(height=64), "height and width apply to SD3"),
+])
+def test_bad_settings_are_one_clear_message_and_the_app_keeps_serving(model, picture, tmp_path, mode, change,
+                                                                       message):
+    app = WebApp(model, tmp_path)
+    settings = Settings(**{**dict(prompt="a red circle", steps=2, strength=0.5), **change})
+    with pytest.raises(gr.Error, match=message):
+        list(app.generate(mode, settings, picture))
+    assert list(app.generate("txt2img", Settings("a red circle", steps=2), None))[-1][3]  # the next one works
+
+
+def test_unreadable_upload_no_mask_and_unknown_model(model, picture, tmp_path):
+    app = WebApp(model, tmp_path)
+    not_a_picture = tmp_path / "notes.png"
+    not_a_picture.write_text("not a picture")
+    with pytest.raises(gr.Error, match="not a readable image"):
+        list(app.generate("img2img", Settings("a red circle", steps=2, strength=0.5), str(not_a_picture)))
+    with pytest.raises(gr.Error, match="upload a picture"):
+        list(app.generate("img2img", Settings("a red circle", steps=2, strength=0.5), None))
+    with pytest.raises(gr.Error, match="no mask"):
+        list(app.generate("inpaint", Settings("a red circle", steps=2, strength=0.5),
+                          {"background": picture, "layers": []}))
+    with pytest.raises(gr.Error) as error:
+        app.load(str(tmp_path / "no-such-model"))
+    assert "no-such-model" in str(error.value) and "\n" not in str(error.value)
+    assert app.model is model  # the old model stays in memory and serves
+
+
+def test_closing_the_stream_stops_the_call_at_its_next_step(model, monkeypatch):
+    calls = []
+    predict = model.pipe.predict_noise
+    monkeypatch.setattr(model.pipe, "predict_noise", lambda *args: calls.append(1) or predict(*args))
+    events = generate(model, "txt2img", Settings("a red circle", steps=1000))
+    assert next(events).step == 1
+    events.close()  # what Gradio does when the tab goes away
+    assert not [t for t in threading.enumerate() if t.name == "minidiff-generate"]  # the worker has ended
+    assert len(calls) < 100  # ... at its next step or so, not after 1000
+
+
+def test_sd3_through_the_same_handlers(tiny_sd3, tiny_sd3_dir, tmp_path, picture):
+    model = AppModel(tiny_sd3, str(tiny_sd3_dir), "sd3")
+    events = list(generate(model, "txt2img", Settings("a red circle", steps=3, seed=1, guidance=2.0)))
+    result = events[-1]
+    assert [f.step for f in result.frames] == [0, 1, 2, 3] and result.images[0].size == (32, 32)
+    assert result.settings.height == result.settings.width == 32 and result.settings.sampler is None
+    edit = list(generate(model, "img2img", Settings("a red circle", steps=4, seed=1, strength=0.5),
+                         picture.resize((32, 32))))[-1]
+    assert [f.step for f in edit.frames] == [0, 1, 2] and edit.frames[-1].total == 2  # N * strength of N steps
+    command = Image.open(save_result(result, model, "txt2img", tmp_path)[0]).text["sample.py"]
+    assert "--backend sd3" in command and "--height 32 --width 32" in command and "--sampler" not in command
+    with pytest.raises(ValueError, match="sampler applies to minidiff"):
+        list(generate(model, "txt2img", Settings("a red circle", sampler="ddim")))
+
+
+def test_one_generation_at_a_time_across_tabs(model, tmp_path):
+    demo = build_ui(WebApp(model, tmp_path))
+    heavy = [fn for fn in demo.fns.values() if fn.name in ("run", "load")]
+    assert len(heavy) == 2 * 3 + 1  # Generate and Enter in each tab, and Load
+    assert {(fn.concurrency_id, fn.concurrency_limit) for fn in heavy} == {("model", 1)}
+
+
+def test_host_warning_and_a_bad_model_on_the_command_line(capsys, tmp_path):
+    import app
+
+    assert host_warning("127.0.0.1") is None and host_warning("localhost") is None
+    assert "anyone on the network" in host_warning("0.0.0.0")
+    assert run_cli(app.main, ["--model", str(tmp_path / "missing"), "--host", "0.0.0.0"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("warning: serving on 0.0.0.0")
+    assert lines[1].startswith("error: ") and "missing" in lines[1]
+
+
+def test_warnings_of_the_call_reach_the_page(model, picture):
+    result = list(generate(model, "img2img", Settings("a red circle", steps=2, strength=0.5),
+                           picture.resize((20, 20))))[-1]
+    assert result.warnings == ["image of size 20x20 resized to 16x16"]
+    assert result.images[0].size == (16, 16)

@@ -1,0 +1,233 @@
+"""The web app in a real browser: app.py's `main` on a free local port with a tiny model trained
+here, driven by headless Chromium (Debian's `chromium` + `chromium-driver`, through Selenium).
+
+One server and one browser for the module; the tests run in file order, as a user would:
+text to image, send the result to image to image, then inpainting (a bad request first, then a
+painted stroke). Screenshots go to $MINIDIFF_APP_SCREENSHOTS (the README's: docs/figures) or a
+temporary folder. Without Chromium the module is skipped, except in CI (CI=true), where it fails.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import tiny_train_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 32  # the test model's pixels: big enough to paint a stroke that leaves pixels outside it
+STEPS = "8"
+
+
+def _missing(what: str):
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is missing; .ci/run installs it (apt-get install chromium chromium-driver)")
+    pytest.skip(f"{what} is missing (apt-get install chromium chromium-driver)")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """app.py's main serving a freshly trained tiny model on a free port of 127.0.0.1, in a thread of
+    this process (torch and Gradio are imported once) -> a function that waits until it answers and
+    returns its URL (so that Chromium starts meanwhile)."""
+    import gradio as gr
+
+    import app
+    from minidiff.training import Trainer
+
+    folder = tmp_path_factory.mktemp("app")
+    Trainer(tiny_train_config(folder / "model", image_size=SIZE)).train()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    failed = []
+
+    def serve():
+        try:
+            app.main(["--model", str(folder / "model"), "--port", str(port), "--out", str(folder / "results"),
+                      "--device", "cpu"])
+        except BaseException as error:  # shown by ready()
+            failed.append(error)
+
+    threading.Thread(target=serve, name="app.py", daemon=True).start()
+    url = f"http://127.0.0.1:{port}/"
+
+    def ready() -> str:
+        deadline = time.monotonic() + 120
+        while not failed:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                return url
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail("app.py did not answer in 120 s")
+                time.sleep(0.3)
+        pytest.fail(f"app.py stopped: {failed[0]!r}")
+
+    yield ready
+    gr.close_all()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        _missing("selenium")
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if binary is None or driver_path is None:
+        _missing("chromium" if binary is None else "chromedriver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1500",
+                 "--hide-scrollbars"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(driver_path))
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory):
+    folder = os.environ.get("MINIDIFF_APP_SCREENSHOTS")
+    folder = Path(folder) if folder else tmp_path_factory.mktemp("screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def page(server, browser):
+    browser.get(server())
+    wait_for(lambda: browser.find_elements("css selector", "#txt2img-prompt textarea"), "the page to load")
+    return browser
+
+
+def wait_for(condition, what: str, timeout: float = 60, page=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    shown = [t.text for t in page.find_elements("css selector", "[data-testid=toast-body]")] if page else []
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}; messages in the page: {shown}")
+
+
+def find(page, css):
+    return page.find_element("css selector", css)
+
+
+def type_into(page, css, text):
+    from selenium.webdriver.common.keys import Keys
+
+    element = find(page, css)
+    element.send_keys(Keys.CONTROL, "a")
+    element.send_keys(text)
+
+
+def fetch(url) -> Image.Image:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return Image.open(io.BytesIO(response.read()))
+
+
+def open_tab(page, label):
+    next(b for b in page.find_elements("css selector", "button[role=tab]") if b.text == label).click()
+
+
+def run_and_wait(page, mode) -> Image.Image:
+    """Press Generate in `mode`'s tab and wait for a new result in its gallery -> the result PNG."""
+    old = [i.get_attribute("src") for i in page.find_elements("css selector", f"#{mode}-gallery img")]
+    find(page, f"#{mode}-run").click()
+    src = wait_for(lambda: [s for s in (i.get_attribute("src") for i in page.find_elements(
+        "css selector", f"#{mode}-gallery img")) if s not in old], f"the {mode} result", page=page)[0]
+    return fetch(src)
+
+
+def shoot(page, folder, name):
+    page.execute_script("window.scrollTo(0, 0)")
+    time.sleep(0.3)  # let the toast / progress animations settle
+    page.save_screenshot(str(folder / name))
+
+
+def test_text_to_image(page, screenshots):
+    from selenium.webdriver.common.keys import Keys
+
+    type_into(page, "#txt2img-prompt textarea", "a red circle")
+    type_into(page, "#txt2img-steps input", STEPS)
+    find(page, "#txt2img-random").click()
+    seed = wait_for(lambda: find(page, "#txt2img-seed input").get_attribute("value") not in ("0", "")
+                    and find(page, "#txt2img-seed input").get_attribute("value"), "a random seed in the box")
+    result = run_and_wait(page, "txt2img")
+    assert result.size == (SIZE, SIZE)
+    assert result.text["seed"] == seed and f"seed {seed}" in find(page, "#txt2img-status").text  # the seed used
+    assert "--prompt 'a red circle' --steps 8" in result.text["sample.py"]  # the PNG's text chunks came through
+    slider = find(page, "#txt2img-slider input[type=range]")
+    assert slider.get_attribute("max") == STEPS  # steps 0..8 captured: the slider moves back through them
+    assert "step 8 of 8" in find(page, "#txt2img-step").text
+    last = find(page, "#txt2img-x img").get_attribute("src")
+    slider.send_keys(Keys.HOME)  # step back to the start: pure noise, no prediction yet
+    wait_for(lambda: "step 0 of 8" in find(page, "#txt2img-step").text, "the slider to show step 0")
+    assert find(page, "#txt2img-x img").get_attribute("src") != last
+    slider.send_keys(Keys.END)
+    wait_for(lambda: "step 8 of 8" in find(page, "#txt2img-step").text, "the slider to show step 8")
+    shoot(page, screenshots, "app-txt2img.png")
+
+
+def test_send_to_image_to_image(page, screenshots):
+    find(page, "#txt2img-send-img2img").click()
+    wait_for(lambda: page.find_elements("css selector", "#img2img-picture img"), "the picture in image to image")
+    tabs = [b.text for b in page.find_elements("css selector", "button[role=tab]")]
+    assert tabs == ["Text to image", "Image to image", "Inpainting"]  # switched to, and shown once
+    assert find(page, "#tab-img2img-button").get_attribute("aria-selected") == "true"
+    type_into(page, "#img2img-prompt textarea", "a blue circle")
+    type_into(page, "#img2img-steps input", STEPS)
+    result = run_and_wait(page, "img2img")
+    assert result.size == (SIZE, SIZE) and result.text["strength"] == "0.7"
+    assert "step 5 of 5" in find(page, "#img2img-step").text  # int(8 * 0.7) steps run
+    shoot(page, screenshots, "app-img2img.png")
+
+
+def test_inpainting_keeps_what_was_not_painted(page, screenshots, tmp_path):
+    from minidiff import Shapes
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    picture_file = tmp_path / "circle.png"
+    Shapes(SIZE, seed=3).pil_and_caption(0)[0].save(picture_file)
+    open_tab(page, "Inpainting")
+    find(page, "#inpaint-picture input[type=file]").send_keys(str(picture_file))
+    canvas = wait_for(lambda: page.find_elements("css selector", "#inpaint-picture .pixi-target canvas"), "canvas")[0]
+    wait_for(lambda: "Upload an image" not in find(page, "#inpaint-picture").text, "the upload to reach the editor")
+    type_into(page, "#inpaint-prompt textarea", "a green square")
+    type_into(page, "#inpaint-steps input", STEPS)
+
+    # a bad request first: nothing painted -> one message in the page, and the app keeps serving
+    find(page, "#inpaint-run").click()
+    toast = wait_for(lambda: [t for t in page.find_elements("css selector", "[data-testid=toast-body]")
+                              if "no mask" in t.text], "the error message", page=page)[0]
+    assert "Traceback" not in toast.text and "paint over the part of the picture" in toast.text
+
+    page.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)
+    time.sleep(0.3)
+    ActionChains(page).move_to_element_with_offset(canvas, -60, 0).click_and_hold() \
+        .move_by_offset(30, 0).move_by_offset(30, 0).move_by_offset(30, 0).release().perform()
+    result = np.asarray(run_and_wait(page, "inpaint").convert("RGB"))
+    links = [a.get_attribute("href") for a in page.find_elements("css selector", "#inpaint-files a")]
+    mask = np.asarray(fetch(next(u for u in links if u.endswith("mask.png"))).convert("L")) > 127
+    assert result.shape == (SIZE, SIZE, 3)
+    assert 0 < mask.sum() < mask.size / 2  # the stroke, not the whole picture
+    assert mask[SIZE // 2].any() and not mask[0].any()  # across the middle, as painted
+    original = np.asarray(Image.open(picture_file).convert("RGB"))
+    assert np.array_equal(result[~mask], original[~mask])  # every pixel outside the stroke is the input's
+    shoot(page, screenshots, "app-inpaint.png")
