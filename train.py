@@ -240,7 +240,9 @@ def main(argv=None) -> int:
             import torch.distributed as dist
 
             dist.destroy_process_group()
-    say(f"stopped after step {result['step']} ({result['stop_reason']}, {result['seconds'] / 60:.1f} min); "
+    peak = (f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+            if trainer.device.type == "cuda" else "")
+    say(f"stopped after step {result['step']} ({result['stop_reason']}, {result['seconds'] / 60:.1f} min{peak}); "
         f"model saved to {out}")
     return 0
 
