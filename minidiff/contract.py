@@ -104,7 +104,7 @@ class StepRecorder:
         self.steps, self.num_steps = steps, num_steps
         self.user_callback, self.decode, self.decode_noise = callback, decode, decode_noise
         self._records: list[tuple] = []  # (k, timestep, x_t, pred_x0, noise_pred), not yet decoded
-        self._trace: list[dict] | None = None
+        self._trace: list[dict] = []  # the records decoded so far
 
     def start(self, x, timestep) -> None:
         """Record k = 0, the starting point (pure noise, or the noised input image)."""
@@ -126,12 +126,12 @@ class StepRecorder:
 
     @property
     def trace(self) -> list[dict]:
-        """The records asked for, decoded to PIL images (once, on first reading)."""
-        if self._trace is None:
-            self._trace = [{"step": k, "timestep": t, "x_t": self.decode(x),
-                            "pred_x0": None if x0 is None else self.decode(x0),
-                            "noise_pred": None if noise is None else self.decode_noise(noise)}
-                           for k, t, x, x0, noise in self._records]
+        """The records asked for, decoded to PIL images (each once, when the trace is read: a
+        reader during the loop, such as the web app, gets the records so far)."""
+        for k, t, x, x0, noise in self._records[len(self._trace):]:
+            self._trace.append({"step": k, "timestep": t, "x_t": self.decode(x),
+                                "pred_x0": None if x0 is None else self.decode(x0),
+                                "noise_pred": None if noise is None else self.decode_noise(noise)})
         return self._trace
 
 

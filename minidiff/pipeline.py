@@ -94,9 +94,11 @@ class MiniDiffusionPipeline(TextToImagePipeline):
 
     @property
     def samplers(self) -> tuple[str, ...]:
-        """The samplers this model can use, its default first: DDIM and DDPM step a DDPM
-        (noise-predicting) model; Euler steps a rectified-flow (velocity-predicting) one."""
-        return ("euler",) if self.config.objective == "flow" else ("ddim", "ddpm")
+        """The samplers this model can use, its default first: DDPM and DDIM step a DDPM
+        (noise-predicting) model; Euler steps a rectified-flow (velocity-predicting) one. DDPM's
+        ancestral sampler is the default for DDPM models: on the 1,200-step CPU model it scored
+        97.2% at 50 steps where DDIM scored 83.3% (README, "Training faster")."""
+        return ("euler",) if self.config.objective == "flow" else ("ddpm", "ddim")
 
     def set_progress_bar_config(self, **kwargs) -> None:
         """tqdm options of the bar over images that calls with more than one batch show

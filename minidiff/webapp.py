@@ -287,6 +287,8 @@ def sample_command(model: AppModel, mode: str, settings: Settings, out: str) -> 
     if mode != "txt2img":
         args += ["--image", "input.png"] + (["--mask", "mask.png"] if mode == "inpaint" else [])
         args += ["--strength", repr(s.strength)]
+    if s.num_images == 1:
+        args += ["--raw-size"]  # the app saves a single picture at the model's size, not enlarged
     return shlex.join(args + ["--out", out])
 
 

@@ -15,7 +15,7 @@ def tiny_train_config(out, **overrides):
     """A TrainConfig small enough to train a few steps in about a second."""
     from minidiff.training import TrainConfig
 
-    values = dict(out=str(out), steps=4, batch_size=4, image_size=16, base_channels=16, channel_mults=(1, 2),
+    values = dict(out=str(out), objective="ddpm", steps=4, batch_size=4, image_size=16, base_channels=16, channel_mults=(1, 2),
                   attention_levels=(1,), text_dim=32, sample_every=0, checkpoint_every=0, log_every=2,
                   warmup_steps=2, device="cpu")
     values.update(overrides)

@@ -162,8 +162,8 @@ def test_unreadable_upload_no_mask_and_unknown_model(model, picture, tmp_path):
 
 def test_closing_the_stream_stops_the_call_at_its_next_step(model, monkeypatch):
     calls = []
-    predict = model.pipe.predict_noise
-    monkeypatch.setattr(model.pipe, "predict_noise", lambda *args: calls.append(1) or predict(*args))
+    predict = model.pipe.predict
+    monkeypatch.setattr(model.pipe, "predict", lambda *args: calls.append(1) or predict(*args))
     events = generate(model, "txt2img", Settings("a red circle", steps=1000))
     assert next(events).step == 1
     events.close()  # what Gradio does when the tab goes away

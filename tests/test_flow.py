@@ -116,7 +116,7 @@ def test_flow_model_config_round_trips_and_picks_euler(tiny_flow_model_dir, tiny
     config = json.loads((tiny_flow_model_dir / "config.json").read_text())
     assert config["objective"] == "flow" and config["scheduler"]["shift"] == 1.0
     assert tiny_flow_pipe.config.objective == "flow" and tiny_flow_pipe.samplers == ("euler",)
-    assert tiny_pipe.config.objective == "ddpm" and tiny_pipe.samplers == ("ddim", "ddpm")
+    assert tiny_pipe.config.objective == "ddpm" and tiny_pipe.samplers == ("ddpm", "ddim")
     with pytest.raises(ValueError, match="rectified-flow model: sampler must be one of \\['euler'\\]"):
         tiny_flow_pipe.sample("a red circle", num_inference_steps=2, sampler="ddim")
     with pytest.raises(ValueError, match="DDPM .* model: sampler must be one of"):
