@@ -8,7 +8,7 @@ writes, with the model's own schedule and fixed seeds:
     denoising-steps.png   a generation after 0, 1, 10 and 40 of 40 steps: x_t, and the predicted x_0 below
     negative-prompt.png   the same seeds without (top) and with (bottom) a negative prompt
     img2img-strength.png  a red circle turned towards "a blue circle" at strengths 0.2, 0.4, 0.7, 1.0
-    inpainting.png        an image, its mask (white = replaced) and four inpainted results
+    inpainting.png        two objects, a mask over the right one (white = replaced), four inpainted results
 
 Small images are enlarged with nearest-neighbour so each pixel stays a visible square.
 The strips are also what `sample.py --save-steps` and `sample.py --noise-strip` write.
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from .data import Shapes
+from .data import COLOURS, Shapes, render
 from .images import make_grid, pil_to_tensor, tensor_to_pil
 from .scheduler import NoiseSchedule, SchedulerConfig, randn
 
@@ -67,7 +67,8 @@ def trace_strip(trace: list[dict]) -> Image.Image:
         for record in trace:  # the x0 predicted by the model at timestep t of that step
             blank = Image.new("RGB", record["x_t"][b].size, (255, 255, 255))
             tiles.append(record["pred_x0"][b] if record["pred_x0"] is not None else blank)
-            labels.append(f"x0 from t={record['timestep']}" if record["pred_x0"] is not None else "")
+            # SD3's timestep is a float (1000 sigma): whole numbers are enough for a label
+            labels.append(f"x0 from t={record['timestep']:.0f}" if record["pred_x0"] is not None else "")
     return make_grid(tiles, labels=labels, columns=len(trace), scale=scale_for(tiles[0]))
 
 
@@ -93,13 +94,37 @@ def box_mask(box: tuple, image_size: int, margin: int = 1) -> Image.Image:
     return mask
 
 
+def two_object_picture(image_size: int, left: tuple[str, str] = ("red", "circle"),
+                       right: tuple[str, str] = ("blue", "square")) -> Image.Image:
+    """One (colour, shape) centred in each half, drawn by the Shapes renderer. Inpaint one half and
+    the other, kept exactly, stays plain to see. (At 16 px the training images hold one object
+    each: the model never drew a picture like this one.)"""
+    half = image_size / 2
+    side = math.floor(0.75 * half)  # whole pixels, so the two halves stay apart
+    objects = []
+    for (colour, shape), left_edge in ((left, 0.0), (right, half)):
+        x0, y0 = left_edge + (half - side) // 2, (image_size - side) // 2
+        objects.append({"shape": shape, "rgb": COLOURS[colour], "box": (x0, y0, x0 + side, y0 + side)})
+    return render(objects, image_size)
+
+
+def half_mask(image_size: int, side: str = "right") -> Image.Image:
+    """An inpainting mask: white (replace) over the `side` half ("left" or "right"), black (keep) over the other."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    mask = Image.new("L", (image_size, image_size), 0)
+    start = image_size // 2 if side == "right" else 0
+    mask.paste(255, (start, 0, start + image_size // 2, image_size))
+    return mask
+
+
 def render_figures(pipe, out: Path, seed: int = 0, steps: int = 40) -> list[Path]:
     """Write the FIGURES into the folder `out`; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     size = pipe.image_size
     gen = lambda: torch.Generator().manual_seed(seed)  # noqa: E731  the same seed for every figure
-    # the smallest of the first eight red circles: its mask leaves some of the picture to keep
-    red_circle, box = min((shapes_example(size, "red", "circle", nth) for nth in range(8)),
+    # the input of the noising and img2img figures: the smallest of the first eight red circles
+    red_circle, _ = min((shapes_example(size, "red", "circle", nth) for nth in range(8)),
                           key=lambda example: example[1][2] - example[1][0])
     figures = {}
     T = pipe.config.scheduler.num_train_timesteps
@@ -123,11 +148,12 @@ def render_figures(pipe, out: Path, seed: int = 0, steps: int = 40) -> list[Path
     figures["img2img-strength.png"] = make_grid([red_circle] + edited, scale=scale_for(red_circle),
                                                 labels=["input"] + [f"strength {s}" for s in strengths])
 
-    mask = box_mask(box, size)
-    painted = pipe.inpaint("a green square", red_circle, mask, num_inference_steps=steps, generator=gen(),
+    # the right half replaced, the left half (a red circle) kept: what is kept stays plain to see
+    picture, mask, prompt = two_object_picture(size), half_mask(size, "right"), "a yellow triangle"
+    painted = pipe.inpaint(prompt, picture, mask, num_inference_steps=steps, generator=gen(),
                            num_images_per_prompt=4).images
-    figures["inpainting.png"] = make_grid([red_circle, mask.convert("RGB")] + painted, scale=scale_for(red_circle),
-                                          labels=["input", "mask"] + ['"a green square"'] * 4)
+    figures["inpainting.png"] = make_grid([picture, mask.convert("RGB")] + painted, scale=scale_for(picture),
+                                          labels=["input", "mask"] + [f'"{prompt}"'] * 4)
     paths = []
     for name in FIGURES:
         figures[name].save(out / name)

@@ -14,7 +14,7 @@ from PIL import Image
 from minidiff import Shapes
 from minidiff.cli import run
 from minidiff.contract import StepRecorder
-from minidiff.figures import FIGURES, noising_strip, trace_strip
+from minidiff.figures import FIGURES, half_mask, noising_strip, trace_strip, two_object_picture
 from minidiff.scheduler import SchedulerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,3 +166,14 @@ def test_figures_command_writes_every_figure_and_keeps_them(tiny_model_dir, tmp_
     before = (out / FIGURES[0]).read_bytes()
     assert run(main, ["--model", str(tiny_model_dir), "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err and (out / FIGURES[0]).read_bytes() == before
+
+
+@pytest.mark.parametrize("size", [16, 32])
+def test_inpainting_figure_input_keeps_an_object_outside_the_mask(size):
+    """The inpainting figure masks the right half of a two-object picture: an object stays visible in
+    the kept (black) half, and there is one in the replaced half to be painted over."""
+    lit = np.asarray(two_object_picture(size)).max(axis=2) > 0  # (H, W), True on an object
+    replaced = np.asarray(half_mask(size, "right")) == 255
+    assert replaced[:, size // 2:].all() and not replaced[:, : size // 2].any()
+    assert lit[~replaced].sum() >= (size // 4) ** 2 and lit[replaced].sum() >= (size // 4) ** 2
+    assert np.array_equal(np.asarray(half_mask(size, "left")) == 255, ~replaced)
