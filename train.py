@@ -1,6 +1,7 @@
 """Train a text-to-image diffusion model: on the built-in Shapes data, your own pictures, or MNIST-like sets.
 
     python train.py                      # preset picked by device (CPU: 16 px, a few minutes)
+    python train.py --objective flow --out runs/flow    # rectified flow, the maths of SD3
     python train.py --out runs/big --image-size 32 --steps 20000
     python train.py --out runs/big --resume                  # after a crash, a kill or Ctrl-C
     python train.py --out runs/mine --data my_pictures/ --image-size 32
@@ -14,14 +15,17 @@ DistributedDataParallel (the library itself knows nothing of distribution).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from dataclasses import fields
 from pathlib import Path
 
+import torch
+
 from minidiff.cli import ArgumentParser, UsageError, run, writable_folder
 from minidiff.data import DATA_NAMES, load_dataset
-from minidiff.runtime import pick_device
+from minidiff.runtime import pick_device, precision_name
 from minidiff.training import PRESETS, TrainConfig, Trainer, config_for_resume, latest_checkpoint
 from minidiff.unet import UNetConfig
 
@@ -33,6 +37,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", help="shapes (default), mnist, fashion-mnist, cifar10, or a folder of images with an "
                                   "optional metadata.jsonl of {\"file_name\", \"text\"} lines")
     p.add_argument("--data-root", help="where mnist/fashion-mnist/cifar10 are downloaded (default ~/.cache/minidiff)")
+    p.add_argument("--objective", choices=["ddpm", "flow"],
+                   help="ddpm: predict the noise (Ho et al. 2020); flow: rectified flow, predict the velocity "
+                        "(as Stable Diffusion 3). Default: " + TrainConfig.objective)
+    p.add_argument("--shift", type=float, help="flow only: sampling timestep shift (SD3 eq. 23; SD3.5 uses 3.0)")
     p.add_argument("--steps", type=int, help="optimizer steps in total")
     p.add_argument("--batch-size", type=int, help="images per step (per process under torchrun)")
     p.add_argument("--image-size", type=int)
@@ -40,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--channel-mults", type=int, nargs="+", help="UNet width multiplier per resolution level")
     p.add_argument("--attention-levels", type=int, nargs="*", help="UNet levels (0 = full size) with attention")
     p.add_argument("--text-dim", type=int, help="text encoder width")
-    p.add_argument("--lr", type=float, help="peak learning rate (AdamW)")
+    p.add_argument("--lr", type=float, help="peak learning rate (Adam)")
     p.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda, mps (default: best available)")
@@ -79,6 +87,8 @@ def check_config(config: TrainConfig) -> None:
     for name in ("sample_every", "checkpoint_every", "warmup_steps"):
         if getattr(config, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(config, name)}")
+    if not config.shift > 0:
+        raise UsageError(f"--shift must be above 0, got {config.shift}")
     if not config.lr > 0:
         raise UsageError(f"--lr must be above 0, got {config.lr}")
     if config.max_minutes is not None and not config.max_minutes > 0:
@@ -105,6 +115,9 @@ def start_distributed(config: TrainConfig) -> dict:
 
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     device = pick_device(config.device)
+    if device.type == "mps":  # gloo, the only backend on a Mac, cannot all-reduce MPS tensors
+        raise UsageError("torchrun on a Mac: DDP cannot run on MPS (gloo reduces CPU tensors only); "
+                         "train in one process (python train.py), or pass --device cpu to use DDP on the CPU")
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -137,6 +150,21 @@ def open_dataset(config: TrainConfig, distributed: dict):
     return dataset if dataset is not None else build()
 
 
+def saved_state(out: Path) -> str:
+    """Which step the last checkpoint and model.safetensors hold, and how to bring them level."""
+    last = latest_checkpoint(out)
+    if last is None:
+        return "no checkpoint had been saved yet"
+    config = out / "config.json"
+    model_step = json.loads(config.read_text()).get("trained_steps") if config.exists() else None
+    checkpoint_step = int(last.name.removeprefix("step-"))
+    if model_step == checkpoint_step:
+        return f"the last checkpoint, {last}, and {out / 'model.safetensors'} hold step {checkpoint_step}"
+    held = f"holds step {model_step}" if model_step is not None else "is missing"
+    return (f"the last checkpoint is {last} (step {checkpoint_step}) but {out / 'model.safetensors'} {held}: "
+            f"`python train.py --out {out} --resume` writes it afresh")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
@@ -166,7 +194,8 @@ def main(argv=None) -> int:
             changed = "".join(f", {k} {old} -> {new}" for k, (old, new) in changes.items() if k != "out")
             say(f"resuming from {checkpoint} (step {trainer.step}{changed})")
         ranks = distributed.get("world_size", 1)
-        say(f"training on {trainer.device}{f' x {ranks} processes' if ranks > 1 else ''}: {config.image_size} px, "
+        say(f"training on {trainer.device}{f' x {ranks} processes' if ranks > 1 else ''} "
+            f"({precision_name(trainer.precision)}): {config.objective} objective, {config.image_size} px, "
             f"{config.steps} steps of {config.batch_size * ranks} images, data {config.data}, "
             f"{sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f} M parameters")
         try:
@@ -178,9 +207,13 @@ def main(argv=None) -> int:
             print(f"error: training stopped: {error}; {kept}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
-            print(f"error: interrupted twice, stopped without saving; the last checkpoint is {latest_checkpoint(out)}",
-                  file=sys.stderr)
+            print(f"error: interrupted twice, stopped without saving; {saved_state(out)}", file=sys.stderr)
             return 130
+        except torch.cuda.OutOfMemoryError:
+            print(f"error: the GPU ran out of memory with --batch-size {config.batch_size} at {config.image_size} px "
+                  f"(the GPU preset needs about 3-4 GB free); try --batch-size {max(1, config.batch_size // 2)}",
+                  file=sys.stderr)
+            return 1
     finally:
         if distributed:
             import torch.distributed as dist

@@ -11,7 +11,7 @@ and UNet width, on this machine's device):
   the Shapes data rendered beforehand (rendering is the same for both and is reported
   apart, as ms per batch);
 - sampling step: one classifier-free-guidance forward of the UNet on 2B rows (B images,
-  conditional and unconditional), no grad, through MiniDiffusionPipeline.predict_noise.
+  conditional and unconditional), no grad, through MiniDiffusionPipeline.predict.
 
 Both models share minidiff's tokenizer and text encoder (same initial weights), the noise
 schedule, the data and the optimizer; only the UNet differs. The diffusers UNet is built
@@ -89,7 +89,7 @@ def bench_preset(preset: str, args) -> dict:
 
         def run():
             for _ in range(args.steps):
-                pipe.predict_noise(x, 500, context, mask, args.guidance)
+                pipe.predict(x, 500, context, mask, args.guidance)
         return run
 
     train = alternating_times({n: trainer(s) for n, s in states.items()}, args.repeats, warmup=args.warmup)

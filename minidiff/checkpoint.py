@@ -96,11 +96,15 @@ def read_safetensors(path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a readable safetensors file ({reason}); the checkpoint is corrupt") from None
 
 
-def save_model(directory, model: TextToImageModel, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """Write `directory`/config.json and model.safetensors (by default, the model's own weights)."""
+def save_model(directory, model: TextToImageModel, state_dict: dict[str, torch.Tensor] | None = None,
+               trained_steps: int | None = None) -> None:
+    """Write `directory`/config.json and model.safetensors (by default, the model's own weights).
+    `trained_steps`, when given, is recorded in config.json (train.py's messages read it back)."""
     directory = Path(directory)
     write_safetensors(directory / WEIGHTS_NAME, state_dict if state_dict is not None else model.state_dict())
     config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **model.config.to_dict()}
+    if trained_steps is not None:
+        config["trained_steps"] = trained_steps
     write_json(directory / CONFIG_NAME, config)
 
 

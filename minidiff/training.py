@@ -1,13 +1,22 @@
-"""Training: the DDPM objective, EMA weights, checkpoints you can resume from.
+"""Training: the two objectives, EMA weights, checkpoints you can resume from.
 
-The objective (Ho et al. 2020, Algorithm 1 and eq. 14, "L_simple"):
+DDPM (`objective="ddpm"`; Ho et al. 2020, Algorithm 1 and eq. 14, "L_simple"):
 
     x_0 ~ data, t ~ Uniform{0..T-1}, eps ~ N(0, I)
     x_t = sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) eps            (eq. 4)
     loss = || eps - eps_theta(x_t, t, caption) ||^2
 
-with the caption replaced by the empty prompt 10% of the time, so that the same network
-also learns the unconditional prediction that classifier-free guidance needs.
+Rectified flow (`objective="flow"`; Liu et al. 2022, Lipman et al. 2023; as SD3, Esser et al. 2024):
+
+    x_0 ~ data, sigma ~ logit-normal (Esser sec. 3.1), eps ~ N(0, I)
+    x_sigma = (1 - sigma) x_0 + sigma eps                              (Esser eq. 1, a straight line)
+    loss = || (eps - x_0) - v_theta(x_sigma, sigma * T, caption) ||^2  (the velocity along the line)
+
+Both are one function, `diffusion_loss`: the schedule object says how t is drawn
+(`sample_training_timesteps`), how x_0 is noised (`add_noise`) and what the network must
+predict (`training_target`). In both, the caption is replaced by the empty prompt 10% of
+the time, so that the same network also learns the unconditional prediction that
+classifier-free guidance needs.
 
 All randomness of a run (timesteps, noise, caption dropout) comes from one
 `torch.Generator` whose state is checkpointed, and the data is indexed by step, so a
@@ -47,14 +56,15 @@ from .checkpoint import (CheckpointError, atomic_write, read_json, read_safetens
 from .data import Shapes, load_dataset
 from .images import make_grid
 from .model import TextToImageModel
-from .runtime import autocast, pick_device
-from .scheduler import NoiseSchedule, SchedulerConfig
+from .runtime import autocast, pick_device, precision_for
+from .scheduler import FlowMatchConfig, FlowMatchEulerScheduler, NoiseSchedule, SchedulerConfig
 from .unet import UNetConfig
 
 LOSS_BINS = 4  # the loss is also logged per quarter of the timestep range
 TRAIN_STATE_FORMAT, TRAIN_STATE_VERSION = "minidiff-train-state", 1  # state.json of a resumable checkpoint
 # what the ranks agree on after every forward pass (the largest code wins)
-GO_ON, TIME_LIMIT, INTERRUPTED, NOT_FINITE = 0, 1, 2, 3
+GO_ON, TIME_LIMIT, INTERRUPTED, NOT_FINITE, FAILED = 0, 1, 2, 3, 4
+OBJECTIVES = ("ddpm", "flow")
 
 
 @dataclass
@@ -70,9 +80,11 @@ class TrainConfig:
     channel_mults: tuple[int, ...] = (1, 2, 2)
     attention_levels: tuple[int, ...] = (1, 2)
     text_dim: int = 128
-    beta_schedule: str = "cosine"
+    objective: str = "ddpm"  # "ddpm" (predict the noise) or "flow" (rectified flow: predict the velocity)
+    beta_schedule: str = "cosine"  # ddpm only
+    shift: float = 1.0  # flow only: the sampling shift of Esser et al. eq. 23 (SD3.5: 3.0)
     caption_dropout: float = 0.1
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999  # the cap of the EMA's warm-up (see EMA): reached after about 9,000 steps
     grad_clip: float = 1.0
     sample_every: int = 1000
     checkpoint_every: int = 500
@@ -84,6 +96,16 @@ class TrainConfig:
     two_object_fraction: float = 0.0  # Shapes only
     data: str = "shapes"  # or mnist, fashion-mnist, cifar10, or an image folder (see data.load_dataset)
     data_root: str | None = None  # torchvision download cache (default ~/.cache/minidiff)
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+
+    def scheduler_config(self) -> SchedulerConfig | FlowMatchConfig:
+        """The noise schedule the model is trained with (saved in its config.json)."""
+        if self.objective == "flow":
+            return FlowMatchConfig(shift=self.shift)
+        return SchedulerConfig(beta_schedule=self.beta_schedule)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,18 +135,32 @@ PRESETS = {
 
 
 class EMA:
-    """Exponential moving average of the weights, with the usual warm-up of the decay:
-    decay_k = min(max_decay, (1 + k) / (10 + k)) (as in diffusers' EMAModel)."""
+    """Exponential moving average of the weights, shadow <- decay * shadow + (1 - decay) * weights,
+    with diffusers' EMAModel warm-up of the decay: 0 at the first update (the shadow starts as the
+    weights after it), then decay_k = min(max_decay, k / (9 + k)) at update k + 1. `max_decay` is
+    a cap the warm-up reaches only after about 9 / (1 - max_decay) updates: 0.999 after 9,000; at
+    2,400 steps the decay is 0.9963, an average over roughly the last 270 steps.
+
+    The parameters and buffers are listed once (the tensors `state_dict` hands out share the
+    model's storage), so an update is one foreach lerp over cached lists."""
 
     def __init__(self, model: torch.nn.Module, max_decay: float):
         self.max_decay = max_decay
         self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+        self._sources: list[torch.Tensor] | None = None
+
+    @staticmethod
+    def decay_at(step: int, max_decay: float) -> float:
+        """The decay of the update after optimizer step `step` (0-based), as diffusers' EMAModel.get_decay."""
+        return 0.0 if step == 0 else min(max_decay, step / (9 + step))
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
-        decay = min(self.max_decay, (1 + step) / (10 + step))
-        for k, v in model.state_dict().items():
-            self.shadow[k].lerp_(v.float(), 1 - decay)
+        if self._sources is None:
+            state = model.state_dict()
+            self._sources = [state[k].detach() for k in self.shadow]
+        decay = self.decay_at(step, self.max_decay)
+        torch._foreach_lerp_(list(self.shadow.values()), [s.float() for s in self._sources], 1 - decay)
 
     def averaged_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """A copy of `model` holding the averaged weights (what train.py saves), in eval mode."""
@@ -133,16 +169,28 @@ class EMA:
         return averaged.eval()
 
 
-def apply_gradients(model, optimizer, ema: EMA, loss: torch.Tensor, step: int, grad_clip: float) -> None:
-    """Backward, clip the gradient norm, one AdamW step, then the EMA. A non-finite gradient
+def apply_gradients(model, optimizer, ema: EMA, loss: torch.Tensor, step: int, grad_clip: float,
+                    scaler: torch.amp.GradScaler | None = None) -> None:
+    """Backward, clip the gradient norm, one Adam step, then the EMA. A non-finite gradient
     norm raises before anything is applied (under DDP it is the same on every rank: the
-    gradients are averaged by then)."""
+    gradients are averaged by then).
+
+    With fp16 autocast (CUDA cards without bf16) a `torch.amp.GradScaler` scales the loss so
+    that small gradients survive fp16; its non-finite steps are the scaler's to skip (it
+    lowers the scale), so the non-finite check then applies to the unscaled loss only."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    if not torch.isfinite(grad_norm):
-        raise FloatingPointError(f"gradient norm became {grad_norm.item()} at step {step + 1}")
-    optimizer.step()
+    if scaler is None:
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if not torch.isfinite(grad_norm):
+            raise FloatingPointError(f"gradient norm became {grad_norm.item()} at step {step + 1}")
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
     ema.update(model, step)
 
 
@@ -165,10 +213,12 @@ def load_batch(dataset, indices) -> tuple[torch.Tensor, list[str]]:
     return torch.stack([image for image, _ in items]), [caption for _, caption in items]
 
 
-def diffusion_loss(model, tokenizer, schedule: NoiseSchedule, images, captions, generator, caption_dropout, device,
-                   shard: tuple[int, int] = (0, 1)):
-    """L_simple of Ho et al. 2020 (eq. 14), per sample; also returns the timesteps drawn.
-    `model` may be the TextToImageModel itself or a wrapper of it (compiled, DDP).
+def diffusion_loss(model, tokenizer, schedule: NoiseSchedule | FlowMatchEulerScheduler, images, captions, generator,
+                   caption_dropout, device, shard: tuple[int, int] = (0, 1), precision: torch.dtype | None = None):
+    """The training loss per sample, and the timesteps drawn: L_simple of Ho et al. 2020 (eq. 14)
+    with a DDPM `schedule`, the flow-matching loss with a `FlowMatchEulerScheduler` (module doc).
+    `model` may be the TextToImageModel itself or a wrapper of it (compiled, DDP); `precision`
+    the autocast dtype (None: the device's choice, see runtime.precision_for).
 
     `shard` = (rank, world_size): `images` is this rank's slice of a global batch of
     world_size x B samples. The caption dropout, timesteps and noise are drawn for the whole
@@ -179,14 +229,20 @@ def diffusion_loss(model, tokenizer, schedule: NoiseSchedule, images, captions, 
     mine = slice(rank * b, (rank + 1) * b)
     drop = (torch.rand(world_size * b, generator=generator) < caption_dropout)[mine]
     captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-    t = torch.randint(0, schedule.num_train_timesteps, (world_size * b,), generator=generator)[mine]
+    t = schedule.sample_training_timesteps(world_size * b, generator)[mine]  # DDPM: integer t; flow: sigma * T
     noise = torch.randn((world_size * b, *images.shape[1:]), generator=generator)[mine]
-    x_t = schedule.add_noise(images, noise, t)  # eq. 4
+    x_t = schedule.add_noise(images, noise, t)  # DDPM: Ho eq. 4; flow: (1 - sigma) x_0 + sigma eps
+    target = schedule.training_target(images, noise)  # DDPM: eps; flow: eps - x_0
     ids, mask = tokenizer(captions)
-    with autocast(device):
+    with autocast(device, precision):
         pred = model(x_t.to(device), t.to(device), ids.to(device), mask.to(device))
-    per_sample = F.mse_loss(pred.float(), noise.to(device), reduction="none").mean(dim=(1, 2, 3))
+    per_sample = F.mse_loss(pred.float(), target.to(device), reduction="none").mean(dim=(1, 2, 3))
     return per_sample, t
+
+
+def training_schedule(config: SchedulerConfig | FlowMatchConfig) -> NoiseSchedule | FlowMatchEulerScheduler:
+    """The forward process a model's config names: DDPM's, or rectified flow's."""
+    return FlowMatchEulerScheduler(config) if isinstance(config, FlowMatchConfig) else NoiseSchedule(config)
 
 
 @torch.no_grad()
@@ -297,11 +353,14 @@ class Trainer:
         unet = UNetConfig(image_size=config.image_size, base_channels=config.base_channels,
                           channel_mults=config.channel_mults, attention_levels=config.attention_levels)
         self.model = TextToImageModel.for_captions(
-            self.dataset.captions(), unet, config.text_dim, SchedulerConfig(beta_schedule=config.beta_schedule)
-        ).to(self.device)
-        self.schedule = NoiseSchedule(self.model.config.scheduler)
+            self.dataset.captions(), unet, config.text_dim, config.scheduler_config()).to(self.device)
+        self.schedule = training_schedule(self.model.config.scheduler)
         self.ema = EMA(self.model, config.ema_decay)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=0.0)
+        # Adam (no weight decay: the toy models are small and briefly trained)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        # bf16 autocast where the GPU has bf16, fp16 + a gradient scaler on older CUDA cards, else float32
+        self.precision = precision_for(self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == torch.float16 else None
         self.generator = torch.Generator().manual_seed(config.seed)  # the same on every rank: see diffusion_loss
         self.step = 0
         # what forward/backward runs through: compiled and/or DDP-wrapped, same parameters
@@ -334,6 +393,7 @@ class Trainer:
             write_json(tmp / "state.json", {
                 "format": TRAIN_STATE_FORMAT, "format_version": TRAIN_STATE_VERSION, "step": self.step,
                 "train_config": self.config.to_dict(), "loss_rows": self.loss_rows,
+                "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "log_window": {**self.window, "bins": self.window["bins"].tolist()}})
             tmp.rename(final)
         for old in sorted(self.checkpoint_dir.glob("step-*"))[: -self.config.keep]:
@@ -357,6 +417,8 @@ class Trainer:
             reason = " ".join(str(error).split())[:200]
             raise CheckpointError(f"{path} does not fit this run's model ({reason}); the checkpoint is partial, "
                                   f"corrupt or from another run, or the data's captions changed since") from None
+        if self.scaler is not None and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.step = state["step"]
         self.loss_rows = state.get("loss_rows", [])
         window = state.get("log_window")
@@ -368,7 +430,40 @@ class Trainer:
 
     def save_pipeline(self) -> None:
         """The EMA weights as a sampling checkpoint: `out`/config.json + model.safetensors."""
-        save_model(self.out, self.model, self.ema.shadow)
+        save_model(self.out, self.model, self.ema.shadow, trained_steps=self.step)
+
+    def save(self) -> None:
+        """A resumable checkpoint and the sampling model, together: `model.safetensors` never lags
+        behind the checkpoints (sample.py and evaluate read it)."""
+        self.save_checkpoint()
+        self.save_pipeline()
+
+    def periodic_reports(self) -> None:
+        c = self.config
+        if c.sample_every and self.step % c.sample_every == 0:
+            self.write_samples(f"step-{self.step:08d}")
+        if c.checkpoint_every and self.step % c.checkpoint_every == 0:
+            self.save()
+
+    def final_reports(self) -> None:
+        self.save()
+        self.write_samples("final")
+        self.write_loss_log()
+
+    def on_main_rank(self, work) -> None:
+        """Run `work` on rank 0 (writing samples and checkpoints). Under DDP every rank then
+        learns whether it failed, so that an error on rank 0 stops all ranks at once instead of
+        leaving them waiting in the next all-reduce until a timeout."""
+        error = None
+        if self.rank == 0:
+            try:
+                work()
+            except BaseException as caught:  # KeyboardInterrupt too: the other ranks must not wait
+                error = caught
+        if self.world_size > 1 and self.sync_stop(FAILED if error is not None else GO_ON) == FAILED and error is None:
+            raise RuntimeError("rank 0 failed while saving or sampling; see its error")
+        if error is not None:
+            raise error
 
     # ---- the loop ----------------------------------------------------------------------
     def ema_model(self) -> TextToImageModel:
@@ -394,6 +489,9 @@ class Trainer:
         with stop_requests() as signals:
             with tqdm(total=c.steps, initial=self.step, disable=not is_main, unit="step", dynamic_ncols=True) as bar:
                 while self.step < c.steps:
+                    # the random state before this step: a stop below throws the step away, and the
+                    # checkpoint must then hold the state that draws this step's numbers again
+                    rng_at_step = self.generator.get_state()
                     indices = batch_indices(self.step, c.batch_size, self.rank, self.world_size)
                     images, captions = load_batch(self.dataset, indices)
                     lr = learning_rate(c, self.step)
@@ -402,7 +500,7 @@ class Trainer:
                     self.model.train()
                     per_sample, t = diffusion_loss(self.train_model, self.model.tokenizer, self.schedule, images,
                                                    captions, self.generator, c.caption_dropout, self.device,
-                                                   shard=(self.rank, self.world_size))
+                                                   shard=(self.rank, self.world_size), precision=self.precision)
                     loss = per_sample.mean()
                     # every rank acts on the same decision, so that all stop after the same step
                     stop = self.sync_stop(self.stop_code(loss, signals, start_time))
@@ -410,21 +508,19 @@ class Trainer:
                         value = loss.item() if not torch.isfinite(loss) else "non-finite on another rank"
                         raise FloatingPointError(f"loss became {value} at step {self.step + 1}")
                     if stop != GO_ON:
+                        self.generator.set_state(rng_at_step)  # the step is not applied: undo its draws
                         stop_reason = "interrupted" if stop == INTERRUPTED else f"time limit of {c.max_minutes} min"
                         break
-                    apply_gradients(self.model, self.optimizer, self.ema, loss, self.step, c.grad_clip)
+                    apply_gradients(self.model, self.optimizer, self.ema, loss, self.step, c.grad_clip, self.scaler)
                     self.step += 1
                     if is_main:
                         self.record_loss(per_sample.detach(), t, lr, images.shape[0] * self.world_size, bar)
-                        if c.sample_every and self.step % c.sample_every == 0:
-                            self.write_samples(f"step-{self.step:08d}")
-                        if c.checkpoint_every and self.step % c.checkpoint_every == 0:
-                            self.save_checkpoint()
+                    if (c.sample_every and self.step % c.sample_every == 0) or (
+                            c.checkpoint_every and self.step % c.checkpoint_every == 0):
+                        self.on_main_rank(self.periodic_reports)
             if is_main:  # still inside stop_requests: a first Ctrl-C now waits for the save
-                self.save_checkpoint()
-                self.save_pipeline()
-                self.write_samples("final")
-                self.write_loss_log()
+                print(f"saving the model and sample grid (step {self.step})", file=sys.stderr)
+            self.on_main_rank(self.final_reports)
         return {"step": self.step, "stop_reason": stop_reason, "seconds": time.monotonic() - start_time}
 
     def record_loss(self, per_sample: torch.Tensor, t: torch.Tensor, lr: float, images: int, bar) -> None:
@@ -433,7 +529,7 @@ class Trainer:
         The loss logged is rank 0's share of the global batch."""
         w, c = self.window, self.config
         per_sample = per_sample.float().cpu()
-        b = t * LOSS_BINS // self.schedule.num_train_timesteps
+        b = (t * LOSS_BINS // self.schedule.num_train_timesteps).long().clamp(max=LOSS_BINS - 1)
         w["bins"][0].index_add_(0, b, per_sample)
         w["bins"][1].index_add_(0, b, torch.ones_like(per_sample))
         w["loss"] += per_sample.mean().item()
@@ -479,7 +575,7 @@ class Trainer:
         for i in range(LOSS_BINS):
             lo, hi = i * self.schedule.num_train_timesteps // LOSS_BINS, (i + 1) * self.schedule.num_train_timesteps // LOSS_BINS
             ax.plot(steps, [r[f"loss_t{i}"] for r in self.loss_rows], label=f"t in [{lo}, {hi})", alpha=0.6)
-        ax.set(xlabel="step", ylabel="MSE on the noise", yscale="log", title="training loss")
+        ax.set(xlabel="step", ylabel="MSE on the noise" if self.model.config.objective == "ddpm" else "MSE on the velocity", yscale="log", title="training loss")
         ax.legend()
         fig.tight_layout()
         atomic_write(self.out / "loss.png", lambda tmp: fig.savefig(tmp, dpi=100, format="png"))

@@ -53,3 +53,20 @@ def tiny_sd3(tiny_sd3_dir):
     from bridge import SD3Bridge
 
     return SD3Bridge.from_pretrained(tiny_sd3_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_flow_model_dir(tmp_path_factory):
+    """A tiny rectified-flow minidiff checkpoint (`objective="flow"`), a few training steps."""
+    from minidiff.training import Trainer
+
+    out = tmp_path_factory.mktemp("tiny-flow-model")
+    Trainer(tiny_train_config(out, objective="flow")).train()
+    return out
+
+
+@pytest.fixture
+def tiny_flow_pipe(tiny_flow_model_dir):
+    from minidiff import MiniDiffusionPipeline
+
+    return MiniDiffusionPipeline.from_pretrained(tiny_flow_model_dir, device="cpu")
