@@ -1,14 +1,22 @@
 """The chapter's figures, reproduced on the toy model.
 
     python -m minidiff.figures --model runs/shapes --out figures/
+    python -m minidiff.figures --model runs/shapes --flow-model runs/flow --out figures/
 
-writes, with the model's own schedule and fixed seeds:
+writes, with the model's own schedule and fixed seeds (a DDPM or a rectified-flow model alike):
 
-    forward-noising.png   a Shapes image noised to t = 0 ... T - 1 (the forward process, Ho et al. 2020 eq. 4)
+    forward-noising.png   a Shapes image noised to t = 0 ... T - 1 (the forward process: Ho et al. 2020
+                          eq. 4, or for a flow model x_sigma = (1 - sigma) x_0 + sigma eps, sigma = t / T)
     denoising-steps.png   a generation after 0, 1, 10 and 40 of 40 steps: x_t, and the predicted x_0 below
     negative-prompt.png   the same seeds without (top) and with (bottom) a negative prompt
     img2img-strength.png  a red circle turned towards "a blue circle" at strengths 0.2, 0.4, 0.7, 1.0
-    inpainting.png        an image, its mask (white = replaced) and four inpainted results
+    inpainting.png        two objects, a mask over the right one (white = replaced), four inpainted results
+
+With --flow-model (a model trained with `--objective flow`), also the same five for it in
+`flow/`, and
+
+    ddpm-vs-flow.png      one prompt and seed (so the same starting noise) denoised by the DDPM model
+                          and by the flow model: x_t and predicted x_0 at the same fractions of the run
 
 Small images are enlarged with nearest-neighbour so each pixel stays a visible square.
 The strips are also what `sample.py --save-steps` and `sample.py --noise-strip` write.
@@ -24,12 +32,14 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from .data import Shapes
+from .data import COLOURS, Shapes, render
 from .images import make_grid, pil_to_tensor, tensor_to_pil
-from .scheduler import NoiseSchedule, SchedulerConfig, randn
+from .scheduler import FlowMatchConfig, SchedulerConfig, randn
 
 FIGURES = ("forward-noising.png", "denoising-steps.png", "negative-prompt.png", "img2img-strength.png",
            "inpainting.png")
+COMPARISON = "ddpm-vs-flow.png"
+FLOW_FOLDER = "flow"  # where --flow-model's own figures go, inside --out
 DISPLAY_SIZE = 96  # pixels a tile is enlarged to (at least)
 
 
@@ -37,11 +47,15 @@ def scale_for(image: Image.Image) -> int:
     return max(1, DISPLAY_SIZE // image.size[0])
 
 
-def noising_strip(image: Image.Image, schedule: SchedulerConfig, timesteps: list[int],
+def noising_strip(image: Image.Image, schedule: SchedulerConfig | FlowMatchConfig, timesteps: list[int],
                   generator: torch.Generator | None = None) -> Image.Image:
-    """The input, then x_t = sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) eps for each t
-    (Ho et al. 2020 eq. 4), one noise tensor eps for all t so only the noise level changes."""
-    process = NoiseSchedule(schedule)
+    """The input, then x_t for each t, one noise tensor eps for all t so only the noise level changes:
+    x_t = sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) eps (Ho et al. 2020 eq. 4) for a DDPM
+    schedule; x_sigma = (1 - sigma) x_0 + sigma eps with sigma = t / T (Esser et al. 2024 eq. 1,
+    rectified flow) for a flow one, labelled with sigma."""
+    from .training import training_schedule  # the forward process of either objective
+
+    process = training_schedule(schedule)
     T = process.num_train_timesteps
     bad = [t for t in timesteps if not 0 <= t < T]
     if bad or not timesteps:
@@ -51,7 +65,24 @@ def noising_strip(image: Image.Image, schedule: SchedulerConfig, timesteps: list
     noised = process.add_noise(x0.expand(len(timesteps), -1, -1, -1), noise.expand(len(timesteps), -1, -1, -1),
                                torch.tensor(timesteps))
     tiles = [image.convert("RGB")] + tensor_to_pil(noised)
-    return make_grid(tiles, labels=["input"] + [f"t={t}" for t in timesteps], scale=scale_for(image))
+    flow = isinstance(schedule, FlowMatchConfig)
+    labels = [f"sigma={t / T:.2f}" if flow else f"t={t}" for t in timesteps]
+    return make_grid(tiles, labels=["input"] + labels, scale=scale_for(image))
+
+
+def trace_rows(trace: list[dict], b: int = 0, name: str = "") -> tuple[list[Image.Image], list[str]]:
+    """Image `b` of a trace as two rows of tiles and their labels: x_t after each captured step,
+    then the x_0 predicted at that step (a blank at step 0, the start). `name` prefixes the labels."""
+    tiles, labels = [], []
+    for record in trace:
+        tiles.append(record["x_t"][b])
+        labels.append(f"{name}step {record['step']}")
+    for record in trace:  # the x0 predicted by the model at timestep t of that step
+        blank = Image.new("RGB", record["x_t"][b].size, (255, 255, 255))
+        tiles.append(record["pred_x0"][b] if record["pred_x0"] is not None else blank)
+        # a flow model's (and SD3's) timestep is a float, sigma * T: whole numbers are enough for a label
+        labels.append(f"{name}x0 from t={record['timestep']:.0f}" if record["pred_x0"] is not None else "")
+    return tiles, labels
 
 
 def trace_strip(trace: list[dict]) -> Image.Image:
@@ -61,14 +92,32 @@ def trace_strip(trace: list[dict]) -> Image.Image:
         raise ValueError("the trace is empty: ask for steps with capture_steps")
     tiles, labels = [], []
     for b in range(len(trace[0]["x_t"])):
-        for record in trace:
-            tiles.append(record["x_t"][b])
-            labels.append(f"step {record['step']}")
-        for record in trace:  # the x0 predicted by the model at timestep t of that step
-            blank = Image.new("RGB", record["x_t"][b].size, (255, 255, 255))
-            tiles.append(record["pred_x0"][b] if record["pred_x0"] is not None else blank)
-            labels.append(f"x0 from t={record['timestep']}" if record["pred_x0"] is not None else "")
+        rows = trace_rows(trace, b)
+        tiles += rows[0]
+        labels += rows[1]
     return make_grid(tiles, labels=labels, columns=len(trace), scale=scale_for(tiles[0]))
+
+
+def ddpm_vs_flow_strip(ddpm_pipe, flow_pipe, prompt: str = "a red circle", steps: int = 40, seed: int = 0,
+                       fractions: tuple[float, ...] = (0, 0.1, 0.25, 0.5, 0.75, 1.0)) -> Image.Image:
+    """`prompt` denoised in `steps` steps by a DDPM model (its default sampler) and by a flow model
+    (Euler), from the same seed, so from the same starting noise x_T: for each, a row of x_t and a
+    row of predicted x_0 at the same fractions of the run. The DDPM rows come first."""
+    if ddpm_pipe.config.objective != "ddpm" or flow_pipe.config.objective != "flow":
+        raise ValueError(f"need a DDPM model and a flow model, got {ddpm_pipe.config.objective} and "
+                         f"{flow_pipe.config.objective}")
+    if ddpm_pipe.image_size != flow_pipe.image_size:
+        raise ValueError(f"the two models draw {ddpm_pipe.image_size} px and {flow_pipe.image_size} px images; "
+                         "the same starting noise needs one size")
+    capture = sorted({round(f * steps) for f in fractions})
+    tiles, labels = [], []
+    for name, pipe in (("DDPM ", ddpm_pipe), ("flow ", flow_pipe)):
+        trace = pipe.sample(prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
+                            capture_steps=capture).trace
+        rows = trace_rows(trace, 0, name)
+        tiles += rows[0]
+        labels += rows[1]
+    return make_grid(tiles, labels=labels, columns=len(capture), scale=scale_for(tiles[0]))
 
 
 def shapes_example(image_size: int, colour: str, shape: str, nth: int = 0, seed: int = 1) -> tuple[Image.Image, tuple]:
@@ -93,13 +142,37 @@ def box_mask(box: tuple, image_size: int, margin: int = 1) -> Image.Image:
     return mask
 
 
+def two_object_picture(image_size: int, left: tuple[str, str] = ("red", "circle"),
+                       right: tuple[str, str] = ("blue", "square")) -> Image.Image:
+    """One (colour, shape) centred in each half, drawn by the Shapes renderer. Inpaint one half and
+    the other, kept exactly, stays plain to see. (At 16 px the training images hold one object
+    each: the model never drew a picture like this one.)"""
+    half = image_size / 2
+    side = math.floor(0.75 * half)  # whole pixels, so the two halves stay apart
+    objects = []
+    for (colour, shape), left_edge in ((left, 0.0), (right, half)):
+        x0, y0 = left_edge + (half - side) // 2, (image_size - side) // 2
+        objects.append({"shape": shape, "rgb": COLOURS[colour], "box": (x0, y0, x0 + side, y0 + side)})
+    return render(objects, image_size)
+
+
+def half_mask(image_size: int, side: str = "right") -> Image.Image:
+    """An inpainting mask: white (replace) over the `side` half ("left" or "right"), black (keep) over the other."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    mask = Image.new("L", (image_size, image_size), 0)
+    start = image_size // 2 if side == "right" else 0
+    mask.paste(255, (start, 0, start + image_size // 2, image_size))
+    return mask
+
+
 def render_figures(pipe, out: Path, seed: int = 0, steps: int = 40) -> list[Path]:
     """Write the FIGURES into the folder `out`; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     size = pipe.image_size
     gen = lambda: torch.Generator().manual_seed(seed)  # noqa: E731  the same seed for every figure
-    # the smallest of the first eight red circles: its mask leaves some of the picture to keep
-    red_circle, box = min((shapes_example(size, "red", "circle", nth) for nth in range(8)),
+    # the input of the noising and img2img figures: the smallest of the first eight red circles
+    red_circle, _ = min((shapes_example(size, "red", "circle", nth) for nth in range(8)),
                           key=lambda example: example[1][2] - example[1][0])
     figures = {}
     T = pipe.config.scheduler.num_train_timesteps
@@ -123,11 +196,12 @@ def render_figures(pipe, out: Path, seed: int = 0, steps: int = 40) -> list[Path
     figures["img2img-strength.png"] = make_grid([red_circle] + edited, scale=scale_for(red_circle),
                                                 labels=["input"] + [f"strength {s}" for s in strengths])
 
-    mask = box_mask(box, size)
-    painted = pipe.inpaint("a green square", red_circle, mask, num_inference_steps=steps, generator=gen(),
+    # the right half replaced, the left half (a red circle) kept: what is kept stays plain to see
+    picture, mask, prompt = two_object_picture(size), half_mask(size, "right"), "a yellow triangle"
+    painted = pipe.inpaint(prompt, picture, mask, num_inference_steps=steps, generator=gen(),
                            num_images_per_prompt=4).images
-    figures["inpainting.png"] = make_grid([red_circle, mask.convert("RGB")] + painted, scale=scale_for(red_circle),
-                                          labels=["input", "mask"] + ['"a green square"'] * 4)
+    figures["inpainting.png"] = make_grid([picture, mask.convert("RGB")] + painted, scale=scale_for(picture),
+                                          labels=["input", "mask"] + [f'"{prompt}"'] * 4)
     paths = []
     for name in FIGURES:
         figures[name].save(out / name)
@@ -138,6 +212,8 @@ def render_figures(pipe, out: Path, seed: int = 0, steps: int = 40) -> list[Path
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Render the chapter's figures with a trained minidiff model.")
     parser.add_argument("--model", required=True, help="folder written by train.py")
+    parser.add_argument("--flow-model", help="a model trained with --objective flow: its figures go to OUT/flow/, "
+                                             f"and {COMPARISON} compares it with --model (a DDPM model)")
     parser.add_argument("--out", required=True, help="folder for the PNG files")
     parser.add_argument("--steps", type=int, default=40, help="num_inference_steps (default 40, as the chapter)")
     parser.add_argument("--seed", type=int, default=0)
@@ -149,13 +225,30 @@ def main(argv=None) -> int:
     from .pipeline import MiniDiffusionPipeline
 
     out = Path(args.out)
-    existing = [str(out / name) for name in FIGURES if (out / name).exists()]
+    names = list(FIGURES)
+    if args.flow_model:
+        names += [f"{FLOW_FOLDER}/{name}" for name in FIGURES] + [COMPARISON]
+    existing = [str(out / name) for name in names if (out / name).exists()]
     if existing and not args.overwrite:
         raise UsageError(f"{existing[0]} exists; pass --overwrite to replace the figures, or choose another --out")
     if args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     pipe = MiniDiffusionPipeline.from_pretrained(args.model, device=args.device)
-    for path in render_figures(pipe, out, args.seed, args.steps):
+    flow_pipe = None
+    if args.flow_model:  # both loaded and checked before anything is written
+        flow_pipe = MiniDiffusionPipeline.from_pretrained(args.flow_model, device=args.device)
+        if flow_pipe.config.objective != "flow" or pipe.config.objective != "ddpm":
+            raise UsageError(f"--flow-model needs a flow model and --model a DDPM one; {args.flow_model} is "
+                             f"{flow_pipe.config.objective} and {args.model} is {pipe.config.objective}")
+        if flow_pipe.image_size != pipe.image_size:
+            raise UsageError(f"{args.model} draws {pipe.image_size} px images and {args.flow_model} "
+                             f"{flow_pipe.image_size} px; the comparison needs one size")
+    paths = render_figures(pipe, out, args.seed, args.steps)
+    if flow_pipe is not None:
+        paths += render_figures(flow_pipe, out / FLOW_FOLDER, args.seed, args.steps)
+        ddpm_vs_flow_strip(pipe, flow_pipe, steps=args.steps, seed=args.seed).save(out / COMPARISON)
+        paths.append(out / COMPARISON)
+    for path in paths:
         print(f"wrote {path}", file=sys.stderr)
     return 0
 

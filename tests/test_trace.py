@@ -14,7 +14,7 @@ from PIL import Image
 from minidiff import Shapes
 from minidiff.cli import run
 from minidiff.contract import StepRecorder
-from minidiff.figures import FIGURES, noising_strip, trace_strip
+from minidiff.figures import FIGURES, half_mask, noising_strip, trace_strip, two_object_picture
 from minidiff.images import noise_to_pil, pil_to_tensor, tensor_to_pil
 from minidiff.scheduler import SchedulerConfig
 
@@ -212,3 +212,58 @@ def test_figures_command_writes_every_figure_and_keeps_them(tiny_model_dir, tmp_
     before = (out / FIGURES[0]).read_bytes()
     assert run(main, ["--model", str(tiny_model_dir), "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err and (out / FIGURES[0]).read_bytes() == before
+
+
+@pytest.mark.parametrize("size", [16, 32])
+def test_inpainting_figure_input_keeps_an_object_outside_the_mask(size):
+    """The inpainting figure masks the right half of a two-object picture: an object stays visible in
+    the kept (black) half, and there is one in the replaced half to be painted over."""
+    lit = np.asarray(two_object_picture(size)).max(axis=2) > 0  # (H, W), True on an object
+    replaced = np.asarray(half_mask(size, "right")) == 255
+    assert replaced[:, size // 2:].all() and not replaced[:, : size // 2].any()
+    assert lit[~replaced].sum() >= (size // 4) ** 2 and lit[replaced].sum() >= (size // 4) ** 2
+    assert np.array_equal(np.asarray(half_mask(size, "left")) == 255, ~replaced)
+
+
+def test_figures_command_renders_a_flow_model_and_the_comparison(tiny_model_dir, tiny_flow_model_dir, tmp_path,
+                                                                 capsys):
+    from minidiff.figures import COMPARISON, FLOW_FOLDER, main
+
+    out = tmp_path / "figures"
+    assert run(main, ["--model", str(tiny_model_dir), "--flow-model", str(tiny_model_dir), "--out", str(out),
+                      "--steps", "2"]) == 2  # a DDPM model given as --flow-model
+    assert "--flow-model needs a flow model" in capsys.readouterr().err and not out.exists()
+    assert run(main, ["--model", str(tiny_model_dir), "--flow-model", str(tiny_flow_model_dir), "--out", str(out),
+                      "--steps", "2"]) == 0
+    for name in [*FIGURES, *(f"{FLOW_FOLDER}/{n}" for n in FIGURES), COMPARISON]:
+        assert Image.open(out / name).size[1] >= 96
+
+
+def test_ddpm_vs_flow_strip_starts_both_models_from_the_same_noise(tiny_pipe, tiny_flow_pipe):
+    """Rows: DDPM x_t, DDPM x0, flow x_t, flow x0; one column per captured step (0, 1, 2 of 2)."""
+    from minidiff.figures import DISPLAY_SIZE, ddpm_vs_flow_strip
+
+    strip = np.asarray(ddpm_vs_flow_strip(tiny_pipe, tiny_flow_pipe, steps=2, fractions=(0, 0.5, 1)))
+    cell_w, cell_h = strip.shape[1] // 3, strip.shape[0] // 4
+    assert strip.shape[0] == 4 * cell_h and cell_h >= DISPLAY_SIZE
+    tile = lambda row, col: strip[row * cell_h: row * cell_h + DISPLAY_SIZE,  # noqa: E731
+                                  col * cell_w + (cell_w - DISPLAY_SIZE) // 2:][:, :DISPLAY_SIZE]
+    assert np.array_equal(tile(0, 0), tile(2, 0))  # step 0: the same x_T for both models
+    assert not np.array_equal(tile(0, 2), tile(2, 2))  # after the run: two different models' pictures
+    with pytest.raises(ValueError, match="a DDPM model and a flow model"):
+        ddpm_vs_flow_strip(tiny_flow_pipe, tiny_pipe, steps=2)
+
+
+def test_noising_strip_of_a_flow_schedule_is_the_straight_line():
+    """A flow schedule noises as x_sigma = (1 - sigma) x_0 + sigma eps with sigma = t / T, labelled by sigma."""
+    from minidiff.scheduler import FlowMatchConfig
+
+    image = Image.fromarray(np.full((16, 16, 3), 255, dtype=np.uint8))  # white: x_0 = 1 everywhere
+    zero_noise = torch.Generator().manual_seed(0)
+    strip = noising_strip(image, FlowMatchConfig(), [0, 500, 999], zero_noise)
+    eps = torch.randn((1, 3, 16, 16), generator=torch.Generator().manual_seed(0))
+    expected = tensor_to_pil((1 - 0.5) * torch.ones(1, 3, 16, 16) + 0.5 * eps)[0]
+    cell_w = strip.size[0] // 4
+    x = 2 * cell_w + (cell_w - 96) // 2
+    got = strip.crop((x, 0, x + 96, 96)).resize((16, 16), Image.Resampling.NEAREST)
+    assert np.array_equal(np.asarray(got), np.asarray(expected))
