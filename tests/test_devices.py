@@ -66,7 +66,7 @@ def test_first_log_line_names_the_precision_and_fp16_gets_a_gradient_scaler(tmp_
         warnings.simplefilter("ignore")  # GradScaler("cuda") without CUDA disables itself, with a warning
         assert run(train.main, ["--out", str(tmp_path / "run"), "--steps", "1", *TINY_FLAGS]) == 0
     first = capsys.readouterr().err.splitlines()[0]
-    assert first.startswith(f"training on cpu ({named}): ddpm objective")
+    assert first.startswith(f"training on cpu ({named}): flow objective")  # the default objective
     assert isinstance(no_training[0].scaler, torch.amp.GradScaler) == scaler
 
 
