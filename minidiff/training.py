@@ -133,7 +133,7 @@ RUN_SETTINGS = ("out", "steps", "lr", "device", "max_minutes", "sample_every", "
 # Self-attention at the 8x8 (CPU) / 16x16 (GPU) level is left out: it cost about a third of the step
 # and the model reaches 95% without it (BENCHMARKS.md, "What made training faster").
 PRESETS = {
-    "cpu": dict(image_size=16, base_channels=32, steps=900, batch_size=64, attention_levels=(2,)),
+    "cpu": dict(image_size=16, base_channels=32, steps=1200, batch_size=64, attention_levels=(2,)),
     "gpu": dict(image_size=32, base_channels=64, steps=4000, batch_size=128, attention_levels=(2,),
                 two_object_fraction=0.3),
 }
