@@ -232,7 +232,7 @@ def main(argv=None) -> int:
             return 130
         except torch.cuda.OutOfMemoryError:
             print(f"error: the GPU ran out of memory with --batch-size {config.batch_size} at {config.image_size} px "
-                  f"(the GPU preset needs about 3-4 GB free); try --batch-size {max(1, config.batch_size // 2)}",
+                  f"(the GPU preset peaked at 1.84 GiB on an H200); try --batch-size {max(1, config.batch_size // 2)}",
                   file=sys.stderr)
             return 1
     finally:

@@ -97,7 +97,7 @@ class MiniDiffusionPipeline(TextToImagePipeline):
         """The samplers this model can use, its default first: DDPM and DDIM step a DDPM
         (noise-predicting) model; Euler steps a rectified-flow (velocity-predicting) one. DDPM's
         ancestral sampler is the default for DDPM models: on the 1,200-step CPU model it scored
-        97.2% at 50 steps where DDIM scored 83.3% (README, "Training faster")."""
+        97.2% at 50 steps where DDIM scored 83.3% (BENCHMARKS.md, "What made training faster")."""
         return ("euler",) if self.config.objective == "flow" else ("ddpm", "ddim")
 
     def set_progress_bar_config(self, **kwargs) -> None:

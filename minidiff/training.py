@@ -81,7 +81,7 @@ class TrainConfig:
     attention_levels: tuple[int, ...] = (1, 2)
     text_dim: int = 128
     # "flow" (rectified flow: predict the velocity, as SD3) or "ddpm" (predict the noise). Flow is the
-    # default: at 800 steps of the CPU preset it scored 88.9% where DDPM scored 79.2% (README, "Training faster")
+    # default: at 800 steps of the CPU preset it scored 88.9% where DDPM scored 79.2% (BENCHMARKS.md, "What made training faster")
     objective: str = "flow"
     beta_schedule: str = "cosine"  # ddpm only
     shift: float = 1.0  # flow only: the sampling shift of Esser et al. eq. 23 (SD3.5: 3.0)
