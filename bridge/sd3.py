@@ -52,6 +52,7 @@ from PIL import Image
 from minidiff.contract import ImageOutput, StepRecorder, TextToImagePipeline, as_prompt_list, check_arguments
 from minidiff.images import load_image, load_mask, paste_kept
 from minidiff.runtime import pick_device
+from minidiff.scheduler import predict_x0_from_velocity
 
 # Steps and guidance from the model cards' examples (diffusers' own defaults, 50 / 7.0, are
 # SD3-era). Recognised by the model's own name (`model_name`); the first match wins, so
@@ -111,8 +112,10 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def velocity_to_x0(x_t: torch.Tensor, v: torch.Tensor, sigma) -> torch.Tensor:
-    """Predicted clean latents from the flow-matching velocity: x_0 = x_sigma - sigma * v."""
-    return x_t.float() - torch.as_tensor(sigma, dtype=torch.float32, device=x_t.device) * v.float()
+    """Predicted clean latents from the flow-matching velocity, x_0 = x_sigma - sigma * v: minidiff's
+    own `predict_x0_from_velocity` (the toy's flow models use the same line), in float32."""
+    return predict_x0_from_velocity(x_t.float(), v.float(), torch.as_tensor(sigma, dtype=torch.float32,
+                                                                            device=x_t.device))
 
 
 def vae_latents_to_decoder_input(latents: torch.Tensor, vae_config) -> torch.Tensor:

@@ -179,3 +179,23 @@ def test_train_cli_objective_flow_writes_a_flow_model(tmp_path):
     pipe = MiniDiffusionPipeline.from_pretrained(out, device="cpu")
     assert len(pipe.sample("a red circle", num_inference_steps=2).images) == 1
     assert run(train.main, ["--objective", "flow", "--shift", "0", "--out", str(tmp_path / "bad"), *flags]) == 2
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_minidiff_euler_step_and_the_bridges_give_the_same_numbers(shift):
+    """The same velocity and sigmas through minidiff's Euler step and through the bridge's (diffusers'
+    FlowMatchEulerDiscreteScheduler, which SD3's pipelines step, and the bridge's trace x_0)."""
+    from bridge.sd3 import velocity_to_x0
+
+    ours, theirs = FlowMatchEulerScheduler(shift=shift), FlowMatchEulerDiscreteScheduler(shift=shift)
+    ours.set_timesteps(8)
+    theirs.set_timesteps(8)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(1, 16, 4, 4, generator=g)  # latent-shaped, as the bridge sees them
+    for i, t in enumerate(theirs.timesteps):
+        v = torch.randn(1, 16, 4, 4, generator=g)
+        a = ours.step(v, t, x)
+        b = theirs.step(v, t, x)
+        torch.testing.assert_close(a.prev_sample, b.prev_sample, atol=1e-6, rtol=0)
+        torch.testing.assert_close(a.pred_original_sample, velocity_to_x0(x, v, theirs.sigmas[i]), atol=1e-6, rtol=0)
+        x = a.prev_sample
