@@ -79,7 +79,7 @@ def test_txt2img_streams_frames_then_a_result_that_sample_py_reproduces(model, t
     # the last frame is the result itself, and a live frame is the same picture as its history entry
     assert np.array_equal(np.asarray(result.frames[-1].x_t), np.asarray(preview(result.images)))
     assert np.array_equal(np.asarray(frames[3].x_t), np.asarray(result.frames[2].x_t))
-    assert (result.settings.steps, result.settings.sampler, result.settings.guidance) == (STEPS, "ddim", 2.718281828)
+    assert (result.settings.steps, result.settings.sampler, result.settings.guidance) == (STEPS, "ddpm", 2.718281828)  # a DDPM model's default sampler
 
     files = save_result(result, model, "txt2img", tmp_path / "out")
     assert [f.name for f in files] == ["txt2img-1.png", "txt2img-2.png"]
