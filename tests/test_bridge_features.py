@@ -177,7 +177,7 @@ def test_cli_reaches_the_bridge_options(tiny_sd3_dir, lora_dir, tmp_path, capsys
         lambda cls, model, **kw: loaded.update(kw) or original(cls, model, **kw)))
     monkeypatch.setattr(SD3Bridge, "sample", lambda self, prompt, **kw: calls.append((self, kw)) or
                         SD3Bridge.img2img(self, prompt, Image.new("RGB", (32, 32)), num_inference_steps=1))
-    base = ["--model", str(tiny_sd3_dir), "--prompt", "a red circle", "--steps", "2", "--device", "cpu"]
+    base = ["--model", str(tiny_sd3_dir), "--prompt", "a red circle", "--steps", "2", "--device", "cpu", "--raw-size"]
     out = tmp_path / "sd3.png"
     assert run(sample.main, [*base, "--out", str(out), "--dtype", "float32", "--drop-t5", "--quantize", "int8",
                              "--lora", f"{lora_dir}:0.5", "--skip-layer-guidance", "--max-sequence-length", "8"]) == 0
