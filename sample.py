@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"images per forward pass (default: as many as hold {BATCH_PIXELS:,} pixels, at least 1)")
     p.add_argument("--sampler", choices=["ddim", "ddpm", "euler"], default=None,
-                   help="minidiff only (default: the model's own, ddim for DDPM models, euler for flow models)")
+                   help="minidiff only (default: the model's own, ddpm for DDPM models, euler for flow models)")
     p.add_argument("--height", type=int, default=None, help="sd3 only (default: the model's native size)")
     p.add_argument("--width", type=int, default=None, help="sd3 only (default: the model's native size)")
     sd3 = p.add_argument_group("Stable Diffusion 3.5 only (README: memory, quantisation, LoRA)")
