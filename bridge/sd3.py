@@ -51,7 +51,7 @@ from PIL import Image
 
 from minidiff.contract import ImageOutput, StepRecorder, TextToImagePipeline, as_prompt_list, check_arguments
 from minidiff.images import load_image, load_mask, paste_kept
-from minidiff.runtime import pick_device
+from minidiff.runtime import pick_device, precision_for
 from minidiff.scheduler import predict_x0_from_velocity
 
 # Steps and guidance from the model cards' examples (diffusers' own defaults, 50 / 7.0, are
@@ -106,9 +106,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
     and slow; T5 stays finite there because its `wo` layers are kept in float32 (transformers'
     `_keep_in_fp32_modules`, which the bridge never casts away). On CPU, bf16 SD3 is known to produce
     noise, so CPU (and MPS, whose bf16 support depends on the macOS version) use float32."""
-    if device.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return precision_for(device) or torch.float32  # the same rule the toy's training uses on CUDA
 
 
 def velocity_to_x0(x_t: torch.Tensor, v: torch.Tensor, sigma) -> torch.Tensor:
