@@ -78,6 +78,7 @@ class MiniDiffusionPipeline(TextToImagePipeline):
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
         self.config = model.config
+        self._progress: dict = {}  # tqdm options, set_progress_bar_config
 
     @classmethod
     def from_pretrained(cls, path, device=None) -> "MiniDiffusionPipeline":
@@ -244,7 +245,7 @@ class MiniDiffusionPipeline(TextToImagePipeline):
         timesteps = timesteps_for_strength(scheduler.timesteps, strength, round_up=self.config.objective == "flow")
         StepRecorder(capture_steps, len(timesteps), decode=tensor_to_pil)  # a bad capture_steps fails before any work
         chunks = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
-        progress = {"disable": len(chunks) == 1, **getattr(self, "_progress", {})}
+        progress = {"disable": len(chunks) == 1, **self._progress}
         images, traces = [], []
         with tqdm(total=len(rows), unit="image", leave=False, dynamic_ncols=True, **progress) as bar:
             for chunk in chunks:
