@@ -40,6 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--objective", choices=["ddpm", "flow"],
                    help="ddpm: predict the noise (Ho et al. 2020); flow: rectified flow, predict the velocity "
                         "(as Stable Diffusion 3). Default: " + TrainConfig.objective)
+    p.add_argument("--snr-gamma", type=float,
+                   help="ddpm only: min-SNR-gamma loss weighting (Hang et al. 2023; 5 reached 97.9%% where plain "
+                        "DDPM reached 91.0%% on the CPU preset, BENCHMARKS.md); default: off (Ho et al.'s L_simple)")
     p.add_argument("--shift", type=float, help="flow only: sampling timestep shift (SD3 eq. 23; SD3.5 uses 3.0)")
     p.add_argument("--steps", type=int, help="optimizer steps in total")
     p.add_argument("--batch-size", type=int, help="images per step (per process under torchrun)")

@@ -149,7 +149,7 @@ class TrainState:
         with (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
               else contextlib.nullcontext()):
             per_sample, _ = diffusion_loss(self.model, self.model.tokenizer, self.schedule, images, captions,
-                                           self.generator, c.caption_dropout, self.device)
+                                           self.generator, c.caption_dropout, self.device, snr_gamma=c.snr_gamma)
         loss = per_sample.mean()
         apply_gradients(self.model, self.optimizer, self.ema, loss, self.step, c.grad_clip)
         self.step += 1

@@ -4,13 +4,12 @@ whole run by the Trainer (what `python train.py` runs) and scored by minidiff.ev
     python -m benchmarks.levers --threads 1 --variant preset: --variant lr2e-3:lr=2e-3 --publish
     python -m benchmarks.levers --threads 1 --variant ddpm-minsnr5:objective=ddpm,snr_gamma=5 --eval-steps 25
 
-A variant is "NAME:key=value,..." with TrainConfig fields (tuples as 2/1) or these levers,
-which are not training settings of minidiff (yet) and are applied here by wrapping its parts:
+A variant is "NAME:key=value,..." with TrainConfig fields (tuples as 2/1; e.g. snr_gamma=5, the
+min-SNR-gamma weighting of DDPM's loss, Hang et al. 2023) or these levers, which are not
+training settings of minidiff and are applied here by wrapping its parts:
 - sigma_sampling=uniform|logit_normal: flow models' training noise levels (FlowMatchConfig);
 - stratified=1: the batch's timesteps drawn stratified (one per 1/B quantile of the
   distribution, shuffled) instead of independently;
-- snr_gamma=G: min-SNR-gamma loss weighting of Hang et al. 2023 for DDPM's epsilon loss,
-  weight min(SNR_t, G) / SNR_t (diffusers' train_text_to_image.py --snr_gamma);
 - prediction=v: DDPM with v-prediction (Salimans & Ho 2022): the network predicts
   v = sqrt(alpha-bar) eps - sqrt(1 - alpha-bar) x_0 and is trained on it; for sampling it is
   wrapped to return eps = sqrt(alpha-bar) v + sqrt(1 - alpha-bar) x_t;
@@ -46,7 +45,7 @@ from minidiff.training import Trainer
 
 from .common import Report, add_publish_flag, load_average, markdown_table, preset_config, results_folder, set_threads
 
-LEVERS = {"sigma_sampling": str, "stratified": int, "snr_gamma": float, "prediction": str, "precision": str}
+LEVERS = {"sigma_sampling": str, "stratified": int, "prediction": str, "precision": str}
 
 
 def parse_variant(text: str) -> tuple[str, dict, dict]:
@@ -88,19 +87,6 @@ def stratified(sample):
         return sigma * schedule.num_train_timesteps
 
     return draw
-
-
-def min_snr_loss(loss_fn, gamma: float):
-    """Wrap diffusion_loss: each sample's epsilon loss times min(SNR_t, gamma) / SNR_t,
-    SNR_t = alpha-bar_t / (1 - alpha-bar_t) (Hang et al. 2023, eq. 13 for epsilon-prediction)."""
-
-    def loss(model, tokenizer, schedule, *args, **kwargs):
-        per_sample, t = loss_fn(model, tokenizer, schedule, *args, **kwargs)
-        alpha_bar = schedule.alphas_cumprod[t]
-        snr = alpha_bar / (1 - alpha_bar)
-        return per_sample * (snr.clamp(max=gamma) / snr).to(per_sample), t
-
-    return loss
 
 
 class VToEpsilon(torch.nn.Module):
@@ -148,8 +134,6 @@ def train_variant(config, levers: dict) -> tuple[Trainer, float, float]:
             schedule.config.sigma_sampling = levers["sigma_sampling"]
         if levers.get("stratified"):
             schedule.sample_training_timesteps = stratified(schedule.sample_training_timesteps)
-        if levers.get("snr_gamma"):
-            training.diffusion_loss = min_snr_loss(training.diffusion_loss, levers["snr_gamma"])
         if levers.get("prediction") == "v":
             trainer.model.unet = VToEpsilon(trainer.model.unet, schedule.alphas_cumprod)
             training.diffusion_loss = v_prediction_loss

@@ -12,6 +12,10 @@ Rectified flow (`objective="flow"`; Liu et al. 2022, Lipman et al. 2023; as SD3,
     x_sigma = (1 - sigma) x_0 + sigma eps                              (Esser eq. 1, a straight line)
     loss = || (eps - x_0) - v_theta(x_sigma, sigma * T, caption) ||^2  (the velocity along the line)
 
+DDPM may weight each sample's loss by min(SNR_t, gamma) / SNR_t, SNR_t = alpha-bar_t / (1 - alpha-bar_t)
+(min-SNR-gamma, Hang et al. 2023, `snr_gamma`; diffusers' train_text_to_image.py --snr_gamma): the
+low-noise steps, whose noise is easy to read off and whose gradients otherwise dominate, count less.
+
 Both are one function, `diffusion_loss`: the schedule object says how t is drawn
 (`sample_training_timesteps`), how x_0 is noised (`add_noise`) and what the network must
 predict (`training_target`). In both, the caption is replaced by the empty prompt 10% of
@@ -84,6 +88,7 @@ class TrainConfig:
     # default: at 800 steps of the CPU preset it scored 88.9% where DDPM scored 79.2% (BENCHMARKS.md, "What made training faster")
     objective: str = "flow"
     beta_schedule: str = "cosine"  # ddpm only
+    snr_gamma: float | None = None  # ddpm only: min-SNR-gamma loss weighting (5 is the paper's); None: plain L_simple
     shift: float = 1.0  # flow only: the sampling shift of Esser et al. eq. 23 (SD3.5: 3.0)
     caption_dropout: float = 0.1
     ema_decay: float = 0.999  # the cap of the EMA's warm-up (see EMA): reached after about 9,000 steps
@@ -102,6 +107,9 @@ class TrainConfig:
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.snr_gamma is not None and (self.objective != "ddpm" or not self.snr_gamma > 0):
+            raise ValueError(f"snr_gamma (min-SNR weighting) must be above 0 and needs objective 'ddpm' "
+                             f"(it weights the noise-prediction loss), got {self.snr_gamma} with {self.objective!r}")
 
     def scheduler_config(self) -> SchedulerConfig | FlowMatchConfig:
         """The noise schedule the model is trained with (saved in its config.json)."""
@@ -230,12 +238,23 @@ def load_batch(dataset, indices) -> tuple[torch.Tensor, list[str]]:
     return torch.stack([image for image, _ in items]), [caption for _, caption in items]
 
 
+def min_snr_weights(schedule: NoiseSchedule, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """min(SNR_t, gamma) / SNR_t for each timestep, SNR_t = alpha-bar_t / (1 - alpha-bar_t): the
+    min-SNR-gamma weights of Hang et al. 2023 (sec. 3.4) for an epsilon-predicting model, as
+    diffusers' train_text_to_image.py computes them with training_utils.compute_snr."""
+    alpha_bar = schedule.alphas_cumprod[timesteps]
+    snr = alpha_bar / (1 - alpha_bar)
+    return snr.clamp(max=gamma) / snr
+
+
 def diffusion_loss(model, tokenizer, schedule: NoiseSchedule | FlowMatchEulerScheduler, images, captions, generator,
-                   caption_dropout, device, shard: tuple[int, int] = (0, 1), precision: torch.dtype | None = None):
+                   caption_dropout, device, shard: tuple[int, int] = (0, 1), precision: torch.dtype | None = None,
+                   snr_gamma: float | None = None):
     """The training loss per sample, and the timesteps drawn: L_simple of Ho et al. 2020 (eq. 14)
-    with a DDPM `schedule`, the flow-matching loss with a `FlowMatchEulerScheduler` (module doc).
-    `model` may be the TextToImageModel itself or a wrapper of it (compiled, DDP); `precision`
-    the autocast dtype (None: the device's choice, see runtime.precision_for).
+    with a DDPM `schedule` (times the min-SNR weights with `snr_gamma`), the flow-matching loss
+    with a `FlowMatchEulerScheduler` (module doc). `model` may be the TextToImageModel itself or a
+    wrapper of it (compiled, DDP); `precision` the autocast dtype (None: the device's choice, see
+    runtime.precision_for).
 
     `shard` = (rank, world_size): `images` is this rank's slice of a global batch of
     world_size x B samples. The caption dropout, timesteps and noise are drawn for the whole
@@ -254,6 +273,8 @@ def diffusion_loss(model, tokenizer, schedule: NoiseSchedule | FlowMatchEulerSch
     with autocast(device, precision):
         pred = model(x_t.to(device), t.to(device), ids.to(device), mask.to(device))
     per_sample = F.mse_loss(pred.float(), target.to(device), reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma is not None:
+        per_sample = per_sample * min_snr_weights(schedule, t, snr_gamma).to(per_sample)
     return per_sample, t
 
 
@@ -518,7 +539,8 @@ class Trainer:
                     self.model.train()
                     per_sample, t = diffusion_loss(self.train_model, self.model.tokenizer, self.schedule, images,
                                                    captions, self.generator, c.caption_dropout, self.device,
-                                                   shard=(self.rank, self.world_size), precision=self.precision)
+                                                   shard=(self.rank, self.world_size), precision=self.precision,
+                                                   snr_gamma=c.snr_gamma)
                     loss = per_sample.mean()
                     # every rank acts on the same decision, so that all stop after the same step
                     stop = self.sync_stop(self.stop_code(loss, signals, start_time))

@@ -80,6 +80,7 @@ SAMPLE = ["sample.py", "--model", "{tmp}/model", "--prompt", "a red circle", "--
 CASES = [
     Case("train: steps below 1", NEW + ["--steps", "0"], None, "--steps must be at least 1"),
     Case("train: a flag that is not a number", NEW + ["--steps", "many"], None, "invalid int value: 'many'"),
+    Case("train: min-SNR weighting on a flow model", NEW + ["--snr-gamma", "5"], None, "needs objective 'ddpm'"),
     Case("train: a size the UNet cannot halve", NEW + ["--image-size", "18"], None, "must be a multiple of 4"),
     Case("train: a size Shapes cannot draw", NEW + ["--image-size", "100"], None, "between 16 and 64"),
     Case("train: unknown data", NEW + ["--data", "imagenet"], None, "neither a folder nor one of"),

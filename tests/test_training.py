@@ -134,3 +134,36 @@ def test_ema_first_update_copies_the_weights_then_averages_as_diffusers():
             assert all(torch.equal(ours.shadow[k], v) for k, v in model.state_dict().items())
         for (name, _), shadow in zip(model.named_parameters(), theirs.shadow_params):
             torch.testing.assert_close(ours.shadow[name], shadow, rtol=1e-6, atol=1e-7)
+
+
+def test_min_snr_weighting_is_diffusers_train_text_to_image():
+    """snr_gamma: each sample's loss times min(SNR_t, gamma) / SNR_t, with SNR_t from
+    diffusers.training_utils.compute_snr, as train_text_to_image.py --snr_gamma weights it."""
+    from diffusers import DDPMScheduler as DiffusersDDPM
+    from diffusers.training_utils import compute_snr
+
+    from minidiff.scheduler import NoiseSchedule
+    from minidiff.text import Tokenizer
+    from minidiff.training import diffusion_loss
+
+    schedule = NoiseSchedule()
+    reference = DiffusersDDPM(beta_schedule="squaredcos_cap_v2")
+    images = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    model = lambda x_t, *args: torch.zeros_like(x_t)  # noqa: E731
+    tokenizer = Tokenizer.from_captions(["a red circle"])
+    args = (model, tokenizer, schedule, images, ["a red circle"] * 16)
+    plain, t = diffusion_loss(*args, torch.Generator().manual_seed(3), 0.0, torch.device("cpu"))
+    weighted, t2 = diffusion_loss(*args, torch.Generator().manual_seed(3), 0.0, torch.device("cpu"), snr_gamma=5.0)
+    snr = compute_snr(reference, t)
+    expected = plain * torch.stack([snr, 5.0 * torch.ones_like(snr)], dim=1).min(dim=1)[0] / snr
+    assert torch.equal(t, t2) and torch.allclose(weighted, expected, rtol=1e-5)
+    assert (weighted < plain).any() and (weighted <= plain * (1 + 1e-6)).all()  # low-noise steps count less
+
+
+def test_min_snr_needs_the_ddpm_objective():
+    from minidiff.training import TrainConfig
+
+    assert TrainConfig(objective="ddpm", snr_gamma=5.0).snr_gamma == 5.0
+    for bad in (dict(objective="flow", snr_gamma=5.0), dict(objective="ddpm", snr_gamma=0.0)):
+        with pytest.raises(ValueError, match="snr_gamma"):
+            TrainConfig(**bad)
