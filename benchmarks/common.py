@@ -12,6 +12,7 @@ network behind an adapter with minidiff's call signature `unet(x_t, t, context, 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -92,6 +93,31 @@ def preset_config(preset: str, **overrides) -> TrainConfig:
     """The TrainConfig that `train.py --preset <preset>` uses, with `overrides` (None values ignored)."""
     values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
     return TrainConfig(**values)
+
+
+def parse_variant(text: str, levers: dict[str, type] | None = None) -> tuple[str, dict, dict]:
+    """"NAME:key=value,..." -> (NAME, TrainConfig changes typed like its fields (tuples written
+    2/1), {key: value} for the keys of `levers`, typed by it). An unknown key exits with one line."""
+    levers = levers or {}
+    name, _, settings = text.partition(":")
+    types = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+    changes, chosen = {}, {}
+    for item in filter(None, settings.split(",")):
+        key, _, value = item.partition("=")
+        if key in levers:
+            chosen[key] = levers[key](value)
+        elif key not in types:
+            known = f"a TrainConfig field or one of {sorted(levers)}" if levers else "a TrainConfig field"
+            raise SystemExit(f"error: --variant {text}: {key!r} is not {known}")
+        elif "tuple" in types[key]:
+            changes[key] = tuple(int(v) for v in value.split("/") if v)
+        elif "int" in types[key]:
+            changes[key] = int(value)
+        elif "float" in types[key]:
+            changes[key] = float(value)
+        else:
+            changes[key] = value
+    return name, changes, chosen
 
 
 def make_dataset(config: TrainConfig) -> Shapes:

@@ -26,7 +26,6 @@ row there, the latest for each name, so several processes (one thread each) can 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -43,31 +42,10 @@ from minidiff.runtime import autocast
 from minidiff.scheduler import expand_to
 from minidiff.training import Trainer
 
-from .common import Report, add_publish_flag, load_average, markdown_table, preset_config, results_folder, set_threads
+from .common import (Report, add_publish_flag, load_average, markdown_table, parse_variant, preset_config,
+                     results_folder, set_threads)
 
 LEVERS = {"sigma_sampling": str, "stratified": int, "prediction": str, "precision": str}
-
-
-def parse_variant(text: str) -> tuple[str, dict, dict]:
-    """"NAME:key=value,..." -> (NAME, TrainConfig changes, levers)."""
-    name, _, settings = text.partition(":")
-    types = {f.name: str(f.type) for f in dataclasses.fields(preset_config("cpu"))}
-    changes, levers = {}, {}
-    for item in filter(None, settings.split(",")):
-        key, _, value = item.partition("=")
-        if key in LEVERS:
-            levers[key] = LEVERS[key](value)
-        elif key not in types:
-            raise SystemExit(f"error: --variant {text}: {key!r} is neither a TrainConfig field nor one of {sorted(LEVERS)}")
-        elif "tuple" in types[key]:
-            changes[key] = tuple(int(v) for v in value.split("/") if v)
-        elif "int" in types[key]:
-            changes[key] = int(value)
-        elif "float" in types[key]:
-            changes[key] = float(value)
-        else:
-            changes[key] = value
-    return name, changes, levers
 
 
 def stratified(sample):
@@ -89,24 +67,26 @@ def stratified(sample):
     return draw
 
 
-class VToEpsilon(torch.nn.Module):
-    """A v-prediction UNet seen as an epsilon one, for the samplers:
-    eps = sqrt(alpha-bar_t) v + sqrt(1 - alpha-bar_t) x_t. `raw=True` (training) returns v."""
+def predict_v(unet, alphas_cumprod) -> None:
+    """Make an epsilon-predicting UNet a v-predicting one seen as epsilon by the samplers:
+    its forward returns eps = sqrt(alpha-bar_t) v + sqrt(1 - alpha-bar_t) x_t, or v itself while
+    `unet.return_v` is set (training). The forward is replaced on the instance, so the weights
+    keep their names (the EMA and checkpoints see the same state_dict)."""
+    network = unet.forward
+    unet.return_v = False
 
-    def __init__(self, unet, alphas_cumprod):
-        super().__init__()
-        self.unet, self.alphas_cumprod, self.raw = unet, alphas_cumprod, False
-
-    def forward(self, x, timesteps, context, mask):
-        v = self.unet(x, timesteps, context, mask)
-        if self.raw:
+    def forward(x, timesteps, context, mask):
+        v = network(x, timesteps, context, mask)
+        if unet.return_v:
             return v
-        alpha_bar = expand_to(self.alphas_cumprod.to(x.device)[timesteps.long()], v)
+        alpha_bar = expand_to(alphas_cumprod.to(x.device)[timesteps.long()], v)
         return alpha_bar**0.5 * v + (1 - alpha_bar) ** 0.5 * x
+
+    unet.forward = forward
 
 
 def v_prediction_loss(model, tokenizer, schedule, images, captions, generator, caption_dropout, device,
-                      shard=(0, 1), precision=None):
+                      shard=(0, 1), precision=None, snr_gamma=None):
     """diffusion_loss's draws in the same order, with the target v = sqrt(ab) eps - sqrt(1 - ab) x_0."""
     b = images.shape[0]
     drop = torch.rand(b, generator=generator) < caption_dropout
@@ -117,10 +97,10 @@ def v_prediction_loss(model, tokenizer, schedule, images, captions, generator, c
     alpha_bar = expand_to(schedule.alphas_cumprod[t], images)
     target = alpha_bar**0.5 * noise - (1 - alpha_bar) ** 0.5 * images
     ids, mask = tokenizer(captions)
-    model.unet.raw = True
+    model.unet.return_v = True
     with autocast(device, precision):
         pred = model(x_t.to(device), t.to(device), ids.to(device), mask.to(device))
-    model.unet.raw = False
+    model.unet.return_v = False
     return F.mse_loss(pred.float(), target.to(device), reduction="none").mean(dim=(1, 2, 3)), t
 
 
@@ -135,7 +115,7 @@ def train_variant(config, levers: dict) -> tuple[Trainer, float, float]:
         if levers.get("stratified"):
             schedule.sample_training_timesteps = stratified(schedule.sample_training_timesteps)
         if levers.get("prediction") == "v":
-            trainer.model.unet = VToEpsilon(trainer.model.unet, schedule.alphas_cumprod)
+            predict_v(trainer.model.unet, schedule.alphas_cumprod)
             training.diffusion_loss = v_prediction_loss
         if levers.get("precision") == "bf16":
             training.autocast = lambda device, precision=None: torch.autocast("cpu", dtype=torch.bfloat16)
@@ -157,18 +137,25 @@ def read_rows(path) -> list[dict]:
     return list(latest.values())
 
 
+SHOWN = ("objective", "base_channels", "lr", "steps", "batch_size")  # columns of their own
+
+
 def body(rows: list[dict]) -> str:
     steps = sorted({s for row in rows for s in row["accuracy"]}, key=lambda k: tuple(float(v) for v in k.split("@")))
-    header = ["variant", "changes", "steps x batch", "train s", "ms/step", "threads"] + [
-        "accuracy, {} steps, guidance {}".format(*s.split("@")) for s in steps] + ["date, load at start"]
-    table = [[r["name"], r["changes"] or "(the preset)", f"{r['steps']} x {r['batch_size']}", f"{r['train_seconds']:.0f}",
-              f"{r['ms_per_step']:.0f}", r["threads"]]
+    header = ["variant", "objective", "width", "peak lr", "steps x batch", "other changes", "train s", "ms/step",
+              "threads"] + ["accuracy, {} steps, guidance {}".format(*s.split("@")) for s in steps] + ["date, load at start"]
+    table = [[r["name"], r["objective"], r["base_channels"], f"{r['lr']:g}", f"{r['steps']} x {r['batch_size']}",
+              r["other"] or "-", f"{r['train_seconds']:.0f}", f"{r['ms_per_step']:.0f}", r["threads"]]
              + [f"{r['accuracy'][s]:.1%}" if s in r["accuracy"] else "" for s in steps] + [f"{r['date']}, {r['load']}"]
              for r in rows]
     return ("Each variant trained by the Trainer for its whole run (`--checkpoint-every 0 --sample-every 0`), "
             "its EMA weights scored by minidiff.evaluate (8 samples x 18 single-object prompts, the model's "
-            "default sampler and guidance). `train s`: wall-clock seconds of the training loop with that many "
-            "torch threads; `python train.py` uses 2 here.\n\n" + markdown_table(header, table))
+            "default sampler and guidance unless the column says). A row is "
+            "`python -m benchmarks.levers --threads 1 --variant NAME:CHANGES` with the CPU preset of its date "
+            "(until 26 Nov 03:34 UTC width 32, lr 1e-3, 1,200 steps; since, width 24, lr 2e-3, 1,150 steps) "
+            "and its changes; the columns give the settings that differ between rows. `train s`: wall-clock "
+            "seconds of the training loop with that many torch threads, two such processes sharing the 2 "
+            "cores (`python train.py` alone uses both).\n\n" + markdown_table(header, table))
 
 
 def main(argv=None) -> int:
@@ -182,7 +169,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     add_publish_flag(p)
     args = p.parse_args(argv)
-    variants = [parse_variant(text) for text in args.variant]
+    variants = [parse_variant(text, LEVERS) for text in args.variant]
     threads = set_threads(args.threads)
     report = Report("levers", "What made training faster (one change at a time)", threads)
     path = results_folder(args.publish) / "levers.jsonl"
@@ -197,8 +184,11 @@ def main(argv=None) -> int:
         accuracy = {f"{s}@{g:g}": evaluate(pipe, args.samples_per_prompt, 0, num_inference_steps=s,
                                              guidance_scale=g)["single"]["both"]
                     for s in args.eval_steps for g in args.guidance_scales}
+        other = {k: v for k, v in {**changes, **levers}.items() if k not in SHOWN}
         row = {"name": name, "changes": ", ".join(f"{k}={v}" for k, v in {**changes, **levers}.items()),
-               "steps": config.steps, "batch_size": config.batch_size, "train_seconds": wall, "cpu_seconds": cpu,
+               "other": ", ".join(f"{k}={v}" for k, v in other.items()), "objective": config.objective,
+               "base_channels": config.base_channels, "lr": config.lr, "steps": config.steps,
+               "batch_size": config.batch_size, "train_seconds": wall, "cpu_seconds": cpu,
                "ms_per_step": 1000 * wall / config.steps, "threads": threads, "accuracy": accuracy,
                "date": date, "load": load}
         print(json.dumps(row), flush=True)

@@ -40,7 +40,7 @@ from minidiff.pipeline import MiniDiffusionPipeline
 from minidiff.training import batch_indices, load_batch
 
 from .common import (Report, TrainState, add_publish_flag, build_model, count_parameters, make_dataset,
-                     markdown_table, preset_config, pyplot, results_folder, set_threads)
+                     markdown_table, parse_variant, preset_config, pyplot, results_folder, set_threads)
 
 
 RECIPES = {  # run name -> (UNet, TrainConfig changes, TrainState options)
@@ -49,27 +49,6 @@ RECIPES = {  # run name -> (UNet, TrainConfig changes, TrainState options)
     "diffusers-recipe": ("diffusers", dict(objective="ddpm", beta_schedule="linear", lr=1e-4, warmup_steps=0,
                                            ema_decay=0.9999), dict(weight_decay=1e-2, lr_schedule="constant")),
 }
-
-
-def parse_variant(text: str) -> tuple[str, dict]:
-    """"NAME:key=value,key=value" -> (NAME, {field: value}), values typed like TrainConfig's fields."""
-    name, _, settings = text.partition(":")
-    types = {f.name: f.type for f in dataclasses.fields(preset_config("cpu"))}
-    changes = {}
-    for item in filter(None, settings.split(",")):
-        key, _, value = item.partition("=")
-        if key not in types:
-            raise SystemExit(f"error: --variant {text}: {key!r} is not a TrainConfig field")
-        kind = str(types[key])
-        if "tuple" in kind:
-            changes[key] = tuple(int(v) for v in value.split("/") if v)
-        elif "int" in kind:
-            changes[key] = int(value)
-        elif "float" in kind:
-            changes[key] = float(value)
-        else:
-            changes[key] = value
-    return name, changes
 
 
 class Run:
@@ -157,7 +136,7 @@ def body(runs: dict[str, Run], args, config) -> str:
         f"runs: {described}. "
         f"Budget {args.minutes:g} min of training ({args.clock} clock) each; evaluation every {args.eval_every:g} min of "
         f"{args.weights} weights with {args.samples_per_prompt} samples per prompt x 18 prompts, each model's default "
-        f"sampler ({args.sampler or 'ddim'} for DDPM models) at {args.eval_steps or 'the default'} steps, "
+        f"sampler (euler for flow models, {args.sampler or 'ddpm'} for DDPM models) at {args.eval_steps or 'the default'} steps, "
         f"guidance {args.guidance if args.guidance is not None else 'default'}.",
         "",
         markdown_table(header, rows),
@@ -203,7 +182,7 @@ def main(argv=None) -> int:
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     specs = {name: RECIPES[name] for name in args.runs}
     for text in args.variant:
-        name, changes = parse_variant(text)
+        name, changes, _ = parse_variant(text)
         specs[name] = ("minidiff", changes, {})
     runs = {}
     for name, (backbone, changes, options) in specs.items():

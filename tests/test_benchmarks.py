@@ -120,9 +120,11 @@ def test_every_benchmark_publishes_only_when_asked(name):
 
 # ---- the levers of benchmarks/levers.py --------------------------------------------------
 def test_levers_variant_splits_train_config_fields_from_levers():
-    from benchmarks.levers import parse_variant
+    from benchmarks.common import parse_variant
+    from benchmarks.levers import LEVERS
 
-    name, changes, levers = parse_variant("x:base_channels=24,steps=10,attention_levels=2/1,snr_gamma=5,prediction=v")
+    name, changes, levers = parse_variant("x:base_channels=24,steps=10,attention_levels=2/1,snr_gamma=5,prediction=v",
+                                          LEVERS)
     assert name == "x" and changes == {"base_channels": 24, "steps": 10, "attention_levels": (2, 1), "snr_gamma": 5.0}
     assert levers == {"prediction": "v"}
     with pytest.raises(SystemExit):
@@ -145,8 +147,8 @@ def test_stratified_timesteps_put_one_draw_in_each_quantile(objective):
     assert counts.tolist() == [1] * n  # independent draws would leave about a third of the bins empty
 
 
-def test_v_prediction_wrapper_turns_a_perfect_v_into_the_true_noise():
-    from benchmarks.levers import VToEpsilon
+def test_v_prediction_turns_a_perfect_v_into_the_true_noise_and_keeps_the_weight_names():
+    from benchmarks.levers import predict_v
     from minidiff.scheduler import NoiseSchedule
 
     schedule = NoiseSchedule()
@@ -155,7 +157,19 @@ def test_v_prediction_wrapper_turns_a_perfect_v_into_the_true_noise():
     x_t = schedule.add_noise(x0, eps, t)
     a = schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
     v = a.sqrt() * eps - (1 - a).sqrt() * x0  # Salimans & Ho 2022
-    wrapped = VToEpsilon(lambda x, timesteps, context, mask: v, schedule.alphas_cumprod)
-    assert torch.allclose(wrapped(x_t, t, None, None), eps, atol=1e-5)
-    wrapped.raw = True  # training: the network's own output, v
-    assert torch.equal(wrapped(x_t, t, None, None), v)
+
+    class Oracle(torch.nn.Module):  # a network that knows v
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x, timesteps, context, mask):
+            return v + self.weight
+
+    unet = Oracle()
+    names = list(unet.state_dict())
+    predict_v(unet, schedule.alphas_cumprod)
+    assert torch.allclose(unet(x_t, t, None, None), eps, atol=1e-5)
+    unet.return_v = True  # training: the network's own output, v
+    assert torch.equal(unet(x_t, t, None, None), v)
+    assert list(unet.state_dict()) == names  # the EMA and checkpoints see the same weights
