@@ -47,7 +47,8 @@ def test_torchrun_two_processes_equal_one_process_with_the_global_batch(tmp_path
                str(ROOT / "train.py"), "--out", str(out), "--steps", str(STEPS), "--batch-size", str(PER_RANK),
                "--image-size", "16", "--base-channels", "16", "--channel-mults", "1", "2", "--attention-levels", "1",
                "--text-dim", "32", "--warmup-steps", "2", "--sample-every", "0", "--checkpoint-every", "0",
-               "--log-every", "2", "--device", "cpu", "--objective", "ddpm"]  # as tiny_train_config
+               "--log-every", "2", "--device", "cpu", "--objective", "ddpm",
+               "--lr", str(tiny_train_config(out).lr)]  # as tiny_train_config (the CPU preset's own lr differs)
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "x 2 processes" in result.stderr and result.stderr.count("training on") == 1  # rank 0 alone logs
