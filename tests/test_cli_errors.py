@@ -155,7 +155,9 @@ CASES = [
 # ---- running a script like `python script args` -----------------------------------------------
 
 SERVER = r'''
-import json, os, runpy, sys, traceback
+import json, os, sys
+sys.path.append(os.path.join(os.getcwd(), "tests"))
+from run_as_main import run_as_main
 import torch, torch._dynamo, minidiff.training, minidiff.pipeline  # the slow imports, done once
 for line in sys.stdin:
     job = json.loads(line)
@@ -166,20 +168,7 @@ for line in sys.stdin:
             f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             os.dup2(f, fd)
             os.close(f)
-        sys.argv = job["argv"]
-        try:
-            runpy.run_path(job["argv"][0], run_name="__main__")
-            code = 0
-        except SystemExit as stop:
-            code = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
-            if not isinstance(stop.code, (int, type(None))):
-                print(stop.code, file=sys.stderr)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        os._exit(run_as_main(job["argv"]))
     print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
 '''
 

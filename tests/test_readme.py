@@ -146,8 +146,10 @@ def fresh_copy(folder: Path) -> list[Path]:
 # that hands it the command line, folder, environment and its stdin/stdout/stderr, then exits
 # with the status of the forked child that ran it.
 WARM_SERVER = r'''
-import json, os, runpy, socket, sys, traceback
+import json, os, socket, sys
 sys.path.insert(0, os.getcwd())
+sys.path.append(os.path.join(os.getcwd(), "tests"))
+from run_as_main import run_as_main
 import torch, minidiff.pipeline, minidiff.training, minidiff.figures, minidiff.evaluate  # the slow imports, once
 server = socket.socket(socket.AF_UNIX)
 server.bind(sys.argv[1])
@@ -164,28 +166,7 @@ while True:
         os.chdir(job["cwd"])
         os.environ.clear()
         os.environ.update(job["env"])
-        argv = job["argv"]
-        try:
-            if argv[0] == "-m":
-                sys.argv, sys.path[0] = argv[1:], os.getcwd()
-                runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
-            elif argv[0] == "-c":
-                sys.argv, sys.path[0] = ["-c", *argv[2:]], ""
-                exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__"})
-            else:
-                sys.argv, sys.path[0] = argv, os.path.dirname(os.path.abspath(argv[0]))
-                runpy.run_path(argv[0], run_name="__main__")
-            code = 0
-        except SystemExit as stop:
-            code = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
-            if not isinstance(stop.code, (int, type(None))):
-                print(stop.code, file=sys.stderr)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        os._exit(run_as_main(job["argv"]))
     for fd in fds:
         os.close(fd)
     conn.sendall(str(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])).encode())
