@@ -5,7 +5,7 @@ and the denoising shown as it runs (then a slider back through the steps).
     python app.py --model stabilityai/stable-diffusion-3.5-medium       # the SD3 bridge
     python app.py --host 0.0.0.0 --port 7860                            # serve the network (a warning says so)
 
-Needs Gradio: pip install -e '.[app]'. The handlers live in minidiff/webapp.py.
+Needs Gradio: pip install -e '.[app]'. The handlers live in minidiff/tools/webapp.py.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from minidiff.cli import DEFAULT_MODEL, ArgumentParser, UsageError, run
+from minidiff.tools.cli import DEFAULT_MODEL, ArgumentParser, UsageError, run
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
         import gradio  # noqa: F401
     except ImportError:
         raise UsageError("the app needs Gradio: pip install -e '.[app]'") from None
-    from minidiff.webapp import PAGE_CSS, AppModel, WebApp, build_ui, host_warning
+    from minidiff.tools.webapp import PAGE_CSS, AppModel, WebApp, build_ui, host_warning
 
     warning = host_warning(args.host)
     if warning:

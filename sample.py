@@ -21,7 +21,6 @@ Face id or a folder with model_index.json; --backend auto tells them apart.
 from __future__ import annotations
 
 import argparse
-import functools
 import re
 import sys
 from pathlib import Path
@@ -29,10 +28,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from minidiff.checkpoint import atomic_write
-from minidiff.cli import DEFAULT_MODEL, ArgumentParser, UsageError, open_pipeline, pick_backend, run, writable_folder
-from minidiff.figures import noising_strip, scale_for, trace_strip
-from minidiff.images import enlarge, grid_columns, load_image, make_grid
+from minidiff.tools.checkpoint import atomic_write
+from minidiff.contract import merge_outputs
+from minidiff.images import load_image
+from minidiff.tools.cli import (DEFAULT_MODEL, ArgumentParser, UsageError, open_pipeline, pick_backend,
+                                pipeline_class, run, writable_folder)
+from minidiff.tools.figures import noising_strip, trace_strip
+from minidiff.tools.pictures import enlarge, grid_columns, make_grid, scale_for
 
 SD3_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_GRID_IMAGES = 1024  # a 32 x 32 grid of 96 px tiles: about 3,000 px a side
@@ -56,9 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"images per forward pass (default: as many as hold {BATCH_PIXELS:,} pixels, at least 1)")
     p.add_argument("--sampler", choices=["ddim", "ddpm", "euler"], default=None,
-                   help="minidiff only (default: the model's own, ddpm for DDPM models, euler for flow models)")
-    p.add_argument("--height", type=int, default=None, help="sd3 only (default: the model's native size)")
-    p.add_argument("--width", type=int, default=None, help="sd3 only (default: the model's native size)")
+                   help="default: the model's own (ddpm for DDPM models, euler for flow models and SD3)")
+    p.add_argument("--height", type=int, default=None, help="default: the model's size (SD3: any multiple of 16)")
+    p.add_argument("--width", type=int, default=None, help="default: the model's size (SD3: any multiple of 16)")
     sd3 = p.add_argument_group("Stable Diffusion 3.5 only (README: memory, quantisation, LoRA)")
     sd3.add_argument("--dtype", choices=list(SD3_DTYPES), default=None,
                      help="default: bfloat16 on CUDA cards with native bf16, float16 on older ones, float32 on CPU")
@@ -133,6 +135,9 @@ def check_args(args) -> None:
                 raise UsageError(f"{flag} needs --image FILE, the picture to start from")
     if args.resample_jumps and args.mask is None:
         raise UsageError("--resample-jumps applies to inpainting only; give --image and --mask")
+    if args.skip_layer_guidance is not None and args.image is not None:
+        raise UsageError("--skip-layer-guidance applies to text-to-image only (diffusers' SD3 img2img and "
+                         "inpaint pipelines have no skip-layer guidance); drop it or --image")
 
 
 def image_names(prompts: list[str], num_images: int) -> list[str]:
@@ -166,12 +171,12 @@ def output_paths(args) -> list[Path]:
 
 
 def load_pipeline(args):
-    """The pipeline for args.model (args.backend, resolved by main), built by minidiff.cli.open_pipeline,
-    with the SD3 options and LoRAs asked for."""
-    if args.backend != "sd3":
-        return open_pipeline(args.model, args.backend, args.device)
-    pipe = open_pipeline(args.model, args.backend, args.device, dtype=SD3_DTYPES.get(args.dtype),
-                         drop_t5=args.drop_t5, offload=args.offload, quantization=args.quantize)
+    """The pipeline for args.model (args.backend, resolved by main), built by minidiff.tools.cli.open_pipeline,
+    with the loading options and LoRAs asked for."""
+    options = {name: value for name, value in (("dtype", SD3_DTYPES.get(args.dtype)), ("drop_t5", args.drop_t5),
+                                               ("offload", args.offload), ("quantization", args.quantize))
+               if value not in (None, False)}
+    pipe = open_pipeline(args.model, args.backend, args.device, **options)
     for lora in args.lora:
         path, scale = lora_and_scale(lora)
         pipe.load_lora_weights(path, scale=scale)
@@ -199,33 +204,39 @@ def skip_layers(text: str):
     return True if text == "recommended" else int_list(text, "--skip-layer-guidance")
 
 
-def backend_options(args) -> dict:
-    """The keywords only one backend takes, checked (before loading anything) against the backend."""
-    if args.backend == "sd3":
-        if args.sampler is not None:
-            raise UsageError("--sampler applies to minidiff models; SD3 always uses its flow-matching Euler sampler")
-        if args.resample_jumps:
-            raise UsageError("--resample-jumps applies to minidiff models")
-        options = {"height": args.height, "width": args.width, "max_sequence_length": args.max_sequence_length}
-        if args.skip_layer_guidance is not None:
-            if args.image is not None:
-                raise UsageError("--skip-layer-guidance applies to text-to-image only (diffusers' SD3 img2img and "
-                                 "inpaint pipelines have no skip-layer guidance); drop it or --image")
-            options["skip_layer_guidance"] = skip_layers(args.skip_layer_guidance)
-        return options
-    if args.height is not None or args.width is not None:
-        raise UsageError("--height/--width apply to SD3 models; a minidiff model renders at its trained size")
-    for flag, value in (("--dtype", args.dtype), ("--drop-t5", args.drop_t5), ("--offload", args.offload),
-                        ("--quantize", args.quantize), ("--lora", args.lora),
-                        ("--skip-layer-guidance", args.skip_layer_guidance),
-                        ("--max-sequence-length", args.max_sequence_length)):
-        if value not in (None, False, []):
-            raise UsageError(f"{flag} applies to SD3 models (a Hugging Face id or a diffusers folder); "
-                             "drop it for a minidiff model")
-    options = {"sampler": args.sampler}  # None: the model's default
-    if args.mask is not None:
-        options["resample_jumps"] = args.resample_jumps
+# flags that only some backends take: (flag, the keyword it sets, its value)
+def backend_flags(args) -> list[tuple[str, str, object]]:
+    return [("--dtype", "dtype", args.dtype), ("--drop-t5", "drop_t5", args.drop_t5),
+            ("--offload", "offload", args.offload), ("--quantize", "quantization", args.quantize),
+            ("--lora", "load_lora_weights", args.lora), ("--skip-layer-guidance", "skip_layer_guidance",
+                                                         args.skip_layer_guidance),
+            ("--max-sequence-length", "max_sequence_length", args.max_sequence_length),
+            ("--resample-jumps", "resample_jumps", args.resample_jumps)]
+
+
+def call_options(args) -> dict:
+    """The keywords of the call beyond the contract's, checked (before loading anything) against
+    what the backend's pipeline takes: a flag it does not take is one line naming who takes it."""
+    options = {"sampler": args.sampler, "height": args.height, "width": args.width}
+    for flag, name, value in backend_flags(args):
+        if value in (None, False, [], 0):
+            continue
+        takers = [backend for backend in ("minidiff", "sd3") if takes(pipeline_class(backend), name)]
+        if args.backend not in takers:
+            who = " and ".join({"minidiff": "minidiff", "sd3": "SD3"}[b] for b in takers)
+            raise UsageError(f"{flag} applies to {who} models (a Hugging Face id or a diffusers folder for SD3); "
+                             f"drop it for this {args.backend} model")
+        if name in ("skip_layer_guidance", "max_sequence_length", "resample_jumps"):
+            options[name] = skip_layers(value) if name == "skip_layer_guidance" else value
     return options
+
+
+def takes(pipeline_class, name: str) -> bool:
+    """Does this pipeline class take `name`: a loading option, a call keyword, or a method?"""
+    import dataclasses
+
+    return (name in pipeline_class.load_options or name in {f.name for f in dataclasses.fields(pipeline_class.call_type)}
+            or hasattr(pipeline_class, name))
 
 
 def main(argv=None) -> int:
@@ -235,7 +246,7 @@ def main(argv=None) -> int:
     paths = output_paths(args)
     save_steps = int_list(args.save_steps, "--save-steps") if args.save_steps is not None else None
 
-    options = backend_options(args)
+    options = call_options(args)
     writable_folder(paths[0].parent, "--out-dir" if args.out_dir is not None else "--out")
     if args.noise_strip is not None:
         if args.backend != "minidiff":
@@ -243,48 +254,46 @@ def main(argv=None) -> int:
         timesteps = int_list(args.timesteps, "--timesteps")
         image = load_image(args.noise_strip, what="--noise-strip image")  # read before the model loads
         pipe = load_pipeline(args)
-        strip = noising_strip(load_image(image, pipe.image_size), pipe.config.scheduler, timesteps,
+        strip = noising_strip(load_image(image, pipe.image_size), pipe.model.objective, timesteps,
                               torch.Generator().manual_seed(args.seed))
         write(strip, paths[0])
         return 0
 
     pipe = load_pipeline(args)
-    common = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                  capture_steps=save_steps, **options)
-    if args.mask is not None:
-        strength = 0.99 if args.strength is None else args.strength
-        call = functools.partial(pipe.inpaint, image=args.image, mask_image=args.mask, strength=strength)
-    elif args.image is not None:
-        strength = 0.7 if args.strength is None else args.strength
-        call = functools.partial(pipe.img2img, image=args.image, strength=strength)
-    else:
-        call = pipe.sample
-    batch_size = args.batch_size or max(1, BATCH_PIXELS // pipe.image_size ** 2)
+    if args.image is not None:
+        options.update(image=args.image, strength=args.strength if args.strength is not None else
+                       0.99 if args.mask is not None else 0.7)
+        options["mask_image"] = args.mask
     generator = torch.Generator().manual_seed(args.seed)  # one stream: the same seed and --batch-size, the same images
-    images, traces, written = [], [], 0
+    outputs, written = [], 0
     with ImageProgress(len(args.prompt) * args.num_images) as progress:
-        for prompt in args.prompt:
-            for start in range(0, args.num_images, batch_size):
-                n = min(batch_size, args.num_images - start)
-                result = call(prompt, num_images_per_prompt=n, generator=generator, callback=progress.step, **common)
-                progress.finished(n)
+        for prompt in args.prompt:  # prompt by prompt, each in batches of --batch-size (the pipeline's `batches`)
+            call = pipe.call_type(prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                                  guidance_scale=args.guidance, generator=generator, capture_steps=save_steps,
+                                  num_images_per_prompt=args.num_images, callback=progress.step,
+                                  batch_size=args.batch_size or max(1, BATCH_PIXELS // pipe.image_size ** 2),
+                                  **options)
+            for batch in pipe.batches(call):
+                result = pipe.generate(batch)
+                progress.finished(len(result.images))
                 if args.out_dir is not None:  # written now, not kept: memory does not grow with the count
                     for image in result.images:
                         write(for_viewing(image, args.raw_size), paths[written], quiet=True)
                         written += 1
                 else:
-                    images += result.images
-                    traces.append(result.trace)
+                    outputs.append(result)
     if args.out_dir is not None:
         print(f"wrote {written} images to {args.out_dir}", file=sys.stderr)
         return 0
+    merged = merge_outputs(outputs)
+    images = merged.images
     labels = [p for p in args.prompt for _ in range(args.num_images)]
     picture = for_viewing(images[0], args.raw_size) if len(images) == 1 else make_grid(
         images, labels=labels, columns=grid_columns(len(images), group=args.num_images if len(args.prompt) > 1 else 1),
         scale=1 if args.raw_size else scale_for(images[0]))
     write(picture, paths[0])
     if save_steps is not None:
-        write(trace_strip(merge_traces(traces)), paths[1])
+        write(trace_strip(merged.trace), paths[1])
     return 0
 
 
@@ -292,17 +301,6 @@ def for_viewing(image, raw_size: bool = False):
     """A single image as saved: enlarged as the grids' tiles are (nearest neighbour, to about
     96 px a side), so that a 16 px sample is not a speck in an image viewer; or as it is."""
     return image if raw_size else enlarge(image, scale_for(image))
-
-
-def merge_traces(traces: list[list[dict]]) -> list[dict]:
-    """The traces of several batches as one: the same steps, their images one after another."""
-    merged = [dict(record) for record in traces[0]]
-    for trace in traces[1:]:
-        for into, record in zip(merged, trace):
-            for key in ("x_t", "pred_x0", "noise_pred"):
-                if into.get(key) is not None and record.get(key) is not None:
-                    into[key] = list(into[key]) + list(record[key])
-    return merged
 
 
 class ImageProgress:

@@ -8,8 +8,9 @@
     python train.py --out runs/digits --data mnist --image-size 28
     torchrun --nproc_per_node 4 train.py --out runs/big      # data parallel: 4 x --batch-size per step
 
-The loop lives in minidiff/training.py; this file reads flags and, under torchrun, sets up
-DistributedDataParallel (the library itself knows nothing of distribution).
+The loop is minidiff/training.py's `train_step`, run by minidiff/tools/trainer.py (checkpoints,
+resume, logs); this file reads flags and, under torchrun, sets up DistributedDataParallel (the
+library itself knows nothing of distribution).
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from minidiff.cli import ArgumentParser, UsageError, run, writable_folder
-from minidiff.data import DATA_NAMES, METADATA_NAME, ImageFolder, load_dataset
-from minidiff.runtime import pick_device, precision_name
-from minidiff.training import PRESETS, TrainConfig, Trainer, config_for_resume, latest_checkpoint
-from minidiff.unet import UNetConfig
+from minidiff.runtime import pick_device
+from minidiff.tools.cli import ArgumentParser, UsageError, run, writable_folder
+from minidiff.tools.datasets import DATA_NAMES, METADATA_NAME, ImageFolder, load_dataset
+from minidiff.tools.trainer import Trainer, config_for_resume, latest_checkpoint
+from minidiff.training import PRESETS, TrainConfig
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,8 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ddpm: predict the noise (Ho et al. 2020); flow: rectified flow, predict the velocity "
                         "(as Stable Diffusion 3). Default: " + TrainConfig.objective)
     p.add_argument("--snr-gamma", type=float,
-                   help="ddpm only: min-SNR-gamma loss weighting (Hang et al. 2023; 5 reached 97.9%% where plain "
-                        "DDPM reached 91.0%% on the CPU preset, BENCHMARKS.md); default: off (Ho et al.'s L_simple)")
+                   help="ddpm only: min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the paper's); "
+                        "default: off (Ho et al.'s L_simple)")
     p.add_argument("--shift", type=float, help="flow only: sampling timestep shift (SD3 eq. 23; SD3.5 uses 3.0)")
     p.add_argument("--steps", type=int, help="optimizer steps in total")
     p.add_argument("--batch-size", type=int, help="images per step (per process under torchrun)")
@@ -65,6 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="continue the run in --out from its last checkpoint, with its own settings "
                         "(only --steps, --lr, --device and the --*-every/--keep/--max-minutes flags may change)")
     return p.parse_args(argv)
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    return {None: "float32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + gradient scaler"}[dtype]
 
 
 def given_settings(args: argparse.Namespace) -> dict:
@@ -98,8 +103,8 @@ def check_config(config: TrainConfig) -> None:
         raise UsageError(f"--max-minutes must be above 0, got {config.max_minutes}")
     if config.image_size < 8:
         raise UsageError(f"--image-size must be at least 8, got {config.image_size}")
-    try:  # the UNet's own rule on sizes, checked before any work
-        UNetConfig(image_size=config.image_size, channel_mults=config.channel_mults)
+    try:  # the network's own rule on sizes, checked before any work
+        config.backbone_config()
     except ValueError as error:
         raise UsageError(f"--image-size: {error} (the UNet halves it {len(config.channel_mults) - 1} times)") from None
 
@@ -234,9 +239,8 @@ def main(argv=None) -> int:
             print(f"error: interrupted twice, stopped without saving; {saved_state(out)}", file=sys.stderr)
             return 130
         except torch.cuda.OutOfMemoryError:
-            print(f"error: the GPU ran out of memory with --batch-size {config.batch_size} at {config.image_size} px "
-                  f"(the GPU preset peaked at 1.84 GiB on an H200); try --batch-size {max(1, config.batch_size // 2)}",
-                  file=sys.stderr)
+            print(f"error: the GPU ran out of memory with --batch-size {config.batch_size} at {config.image_size} px; "
+                  f"try --batch-size {max(1, config.batch_size // 2)}", file=sys.stderr)
             return 1
     finally:
         if distributed:

@@ -30,8 +30,8 @@ from torch import nn
 
 from minidiff.data import Shapes
 from minidiff.model import TextToImageModel
-from minidiff.training import (EMA, PRESETS, TrainConfig, apply_gradients, diffusion_loss, learning_rate,
-                               make_optimizer, training_schedule)
+from minidiff import training
+from minidiff.training import PRESETS, TrainConfig, make_optimizer
 from minidiff.unet import UNetConfig, pool_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,7 +81,7 @@ class BaselineModel(TextToImageModel):
 
     def __init__(self, config):
         super().__init__(config)
-        self.unet = DiffusersUNet(config.unet)
+        self.unet = DiffusersUNet(config.backbone)
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -127,62 +127,40 @@ def make_dataset(config: TrainConfig) -> Shapes:
 def build_model(config: TrainConfig, backbone: str, device="cpu") -> TextToImageModel:
     """The model Trainer builds for `config` ("minidiff"), or the same with diffusers' UNet
     ("diffusers"); the text encoder gets the same initial weights in both."""
+    if backbone == "minidiff":
+        return training.build_model(config, make_dataset(config).captions()).to(device)
     torch.manual_seed(config.seed)
-    cls = {"minidiff": TextToImageModel, "diffusers": BaselineModel}[backbone]
-    unet = UNetConfig(image_size=config.image_size, base_channels=config.base_channels,
-                      channel_mults=config.channel_mults, attention_levels=config.attention_levels)
-    return cls.for_captions(make_dataset(config).captions(), unet, config.text_dim,
-                            config.scheduler_config()).to(device)
+    return BaselineModel.for_captions(make_dataset(config).captions(), config.backbone_config(), config.text_dim,
+                                      config.scheduler_config()).to(device)
 
 
-class TrainState:
-    """Model, optimizer, EMA and random generator of one run, stepped like Trainer.train steps.
-
-    By default the optimizer and learning-rate schedule are the Trainer's (Adam, warm-up then
-    cosine); `weight_decay` > 0 makes it AdamW with that decay, and `lr_schedule="constant"`
-    keeps the peak rate after the warm-up (diffusers' train_text_to_image.py recipe).
-    `optimizer_options` go to the optimizer (foreach / fused, for profile_step.py)."""
+class TrainState(training.TrainState):
+    """The lesson's TrainState (minidiff.training: the step `python train.py` takes) with the
+    benchmarks' variants: `weight_decay` > 0 makes the optimizer AdamW, `lr_schedule="constant"`
+    keeps the peak rate after the warm-up (diffusers' train_text_to_image.py recipe),
+    `autocast_dtype` autocasts the forward on any device, and `optimizer_options` go to Adam
+    (foreach / fused, for profile_step.py). `train_step` returns the loss as a float."""
 
     def __init__(self, model: TextToImageModel, config: TrainConfig, device="cpu",
                  autocast_dtype: torch.dtype | None = None, weight_decay: float = 0.0, lr_schedule: str = "cosine",
                  **optimizer_options):
-        self.model, self.config, self.device = model, config, torch.device(device)
-        self.autocast_dtype = autocast_dtype  # e.g. torch.bfloat16: autocast the forward (profile_step.py)
-        self.schedule = training_schedule(model.config.scheduler)
-        if optimizer_options:  # a variant of the optimizer (profile_step.py)
-            self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, **optimizer_options)
-        else:
-            self.optimizer = make_optimizer(model, config.lr, self.device, weight_decay)
-        self.lr_schedule = lr_schedule
-        self.ema = EMA(model, config.ema_decay)
-        self.generator = torch.Generator().manual_seed(config.seed)
-        self.step = 0
+        device = torch.device(device)
+        optimizer = (torch.optim.Adam(model.parameters(), lr=config.lr, **optimizer_options) if optimizer_options
+                     else make_optimizer(model, config.lr, device, weight_decay))
+        super().__init__(dataclasses.replace(config, device=str(device)), model=model, optimizer=optimizer)
+        self.autocast_dtype, self.lr_schedule = autocast_dtype, lr_schedule
 
     def learning_rate(self) -> float:
         c = self.config
         if self.lr_schedule == "constant":
             return c.lr * min(1.0, (self.step + 1) / c.warmup_steps) if c.warmup_steps else c.lr
-        return learning_rate(c, self.step)
+        return super().learning_rate()
 
     def train_step(self, images: torch.Tensor, captions: list[str]) -> float:
-        """Forward (the model's objective: L_simple, Ho et al. 2020 eq. 14, or flow matching) +
-        backward + gradient clipping + optimizer + EMA, minidiff.training.apply_gradients, as
-        Trainer.train does, without its logging. Returns the loss."""
-        c = self.config
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.learning_rate()
-        self.model.train()
         with (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
               else contextlib.nullcontext()):
-            per_sample, _ = diffusion_loss(self.model, self.model.tokenizer, self.schedule, images, captions,
-                                           self.generator, c.caption_dropout, self.device, snr_gamma=c.snr_gamma)
-        loss = per_sample.mean()
-        apply_gradients(self.model, self.optimizer, self.ema, loss, self.step, c.grad_clip)
-        self.step += 1
-        return loss.item()
-
-    def ema_model(self) -> TextToImageModel:
-        return self.ema.averaged_model(self.model)
+            per_sample, _ = super().train_step(images, captions)
+        return per_sample.mean().item()
 
 
 # ---- timing ----------------------------------------------------------------------------

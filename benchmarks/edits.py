@@ -29,8 +29,8 @@ from PIL import Image
 
 from minidiff import MiniDiffusionPipeline, Shapes
 from minidiff.data import COLOURS, SHAPES, caption_for
-from minidiff.evaluate import analyse_object, object_centre
-from minidiff.figures import box_mask, shapes_example
+from minidiff.tools.evaluate import analyse_object, object_centre
+from minidiff.tools.figures import box_mask, shapes_example
 
 
 def rate(flags: list[bool]) -> str:
@@ -128,6 +128,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from minidiff.cli import run
+    from minidiff.tools.cli import run
 
     raise SystemExit(run(main))

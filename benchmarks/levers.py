@@ -36,11 +36,11 @@ import torch
 import torch.nn.functional as F
 
 import minidiff.training as training
-from minidiff.evaluate import evaluate
+from minidiff.tools.evaluate import evaluate
 from minidiff.pipeline import MiniDiffusionPipeline
 from minidiff.runtime import autocast
 from minidiff.scheduler import expand_to
-from minidiff.training import Trainer
+from minidiff.tools.trainer import Trainer
 
 from .common import (Report, add_publish_flag, load_average, markdown_table, parse_variant, preset_config,
                      results_folder, set_threads)
@@ -109,7 +109,7 @@ def train_variant(config, levers: dict) -> tuple[Trainer, float, float]:
     saved = training.diffusion_loss, training.autocast
     try:
         trainer = Trainer(config)
-        schedule = trainer.schedule
+        schedule = trainer.objective
         if "sigma_sampling" in levers:
             schedule.config.sigma_sampling = levers["sigma_sampling"]
         if levers.get("stratified"):

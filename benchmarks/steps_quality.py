@@ -25,8 +25,8 @@ import argparse
 import sys
 import time
 
-from minidiff.checkpoint import CheckpointError
-from minidiff.evaluate import evaluate, evaluation_prompts
+from minidiff.tools.checkpoint import CheckpointError
+from minidiff.tools.evaluate import evaluate, evaluation_prompts
 from minidiff.pipeline import MiniDiffusionPipeline
 
 from .common import Report, add_publish_flag, markdown_table, pyplot, results_folder, set_threads

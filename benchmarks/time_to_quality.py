@@ -35,7 +35,7 @@ import sys
 import time
 
 
-from minidiff.evaluate import evaluate
+from minidiff.tools.evaluate import evaluate
 from minidiff.pipeline import MiniDiffusionPipeline
 from minidiff.training import batch_indices, load_batch
 

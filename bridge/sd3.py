@@ -35,6 +35,7 @@ import importlib.util
 import json
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import huggingface_hub
@@ -49,10 +50,11 @@ from huggingface_hub.errors import (
 )
 from PIL import Image
 
-from minidiff.contract import ImageOutput, StepRecorder, TextToImagePipeline, as_prompt_list, check_arguments
-from minidiff.images import load_image, load_mask, paste_kept
+from minidiff.contract import Call, ImageOutput, StepRecorder, TextToImagePipeline
+from minidiff.flow import RectifiedFlow, predict_x0_from_velocity
+from minidiff.images import load_image, load_mask
 from minidiff.runtime import pick_device, precision_for
-from minidiff.scheduler import predict_x0_from_velocity
+from minidiff.tools.pictures import paste_kept
 
 # Steps and guidance from the model cards' examples (diffusers' own defaults, 50 / 7.0, are
 # SD3-era). Recognised by the model's own name (`model_name`); the first match wins, so
@@ -330,7 +332,19 @@ def _diffusers():
 
 # --- the bridge -------------------------------------------------------------------------------
 
+@dataclass
+class SD3Call(Call):
+    """The bridge's keywords beyond the contract's."""
+
+    max_sequence_length: int | None = None  # T5 tokens read from the prompt, up to 512 (diffusers: 256)
+    skip_layer_guidance: object = None  # text to image: True (the model's recommended layers) or a list
+
+
+
 class SD3Bridge(TextToImagePipeline):
+    call_type = SD3Call
+    load_options = ("dtype", "drop_t5", "offload", "quantization")
+    samplers = ("euler",)  # the flow-matching Euler sampler SD3 was made for
     """Stable Diffusion 3.5 behind `sample`, `img2img` and `inpaint`, with minidiff's keywords.
 
     Extra keywords: `height` and `width` (default: the model's native size, 1024 for SD3.5;
@@ -442,9 +456,9 @@ class SD3Bridge(TextToImagePipeline):
         self.pipe.unload_lora_weights()
         self.loras.clear()
 
-    # -- helpers shared by the three calls --
+    # -- what the contract asks of a backend --
 
-    def _size(self, height, width) -> tuple[int, int]:
+    def size(self, height=None, width=None) -> tuple[int, int]:
         height = self.native_size if height is None else height
         width = self.native_size if width is None else width
         m = self.size_multiple
@@ -453,11 +467,15 @@ class SD3Bridge(TextToImagePipeline):
                 raise ValueError(f"{name} must be a positive multiple of {m} for this model, got {value}")
         return height, width
 
-    @staticmethod
-    def steps_run(num_inference_steps: int, strength: float) -> int:
-        """How many of the N steps img2img/inpaint run: diffusers' `get_timesteps`, N - int(N - N * strength)."""
-        return num_inference_steps - int(max(num_inference_steps - min(num_inference_steps * strength,
-                                                                       num_inference_steps), 0))
+    def steps_run(self, num_inference_steps: int, strength: float | None = None) -> int:
+        """How many of the N steps a call runs: all, or for img2img/inpaint diffusers' `get_timesteps`,
+        N - int(N - N * strength) (the rule of minidiff's flow models too)."""
+        return num_inference_steps if strength is None else RectifiedFlow.steps_run(num_inference_steps, strength)
+
+    def decode(self, x) -> list[Image.Image]:
+        return self.decode_latents(x)
+
+    # -- helpers shared by the three calls --
 
     def _resize(self, image: Image.Image, height: int, width: int, what: str) -> Image.Image:
         """Resize as diffusers' VaeImageProcessor does (Lanczos, its `resize`), so that the pixels
@@ -523,17 +541,51 @@ class SD3Bridge(TextToImagePipeline):
         pixels = vae.decode(vae_latents_to_decoder_input(latents, vae.config).to(vae.dtype), return_dict=False)[0]
         return self.pipe.image_processor.postprocess(pixels, output_type="pil")
 
-    def _call(self, pipeline, prompt, negative_prompt, steps, guidance, generator, num_images_per_prompt,
-              height, width, callback, capture_steps, steps_run, max_sequence_length, finish=None,
-              **inputs) -> ImageOutput:
-        """Run one diffusers call with the trace hooks; `finish` turns its output into the images.
+    def generate(self, call: SD3Call) -> ImageOutput:
+        """One call through diffusers: text to image from pure noise in latent space; img2img encodes
+        `call.image` and starts at the shifted sigma where the last `steps_run(N, strength)` steps
+        begin (x = (1 - sigma) z + sigma * noise); inpainting likewise, keeping the black part.
+
+        diffusers 0.42's StableDiffusion3InpaintPipeline decodes with latents / scaling_factor and
+        forgets the VAE's shift_factor (its text-to-image and img2img siblings add it), which
+        shifts every colour. So for inpainting we ask it for latents and decode them ourselves,
+        with the shift; then the black-mask pixels are pasted back so they equal the input exactly.
         With offload="model" every model goes back to the CPU afterwards, also when the call fails."""
-        prompts, negatives = as_prompt_list(prompt, negative_prompt)
+        steps, guidance = self.resolve(call)
+        if call.image is not None and call.skip_layer_guidance not in (None, False):
+            raise ValueError(f"skip-layer guidance is in diffusers' SD3 text-to-image pipeline only, not in its "
+                             f"{'inpaint' if call.mask_image is not None else 'img2img'} pipeline; drop "
+                             f"skip_layer_guidance here")
+        height, width = self.size(call.height, call.width)
+        inputs = self._skip_layers(call.skip_layer_guidance, guidance) if call.image is None else {}
+        pipeline, finish = self.pipe, None
+        if call.image is not None:
+            image = load_image(call.image)
+            mask = load_mask(call.mask_image, image_size=image.size) if call.mask_image is not None else None
+            image = self._resize(image, height, width, "image")
+            inputs.update(image=image, strength=call.strength)
+            pipeline = self.img2img_pipe
+            if mask is not None:
+                mask = self._resize_mask(mask, height, width)
+                inputs.update(mask_image=mask, output_type="latent")
+                pipeline = self.inpaint_pipe
+
+                def finish(latents):
+                    return [paste_kept(generated, image, mask) for generated in self.decode_latents(latents)]
+
+        steps_run = self.steps_run(steps, call.strength)
+        prompts, negatives = call.prompts()
+        if steps_run == 0:  # strength 0: nothing is noised and no step runs, so the input is the answer
+            images = [image.copy() for _ in range(len(prompts) * call.num_images_per_prompt)]
+            recorder = StepRecorder(call.capture_steps, 0, decode=lambda pictures: pictures)  # validates capture_steps
+            recorder.start(images, 0.0)
+            return ImageOutput(images=images, trace=recorder.trace)
+        max_sequence_length = call.max_sequence_length
         if max_sequence_length is not None and (isinstance(max_sequence_length, bool) or not isinstance(
                 max_sequence_length, int) or not 1 <= max_sequence_length <= MAX_T5_TOKENS):
             raise ValueError(f"max_sequence_length must be a whole number from 1 to {MAX_T5_TOKENS} (T5 tokens), "
                              f"got {max_sequence_length!r}")
-        recorder = StepRecorder(capture_steps, steps_run, callback, decode=self.decode_latents)
+        recorder = StepRecorder(call.capture_steps, steps_run, call.callback, decode=self.decode_latents)
         self._check_prompts(prompts, negatives, guidance, max_sequence_length)
         if max_sequence_length is not None:
             inputs["max_sequence_length"] = max_sequence_length
@@ -541,8 +593,8 @@ class SD3Bridge(TextToImagePipeline):
         try:
             with steps_hooks.watching(pipeline.scheduler) as hooks:
                 images = pipeline(prompts, negative_prompt=negatives, num_inference_steps=steps,
-                                  guidance_scale=guidance, generator=generator,
-                                  num_images_per_prompt=num_images_per_prompt, height=height, width=width,
+                                  guidance_scale=guidance, generator=call.generator,
+                                  num_images_per_prompt=call.num_images_per_prompt, height=height, width=width,
                                   **inputs, **hooks).images
             images = images if finish is None else finish(images)
             return ImageOutput(images=images, trace=recorder.trace)  # the trace decodes here, before the release
@@ -555,75 +607,3 @@ class SD3Bridge(TextToImagePipeline):
         nor when a call fails)."""
         if self.offload == "model":
             self.pipe.maybe_free_model_hooks()
-
-    def _unchanged(self, image, prompt, negative_prompt, num_images_per_prompt, capture_steps) -> ImageOutput:
-        """strength 0: nothing is noised and no step runs, so the input is the answer (diffusers itself refuses)."""
-        prompts, _ = as_prompt_list(prompt, negative_prompt)
-        images = [image.copy() for _ in range(len(prompts) * num_images_per_prompt)]
-        recorder = StepRecorder(capture_steps, 0, decode=lambda pictures: pictures)  # validates capture_steps
-        recorder.start(images, 0.0)
-        return ImageOutput(images=images, trace=recorder.trace)
-
-    @staticmethod
-    def _no_skip_layers(skip_layer_guidance, call: str) -> None:
-        if skip_layer_guidance not in (None, False):
-            raise ValueError(f"skip-layer guidance is in diffusers' SD3 text-to-image pipeline only, not in its "
-                             f"{call} pipeline; drop skip_layer_guidance here")
-
-    # -- the contract --
-
-    def sample(self, prompt, *, negative_prompt=None, num_inference_steps=None, guidance_scale=None,
-               generator=None, num_images_per_prompt=1, callback=None, capture_steps=None, height=None,
-               width=None, max_sequence_length=None, skip_layer_guidance=None) -> ImageOutput:
-        """Text to image: from pure noise in latent space, `num_inference_steps` Euler steps of the flow."""
-        steps, guidance = self._defaults(num_inference_steps, guidance_scale)
-        check_arguments(steps, guidance, None, num_images_per_prompt)
-        height, width = self._size(height, width)
-        skip = self._skip_layers(skip_layer_guidance, guidance)
-        return self._call(self.pipe, prompt, negative_prompt, steps, guidance, generator, num_images_per_prompt,
-                          height, width, callback, capture_steps, steps, max_sequence_length, **skip)
-
-    def img2img(self, prompt, image, *, strength=0.7, negative_prompt=None, num_inference_steps=None,
-                guidance_scale=None, generator=None, num_images_per_prompt=1, callback=None, capture_steps=None,
-                height=None, width=None, max_sequence_length=None, skip_layer_guidance=None) -> ImageOutput:
-        """Encode `image`, move it to sigma = strength along the flow (x = (1 - s) z + s * noise), and run
-        the remaining steps: with strength 0.7 and 100 steps, 70 run."""
-        steps, guidance = self._defaults(num_inference_steps, guidance_scale)
-        check_arguments(steps, guidance, strength, num_images_per_prompt)
-        self._no_skip_layers(skip_layer_guidance, "img2img")
-        height, width = self._size(height, width)
-        image = self._resize(load_image(image), height, width, "image")
-        steps_run = self.steps_run(steps, strength)
-        if steps_run == 0:
-            return self._unchanged(image, prompt, negative_prompt, num_images_per_prompt, capture_steps)
-        return self._call(self.img2img_pipe, prompt, negative_prompt, steps, guidance, generator,
-                          num_images_per_prompt, height, width, callback, capture_steps, steps_run,
-                          max_sequence_length, image=image, strength=strength)
-
-    def inpaint(self, prompt, image, mask_image, *, strength=0.99, negative_prompt=None, num_inference_steps=None,
-                guidance_scale=None, generator=None, num_images_per_prompt=1, callback=None, capture_steps=None,
-                height=None, width=None, max_sequence_length=None, skip_layer_guidance=None) -> ImageOutput:
-        """Regenerate the white part of `mask_image` (binarised at 0.5), keep the black part of `image`.
-
-        diffusers 0.42's StableDiffusion3InpaintPipeline decodes with latents / scaling_factor and
-        forgets the VAE's shift_factor (its text-to-image and img2img siblings add it), which
-        shifts every colour. So we ask it for latents and decode them ourselves, with the shift;
-        then the black-mask pixels are pasted back so they equal the input exactly."""
-        steps, guidance = self._defaults(num_inference_steps, guidance_scale)
-        check_arguments(steps, guidance, strength, num_images_per_prompt)
-        self._no_skip_layers(skip_layer_guidance, "inpaint")
-        height, width = self._size(height, width)
-        image = load_image(image)
-        mask = load_mask(mask_image, image_size=image.size)  # sizes must match
-        image, mask = self._resize(image, height, width, "image"), self._resize_mask(mask, height, width)
-        steps_run = self.steps_run(steps, strength)
-        if steps_run == 0:
-            return self._unchanged(image, prompt, negative_prompt, num_images_per_prompt, capture_steps)
-
-        def decode_and_paste(latents):
-            return [paste_kept(generated, image, mask) for generated in self.decode_latents(latents)]
-
-        return self._call(self.inpaint_pipe, prompt, negative_prompt, steps, guidance, generator,
-                          num_images_per_prompt, height, width, callback, capture_steps, steps_run,
-                          max_sequence_length, finish=decode_and_paste, image=image, mask_image=mask,
-                          strength=strength, output_type="latent")

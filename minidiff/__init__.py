@@ -1,15 +1,23 @@
-"""minidiff: text-to-image diffusion from scratch, small enough to read in an afternoon.
+"""minidiff: text-to-image diffusion from scratch, shaped like Stable Diffusion 3.5's components.
 
-Read in this order: scheduler.py (the maths), data.py (toy images), text.py and unet.py
-(the networks), model.py, training.py (the objective and loop), pipeline.py (sampling,
-img2img, inpainting), evaluate.py (how good is it?), figures.py (the chapter's pictures).
+Read in this order (`python -m minidiff.tools.lines` counts them):
+  scheduler.py, flow.py   the forward processes, objectives and samplers (DDPM, DDIM; rectified flow, Euler)
+  data.py                 the toy images and their captions
+  text.py, unet.py        the text encoder and the denoising network
+  model.py                the components under one config
+  training.py             the loss, one training step, a short loop
+  images.py, contract.py, pipeline.py   sampling, img2img and inpainting through one loop
+  runtime.py, checkpoint.py             devices; saving and loading (safetensors + JSON)
+Everything around the lesson (the full trainer, data folders, the app, evaluation, figures) is in
+`minidiff.tools`; the Stable Diffusion 3.5 bridge is the `bridge` package.
 """
 
 from .contract import ImageOutput, TextToImagePipeline
 from .data import Shapes
 from .pipeline import MiniDiffusionPipeline
 from .scheduler import DDIMScheduler, DDPMScheduler, SchedulerConfig
+from .training import TrainConfig, train
 
 __all__ = ["DDIMScheduler", "DDPMScheduler", "ImageOutput", "MiniDiffusionPipeline", "SchedulerConfig", "Shapes",
-           "TextToImagePipeline"]
+           "TextToImagePipeline", "TrainConfig", "train"]
 __version__ = "0.1.0"

@@ -1,41 +1,34 @@
-"""The calls every backend answers: minidiff's toy model and the Stable Diffusion 3.5 bridge.
+"""The calls every backend answers, minidiff's toy model and the Stable Diffusion 3.5 bridge alike:
+`sample`, `img2img` and `inpaint`, with diffusers' keywords (the fields of `Call`):
 
-The keywords mean what they mean in diffusers:
-
-- `prompt`: a string or a list of strings; `negative_prompt` likewise (what to steer away
-  from; it replaces the empty prompt in classifier-free guidance).
-- `num_inference_steps`: denoising steps for a full run (img2img/inpaint run a fraction).
-- `guidance_scale`: classifier-free guidance weight w in eps_uncond + w (eps_cond - eps_uncond);
-  at 1 or below only the conditional prediction is used.
-- `generator`: a `torch.Generator`; the same seed gives the same images.
-- `num_images_per_prompt`: images per prompt; `images` lists them prompt by prompt.
-- `strength` (img2img, inpaint): 0 returns the input, 1 ignores it; int(N * strength) of
-  the N steps run.
+- `prompt`, `negative_prompt`: a string or a list; the negative prompt replaces the empty prompt
+  in classifier-free guidance, out = out_uncond + w (out_cond - out_uncond), w = `guidance_scale`
+  (at w <= 1 only the conditional prediction is used).
+- `num_inference_steps`: steps of a full run; `generator`: the same seed gives the same images;
+  `num_images_per_prompt`: images per prompt, listed prompt by prompt in `ImageOutput.images`.
+- `strength` (img2img, inpaint): 0 returns the input, 1 ignores it; the last `steps_run(N, strength)`
+  of the N steps run (int(N * strength) for DDPM models, N - int(N - N * strength) for flow models and SD3).
 - `mask_image` (inpaint): grayscale, white is replaced, black is kept.
-- `callback`: called after every step with a plain dict (k-diffusion style), keys
-  "i" (step index), "t" (timestep), "x" (x_t, the sample after the step), "denoised"
-  (predicted x_0) and "noise_pred" (the model output). minidiff passes pixels in [-1, 1],
-  shape (B, 3, H, W); the SD3 bridge passes latents.
-- `capture_steps`: a list of step counts k to record in `ImageOutput.trace`, k = 0 being
-  the starting point (pure noise for `sample`, the noised input for img2img/inpaint) and
-  k = n the result after n denoising steps. Each record is a dict
-  {"step": k, "timestep": t, "x_t": [PIL images], "pred_x0": [PIL images] or None at k = 0,
-  "noise_pred": [PIL images] or None}: the same trace on both backends (the bridge decodes
-  latents with its VAE). "timestep" is the t the model was given at step k (the callback's
-  "t", so pred_x0 and noise_pred are predictions at that t); for k = 0 it is the first
-  timestep of the run, the noise level of the start. Asking for a k beyond the steps the
-  call runs is a ValueError, raised before any work. Capturing is built on `callback`, the
-  one per-step mechanism (`StepRecorder` below, shared by every call of both backends).
+- `callback`: called after every step with a plain dict (k-diffusion style): "i" (step index),
+  "t" (the timestep the model was given), "x" (the sample after the step), "denoised" (predicted
+  x_0), "noise_pred" (the model's output). Pixels in [-1, 1] for minidiff, latents for SD3.
+- `capture_steps`: steps k to record in `ImageOutput.trace` (k = 0 the start, k = n after n
+  steps), each {"step", "timestep", "x_t", "pred_x0", "noise_pred"} as PIL images.
+- `sampler`, `height`, `width`: what `samplers` and `size` allow (minidiff: its trained size).
+- `batch_size`: images denoised together; more run one batch after the other, each drawing its
+  noise from `generator` in turn (the same seed and batch_size give the same images).
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+import dataclasses
 import operator
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable
 
 from PIL import Image
+from tqdm import tqdm
 
 
 @dataclass
@@ -44,90 +37,79 @@ class ImageOutput:
     trace: list[dict] = field(default_factory=list)  # the steps asked for with capture_steps
 
 
-def check_arguments(num_inference_steps=None, guidance_scale=None, strength=None, num_images_per_prompt=1) -> None:
-    """Raise ValueError with one clear sentence for a value no backend can use."""
-    if num_inference_steps is not None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
-        raise ValueError(f"num_inference_steps must be a whole number >= 1, got {num_inference_steps}")
-    if guidance_scale is not None and not guidance_scale >= 0:
-        raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
-    if strength is not None and not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be between 0 and 1, got {strength}")
-    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-        raise ValueError(f"num_images_per_prompt must be a whole number >= 1, got {num_images_per_prompt}")
+@dataclass
+class Call:
+    """One call's arguments; `None` means the backend's default."""
 
+    prompt: str | list[str]
+    negative_prompt: str | list[str] | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    generator: object = None  # a torch.Generator
+    num_images_per_prompt: int = 1
+    callback: Callable[[dict], None] | None = None
+    capture_steps: list[int] | None = None
+    image: object = None  # img2img and inpaint: a PIL image or a path
+    mask_image: object = None  # inpaint
+    strength: float | None = None  # img2img and inpaint
+    sampler: str | None = None
+    height: int | None = None
+    width: int | None = None
+    batch_size: int | None = None
 
-def as_prompt_list(prompt, negative_prompt=None) -> tuple[list[str], list[str]]:
-    """Normalise prompt and negative prompt to two lists of equal length."""
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if negative_prompt is None:
-        negatives = [""] * len(prompts)
-    elif isinstance(negative_prompt, str):
-        negatives = [negative_prompt] * len(prompts)
-    else:
-        negatives = list(negative_prompt)
-    if len(negatives) != len(prompts):
-        raise ValueError(f"got {len(prompts)} prompts but {len(negatives)} negative prompts")
-    return prompts, negatives
+    def prompts(self) -> tuple[list[str], list[str]]:
+        """(prompts, negative prompts): two lists of equal length."""
+        prompts = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+        negatives = self.negative_prompt
+        negatives = [negatives or ""] * len(prompts) if negatives is None or isinstance(negatives, str) else list(negatives)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(negatives)} negative prompts")
+        if not isinstance(self.num_images_per_prompt, int) or self.num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a whole number >= 1, got {self.num_images_per_prompt}")
+        return prompts, negatives
 
 
 class StepRecorder:
-    """`capture_steps` built on `callback`: records the steps asked for as `ImageOutput.trace`.
+    """`capture_steps` built on `callback`, for both backends: `start(x, t)` records k = 0, and
+    `callback` (for the sampling loop) records k = i + 1 after step i, passing every step on to
+    the user's callback. `decode` turns x and denoised into PIL images (pixels, or latents through
+    a VAE), `decode_noise` the model's output (None: left out). Tensors are copied when recorded
+    and decoded when `trace` is read (a reader mid-loop, such as the web app, gets those so far)."""
 
-        recorder = StepRecorder(capture_steps, num_steps, callback, decode=tensor_to_pil)
-        recorder.start(x, first_timestep)                   # the k = 0 record
-        sampling_loop(..., callback=recorder.callback)      # records k = i + 1 after step i
-        ImageOutput(images, trace=recorder.trace)
-
-    `decode` turns the callback's x / denoised into PIL images (pixels for minidiff, a VAE
-    decode for latents); `decode_noise` does the same for noise_pred, or None to leave it out.
-    The tensors are copied when recorded and decoded when `trace` is first read, after the
-    loop: a VAE decode mid-loop would cost time, and with model offloading GPU memory.
-    The user's own `callback`, if any, still sees every step's dict unchanged.
-    """
-
-    def __init__(self, capture_steps, num_steps: int, callback: Callable[[dict], None] | None = None,
-                 decode: Callable | None = None, decode_noise: Callable | None = None):
+    def __init__(self, capture_steps, num_steps: int, callback=None, decode=None, decode_noise=None):
         steps = set()
         for k in capture_steps or ():
-            if isinstance(k, bool):
-                raise ValueError(f"capture_steps must hold whole numbers of steps, got {k!r}")
             try:
-                steps.add(operator.index(k))
+                steps.add(operator.index(k) if not isinstance(k, bool) else None)
             except TypeError:
-                raise ValueError(f"capture_steps must hold whole numbers of steps, got {k!r}") from None
+                steps.add(None)
+            if None in steps:
+                raise ValueError(f"capture_steps must hold whole numbers of steps, got {k!r}")
         if steps and (min(steps) < 0 or max(steps) > num_steps):
-            bad = min(steps) if min(steps) < 0 else max(steps)
-            raise ValueError(f"capture_steps asks for step {bad}, but this call runs {num_steps} denoising steps "
-                             f"(steps 0..{num_steps} can be captured)")
-        if steps and decode is None:
-            raise ValueError("capture_steps needs a decode function")
-        self.steps, self.num_steps = steps, num_steps
-        self.user_callback, self.decode, self.decode_noise = callback, decode, decode_noise
+            raise ValueError(f"capture_steps asks for step {min(steps) if min(steps) < 0 else max(steps)}, but this "
+                             f"call runs {num_steps} denoising steps (steps 0..{num_steps} can be captured)")
+        self.steps, self.user_callback, self.decode, self.decode_noise = steps, callback, decode, decode_noise
         self._records: list[tuple] = []  # (k, timestep, x_t, pred_x0, noise_pred), not yet decoded
-        self._trace: list[dict] = []  # the records decoded so far
+        self._trace: list[dict] = []
 
     def start(self, x, timestep) -> None:
-        """Record k = 0, the starting point (pure noise, or the noised input image)."""
         if 0 in self.steps:
             self._records.append((0, timestep, _copy(x), None, None))
 
     @property
-    def callback(self) -> Callable[[dict], None] | None:
+    def callback(self):
         """The per-step callback to hand to the sampling loop (None when there is nothing to do)."""
         return self._on_step if (self.steps - {0} or self.user_callback) else None
 
     def _on_step(self, step: dict) -> None:
         if self.user_callback is not None:
             self.user_callback(step)
-        k = step["i"] + 1  # after step i, k = i + 1 steps have run
-        if k in self.steps:
+        if step["i"] + 1 in self.steps:  # after step i, i + 1 steps have run
             noise = _copy(step["noise_pred"]) if self.decode_noise is not None else None
-            self._records.append((k, step["t"], _copy(step["x"]), _copy(step["denoised"]), noise))
+            self._records.append((step["i"] + 1, step["t"], _copy(step["x"]), _copy(step["denoised"]), noise))
 
     @property
     def trace(self) -> list[dict]:
-        """The records asked for, decoded to PIL images (each once, when the trace is read: a
-        reader during the loop, such as the web app, gets the records so far)."""
         for k, t, x, x0, noise in self._records[len(self._trace):]:
             self._trace.append({"step": k, "timestep": t, "x_t": self.decode(x),
                                 "pred_x0": None if x0 is None else self.decode(x0),
@@ -140,31 +122,107 @@ def _copy(x):
     return x.detach().clone() if hasattr(x, "detach") else x
 
 
-class TextToImagePipeline(ABC):
-    """What `MiniDiffusionPipeline` and `bridge.SD3Bridge` both implement."""
+def merge_outputs(outputs: list[ImageOutput]) -> ImageOutput:
+    """Several batches' outputs as one: the images in order, each trace record's pictures batch after batch."""
+    traces = [out.trace for out in outputs]
+    trace = [{**record, **{key: sum((t[k][key] for t in traces), []) for key in ("x_t", "pred_x0", "noise_pred")
+                           if record.get(key) is not None}} for k, record in enumerate(traces[0])]
+    return ImageOutput(images=[image for out in outputs for image in out.images], trace=trace)
 
+
+class TextToImagePipeline(ABC):
+    """What `MiniDiffusionPipeline` and `bridge.SD3Bridge` both implement. The three calls are
+    written once, here: each is a `Call`, cut into batches, each batch given to `generate`."""
+
+    call_type = Call  # a backend that takes more keywords has a subclass of Call
+    load_options: tuple[str, ...] = ()  # keywords of `from_pretrained` beyond the model and the device
+    default_batch_size: int | None = None  # None: every image in one batch
     default_num_inference_steps: int = 50
     default_guidance_scale: float = 4.0
+    image_size: int  # the default height and width
+    size_multiple: int | None  # height and width are multiples of it; None: `image_size` only
+    samplers: tuple[str, ...]  # what `sampler` may name, the default first
+    progress: dict = {}  # tqdm options of the bar over batches (`set_progress_bar_config`)
 
-    def _defaults(self, num_inference_steps, guidance_scale) -> tuple[int, float]:
-        """The caller's steps and guidance, or this pipeline's defaults where None."""
-        steps = self.default_num_inference_steps if num_inference_steps is None else num_inference_steps
-        guidance = self.default_guidance_scale if guidance_scale is None else guidance_scale
+    def sample(self, prompt, **options) -> ImageOutput:
+        """Text to image, starting from pure noise."""
+        return self.run(self.call_type(prompt, **options))
+
+    def img2img(self, prompt, image, *, strength=0.7, **options) -> ImageOutput:
+        """Start from `image` noised part of the way (`strength`), then denoise towards `prompt`."""
+        return self.run(self.call_type(prompt, image=image, strength=_edit_strength(strength), **options))
+
+    def inpaint(self, prompt, image, mask_image, *, strength=0.99, **options) -> ImageOutput:
+        """Regenerate the white part of `mask_image`, keep the black part of `image`."""
+        return self.run(self.call_type(prompt, image=image, mask_image=mask_image, strength=_edit_strength(strength),
+                                       **options))
+
+    def run(self, call: Call) -> ImageOutput:
+        """Every batch of a call, one after the other, as one output."""
+        batches = self.batches(call)
+        bar = tqdm(batches, unit="batch", leave=False, dynamic_ncols=True, **{"disable": len(batches) == 1,
+                                                                              **self.progress})
+        return merge_outputs([self.generate(batch) for batch in bar])
+
+    def batches(self, call: Call) -> list[Call]:
+        """The one place a call is cut into batches of at most `batch_size` images, in order."""
+        size = call.batch_size if call.batch_size is not None else self.default_batch_size
+        if size is not None and (not isinstance(size, int) or size < 1):
+            raise ValueError(f"batch_size must be a whole number >= 1, got {size}")
+        prompts, negatives = call.prompts()
+        rows = [(p, n) for p, n in zip(prompts, negatives) for _ in range(call.num_images_per_prompt)]
+        if size is None or len(rows) <= size:
+            return [call]
+        return [dataclasses.replace(call, prompt=[p for p, _ in chunk], negative_prompt=[n for _, n in chunk],
+                                    num_images_per_prompt=1) for chunk in (rows[i:i + size]
+                                                                           for i in range(0, len(rows), size))]
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """tqdm options of the bar over batches (diffusers' method of the same name); `disable=True` hides it."""
+        self.progress = kwargs
+
+    def resolve(self, call: Call) -> tuple[int, float]:
+        """The call's (steps, guidance), this backend's defaults where None; a value no backend can
+        use is one clear ValueError."""
+        steps, guidance = self.defaults(call.num_inference_steps, call.guidance_scale)
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"num_inference_steps must be a whole number >= 1, got {steps}")
+        if not guidance >= 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance}")
+        if call.strength is not None and not 0.0 <= call.strength <= 1.0:
+            raise ValueError(f"strength must be between 0 and 1, got {call.strength}")
+        self.check_sampler(call.sampler)
+        self.size(call.height, call.width)
         return steps, guidance
 
-    @abstractmethod
-    def sample(self, prompt, *, negative_prompt=None, num_inference_steps=None, guidance_scale=None,
-               generator=None, num_images_per_prompt=1, callback=None, capture_steps=None) -> ImageOutput:
-        """Text to image, starting from pure noise."""
+    def defaults(self, num_inference_steps=None, guidance_scale=None) -> tuple[int, float]:
+        steps = self.default_num_inference_steps if num_inference_steps is None else num_inference_steps
+        return steps, self.default_guidance_scale if guidance_scale is None else guidance_scale
+
+    def check_sampler(self, sampler: str | None) -> str:
+        """`sampler`, or the default when None; one this backend does not have is a ValueError."""
+        if sampler is not None and sampler not in self.samplers:
+            raise ValueError(f"sampler must be one of {list(self.samplers)} for this model, got {sampler!r}")
+        return sampler or self.samplers[0]
 
     @abstractmethod
-    def img2img(self, prompt, image, *, strength=0.7, negative_prompt=None, num_inference_steps=None,
-                guidance_scale=None, generator=None, num_images_per_prompt=1, callback=None,
-                capture_steps=None) -> ImageOutput:
-        """Start from `image` noised to `strength`, then denoise towards `prompt`."""
+    def generate(self, call: Call) -> ImageOutput:
+        """One batch (`call.image` None: text to image; `call.mask_image` set: inpainting)."""
 
     @abstractmethod
-    def inpaint(self, prompt, image, mask_image, *, strength=0.99, negative_prompt=None, num_inference_steps=None,
-                guidance_scale=None, generator=None, num_images_per_prompt=1, callback=None,
-                capture_steps=None) -> ImageOutput:
-        """Regenerate the white part of `mask_image`, keep the black part of `image`."""
+    def size(self, height=None, width=None) -> tuple[int, int]:
+        """(height, width) of the images; None: the default. One the model cannot make: ValueError."""
+
+    @abstractmethod
+    def steps_run(self, num_inference_steps: int, strength: float | None = None) -> int:
+        """How many denoising steps a call runs (all N without a strength)."""
+
+    @abstractmethod
+    def decode(self, x) -> list[Image.Image]:
+        """The callback's "x" or "denoised" as pictures."""
+
+
+def _edit_strength(strength):
+    if strength is None:
+        raise ValueError("strength must be between 0 and 1, got None")
+    return strength

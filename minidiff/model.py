@@ -1,75 +1,127 @@
-"""The whole trainable model: tokenizer, text encoder and UNet, with one config."""
+"""The whole trainable model, assembled the way a diffusers pipeline assembles SD3.5's parts:
+a tokenizer and text encoder (SD3.5: CLIP-L, CLIP-G and T5), a denoising network (SD3.5: an
+MMDiT; here a UNet), and the objective it was trained with (SD3.5: rectified flow), under one
+config that is saved as config.json beside model.safetensors."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .scheduler import FlowMatchConfig, SchedulerConfig
+from .flow import FlowMatchConfig, RectifiedFlow
+from .scheduler import DDPM, SchedulerConfig
 from .text import TextEncoder, TextEncoderConfig, Tokenizer
 from .unet import UNet, UNetConfig
+
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+FORMAT = {"format": "minidiff", "format_version": 1}  # what config.json says a model folder is
+# config.json's "objective" -> (its schedule's config, the objective)
+OBJECTIVES = {"ddpm": (SchedulerConfig, DDPM), "flow": (FlowMatchConfig, RectifiedFlow)}
+# denoising networks: config.json key (and the model's attribute, as in diffusers' pipelines) ->
+# (config class, network). Each takes (x_t, t, text tokens, token mask) and returns x_t's shape.
+BACKBONES = {"unet": (UNetConfig, UNet)}
+
+
+def objective_for(scheduler_config):
+    """The objective (DDPM or RectifiedFlow) a schedule's config belongs to."""
+    return next(objective(scheduler_config) for config, objective in OBJECTIVES.values()
+                if isinstance(scheduler_config, config))
 
 
 @dataclass
 class ModelConfig:
-    """Everything needed to rebuild the model; saved as config.json beside model.safetensors."""
+    """Everything needed to rebuild the model."""
 
-    unet: UNetConfig = field(default_factory=UNetConfig)
+    backbone: UNetConfig = field(default_factory=UNetConfig)  # or another network of BACKBONES
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    # the noise schedule the model was trained with: SchedulerConfig for a DDPM (epsilon-predicting)
-    # model, FlowMatchConfig for a rectified-flow (velocity-predicting) one
+    # the schedule the model was trained with: SchedulerConfig for DDPM, FlowMatchConfig for rectified flow
     scheduler: SchedulerConfig | FlowMatchConfig = field(default_factory=SchedulerConfig)
     vocab: list[str] = field(default_factory=list)
 
     @property
     def objective(self) -> str:
         """ "ddpm" (the network predicts the noise eps) or "flow" (it predicts the velocity eps - x_0)."""
-        return "flow" if isinstance(self.scheduler, FlowMatchConfig) else "ddpm"
+        return next(name for name, (config, _) in OBJECTIVES.items() if isinstance(self.scheduler, config))
+
+    @property
+    def backbone_name(self) -> str:
+        return next(name for name, (config, _) in BACKBONES.items() if isinstance(self.backbone, config))
 
     @property
     def image_size(self) -> int:
-        return self.unet.image_size
+        return self.backbone.image_size
 
     def to_dict(self) -> dict:
-        return {"objective": self.objective, **asdict(self)}
+        return {"objective": self.objective, self.backbone_name: asdict(self.backbone),
+                "text_encoder": asdict(self.text_encoder), "scheduler": asdict(self.scheduler), "vocab": self.vocab}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         objective = d.get("objective", "ddpm")  # configs written before flow models existed are DDPM
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
-        return cls(
-            unet=UNetConfig(**d["unet"]),
-            text_encoder=TextEncoderConfig(**d["text_encoder"]),
-            scheduler=OBJECTIVES[objective](**d["scheduler"]),
-            vocab=list(d["vocab"]),
-        )
+        backbones = [name for name in BACKBONES if name in d]
+        if len(backbones) != 1:
+            raise ValueError(f"the config must describe one denoising network, one of {list(BACKBONES)}")
+        return cls(backbone=BACKBONES[backbones[0]][0](**d[backbones[0]]),
+                   text_encoder=TextEncoderConfig(**d["text_encoder"]),
+                   scheduler=OBJECTIVES[objective][0](**d["scheduler"]), vocab=list(d["vocab"]))
 
 
-OBJECTIVES = {"ddpm": SchedulerConfig, "flow": FlowMatchConfig}  # what config.json's "objective" names
+def tensors_for_saving(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
 
 class TextToImageModel(nn.Module):
-    """epsilon_theta(x_t, t, prompt) (or the velocity v_theta for a flow model): the text encoder
-    and the UNet, trained together."""
+    """The networks trained together: eps_theta(x_t, t, prompt), or v_theta for a flow model.
+    `model.denoiser` is the denoising network (also reachable by its name, `model.unet`)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.tokenizer = Tokenizer(config.vocab, config.text_encoder.max_length)
         self.text_encoder = TextEncoder(config.text_encoder)
-        self.unet = UNet(config.unet)
+        setattr(self, config.backbone_name, BACKBONES[config.backbone_name][1](config.backbone))
+        self.objective = objective_for(config.scheduler)
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return getattr(self, self.config.backbone_name)
 
     @classmethod
-    def for_captions(cls, captions, unet: UNetConfig, text_dim: int = 128,
+    def for_captions(cls, captions, backbone: UNetConfig, text_dim: int = 128,
                      scheduler: SchedulerConfig | FlowMatchConfig | None = None):
-        """Build a model whose vocabulary covers `captions`."""
+        """Build a model whose vocabulary covers `captions` (its text width `text_dim`)."""
         tokenizer = Tokenizer.from_captions(captions)
         text = TextEncoderConfig(vocab_size=len(tokenizer.vocab), max_length=tokenizer.max_length, dim=text_dim)
-        unet.context_dim = text_dim
-        return cls(ModelConfig(unet=unet, text_encoder=text, scheduler=scheduler or SchedulerConfig(), vocab=tokenizer.vocab))
+        backbone.context_dim = text_dim
+        return cls(ModelConfig(backbone=backbone, text_encoder=text, scheduler=scheduler or SchedulerConfig(),
+                               vocab=tokenizer.vocab))
+
+    def save_pretrained(self, folder, state_dict: dict | None = None, **extra) -> None:
+        """config.json + model.safetensors in `folder` (by default the model's own weights).
+        safetensors holds tensors only: loading one cannot run code, as a pickle can."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(tensors_for_saving(state_dict if state_dict is not None else self.state_dict()),
+                  folder / WEIGHTS_NAME)
+        (folder / CONFIG_NAME).write_text(json.dumps({**FORMAT, **self.config.to_dict(), **extra}, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, folder, device="cpu") -> "TextToImageModel":
+        """The model `save_pretrained` (or train.py) wrote. (`minidiff.tools.checkpoint.load_model`
+        does the same and explains each way a folder can be broken.)"""
+        config = json.loads((Path(folder) / CONFIG_NAME).read_text())
+        if {key: config.get(key) for key in FORMAT} != FORMAT:
+            raise ValueError(f"{folder} is not a minidiff model of format {FORMAT['format_version']}")
+        model = cls(ModelConfig.from_dict(config))
+        model.load_state_dict(load_file(Path(folder) / WEIGHTS_NAME))
+        return model.to(device).eval()
 
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts -> (context (B, L, D), mask (B, L)). The empty prompt is the unconditional one."""
@@ -81,5 +133,5 @@ class TextToImageModel(nn.Module):
     def forward(self, x_t, timesteps, token_ids, token_mask) -> torch.Tensor:
         """Training entry point (one call through both networks, as DDP wants):
         (B, 3, H, W), (B,), (B, L), (B, L) -> predicted noise or velocity (B, 3, H, W).
-        Sampling encodes the prompt once and calls `self.unet` at every step instead."""
-        return self.unet(x_t, timesteps, self.text_encoder(token_ids, token_mask), token_mask)
+        Sampling encodes the prompt once and calls `self.denoiser` at every step instead."""
+        return self.denoiser(x_t, timesteps, self.text_encoder(token_ids, token_mask), token_mask)

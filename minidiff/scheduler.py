@@ -1,4 +1,4 @@
-"""The noise schedule and the two samplers, DDPM and DDIM, written from scratch.
+"""DDPM: the noise schedule, its objective and its two samplers (DDPM and DDIM), from scratch.
 
 Conventions (Ho et al. 2020, "Denoising Diffusion Probabilistic Models"):
 t = 0 is (almost) clean data, t = T - 1 is (almost) pure Gaussian noise. The model
@@ -229,140 +229,51 @@ class DDIMScheduler(NoiseSchedule):
         return SchedulerStepOutput(prev_sample, pred_original_sample)
 
 
-# ---- rectified flow ------------------------------------------------------------------------
-#
-# Conventions (Liu et al. 2022, "Flow Straight and Fast"; Lipman et al. 2023, "Flow Matching";
-# as Stable Diffusion 3, Esser et al. 2024): sigma = 0 is clean data, sigma = 1 is pure noise,
-# and the path between them is a straight line. The model predicts the velocity along it.
-#
-# Code name            paper symbol
-# -------------------  ------------------------------------------------
-# sigmas[i]            sigma (SD3's t), the noise level, 1 -> 0 over the run (Esser eq. 1: z_t = (1 - t) x_0 + t eps)
-# timesteps[i]         sigma * num_train_timesteps, what the network is given (as diffusers)
-# shift                the timestep shift of Esser et al. eq. 23 (SD3.5 uses 3.0)
-# model_output         v_theta(x_sigma, sigma) ~ eps - x_0, the velocity d x_sigma / d sigma
-# pred_original_sample x_0 = x_sigma - sigma * v
+class Objective:
+    """What a model is trained to predict, and everything that follows from it: how training
+    draws t (`sample_training_timesteps`), noises x_0 (`add_noise`) and what the network must
+    output (`training_target`); x_0 from that output (`predict_x0`); the samplers that can run
+    the model (`samplers`, its default first); how many steps img2img runs (`steps_run`).
+    `DDPM` below and `flow.RectifiedFlow` are the two; the rest of minidiff asks them."""
+
+    name: str
+    samplers: dict
+    timestep_dtype: torch.dtype  # what the network is given as t
+
+    def check_sampler(self, name: str | None) -> str:
+        """`name`, or the default sampler when None; one that cannot run this model is a ValueError."""
+        name = next(iter(self.samplers)) if name is None else name
+        if name not in self.samplers:
+            raise ValueError(f"this is {self.description} model: sampler must be one of {list(self.samplers)}, "
+                             f"got {name!r}")
+        return name
+
+    def make_sampler(self, name: str | None, num_inference_steps: int):
+        """The sampler `name` (None: this objective's default), set to `num_inference_steps`."""
+        sampler = self.samplers[self.check_sampler(name)](self.config)
+        sampler.set_timesteps(num_inference_steps)
+        return sampler
 
 
-@dataclass
-class FlowMatchConfig:
-    """The rectified-flow schedule; the names of diffusers' FlowMatchEulerDiscreteScheduler."""
+class DDPM(NoiseSchedule, Objective):
+    """The DDPM objective (Ho et al. 2020): the network predicts the noise eps that was added."""
 
-    num_train_timesteps: int = 1000
-    shift: float = 1.0  # sampling shift, Esser et al. eq. 23 (1.0: none; SD3.5: 3.0)
-    sigma_sampling: str = "logit_normal"  # training sigmas: "logit_normal" (Esser sec. 3.1, m = 0, s = 1) or "uniform"
+    name, description = "ddpm", "a DDPM (noise-predicting)"
+    samplers = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}  # ancestral sampling first: the default
+    timestep_dtype = torch.int64
 
-    def __post_init__(self):
-        if self.sigma_sampling not in SIGMA_SAMPLINGS:
-            raise ValueError(f"sigma_sampling must be one of {SIGMA_SAMPLINGS}, got {self.sigma_sampling!r}")
-        if not self.shift > 0:
-            raise ValueError(f"shift must be > 0, got {self.shift}")
+    def predict_x0(self, x_t, noise, timestep):
+        return predict_x0_from_noise(x_t, noise, self._alpha_bar(int(timestep)))
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    @staticmethod
+    def steps_run(num_inference_steps: int, strength: float) -> int:
+        """img2img's share of an N-step run, as diffusers' SD/SDXL pipelines (`get_timesteps`): int(N * strength)."""
+        return min(int(num_inference_steps * strength), num_inference_steps)
 
-
-SIGMA_SAMPLINGS = ("logit_normal", "uniform")
-
-
-def shift_sigmas(sigmas, shift: float):
-    """sigma' = shift * sigma / (1 + (shift - 1) * sigma), Esser et al. 2024 eq. 23: shift > 1 spends
-    more of the run at high noise (larger images need it: more pixels carry the same signal)."""
-    return shift * sigmas / (1 + (shift - 1) * sigmas)
-
-
-def predict_x0_from_velocity(x_t, velocity, sigma):
-    """x_0 = x_sigma - sigma * v: follow the straight path back to sigma = 0."""
-    return x_t - sigma * velocity
-
-
-class FlowMatchEulerScheduler:
-    """Euler's method on the ODE d x / d sigma = v_theta(x, sigma), from sigma = 1 to 0
-    (the sampler of Esser et al. 2024; diffusers' FlowMatchEulerDiscreteScheduler)."""
-
-    def __init__(self, config: FlowMatchConfig | None = None, **kwargs):
-        self.config = config if config is not None else FlowMatchConfig(**kwargs)
-        T = self.config.num_train_timesteps
-        # the training grid, as diffusers builds it: sigma = T/T, ..., 1/T, shifted. Its ends bound the
-        # inference grid.
-        train_sigmas = shift_sigmas(torch.from_numpy(np.linspace(1, T, T, dtype=np.float32)[::-1].copy()) / T,
-                                    self.config.shift)
-        self.sigma_max, self.sigma_min = train_sigmas[0].item(), train_sigmas[-1].item()
-        self.num_inference_steps: int | None = None
-        self.sigmas = torch.cat([train_sigmas, torch.zeros(1)])
-        self.timesteps = train_sigmas * T
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return self.config.num_train_timesteps
-
-    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
-        """n sigmas evenly spaced from sigma_max to sigma_min (in float64, then shifted, as
-        diffusers does: its sigma_min is already shifted once), plus a final 0."""
-        T, n = self.config.num_train_timesteps, int(num_inference_steps)
-        if n < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        self.num_inference_steps = n
-        sigmas = np.linspace(self.sigma_max * T, self.sigma_min * T, n) / T
-        sigmas = torch.from_numpy(shift_sigmas(sigmas, self.config.shift)).to(torch.float32)
-        self.timesteps = (sigmas * T).to(device)
-        self.sigmas = torch.cat([sigmas, torch.zeros(1)]).to(device)
-
-    def index_for_timestep(self, timestep) -> int:
-        """Where `timestep` sits in `self.timesteps` (the run's grid)."""
-        found = (self.timesteps == torch.as_tensor(timestep, dtype=self.timesteps.dtype)).nonzero()
-        if len(found) == 0:
-            raise ValueError(f"timestep {float(timestep)} is not on this scheduler's grid; call set_timesteps "
-                             f"and pass one of scheduler.timesteps")
-        return int(found[0, 0])
-
-    def sigma_for(self, timestep) -> torch.Tensor:
-        return self.sigmas[self.index_for_timestep(timestep)]
-
-    def step(self, model_output, timestep, sample, generator=None) -> SchedulerStepOutput:
-        """One Euler step from sigma to the next sigma of the grid:
-        x_{sigma_next} = x_sigma + (sigma_next - sigma) * v  (the ODE's Euler step; sigma_next < sigma)."""
-        i = self.index_for_timestep(timestep)
-        sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
-        sample = sample.float()  # as diffusers: upcast for the step
-        prev_sample = sample + (sigma_next - sigma) * model_output
-        pred_original_sample = predict_x0_from_velocity(sample, model_output, sigma)
-        return SchedulerStepOutput(prev_sample.to(model_output.dtype), pred_original_sample)
-
-    def scale_noise(self, sample, timestep, noise) -> torch.Tensor:
-        """The forward process at a grid timestep (diffusers' name; img2img's start):
-        x_sigma = sigma * eps + (1 - sigma) * x_0   (Esser et al. 2024 eq. 1 with rectified flow's a_t = 1 - t)."""
-        timestep = torch.as_tensor(timestep).reshape(-1)
-        sigma = torch.stack([self.sigma_for(t) for t in timestep])
-        sigma = expand_to(sigma, sample)
-        return sigma * noise + (1.0 - sigma) * sample
-
-    def add_noise(self, original_samples, noise, timesteps) -> torch.Tensor:
-        """The forward process at any timesteps t = sigma * T (training uses this; on the grid it
-        equals `scale_noise`): x_sigma = (1 - sigma) x_0 + sigma eps."""
-        if self.num_inference_steps is not None:
-            return self.scale_noise(original_samples, timesteps, noise)
-        sigma = expand_to(timesteps.float() / self.num_train_timesteps, original_samples)
-        return (1.0 - sigma) * original_samples + sigma * noise
-
-    def sample_training_timesteps(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """sigma for each of n training samples, returned as t = sigma * T (float): logit-normal,
-        sigma = 1 / (1 + exp(-u)), u ~ N(0, 1), which puts most samples at middle noise levels
-        (Esser et al. 2024 sec. 3.1, their best choice); or uniform on [0, 1]."""
-        if self.config.sigma_sampling == "logit_normal":
-            sigma = torch.sigmoid(torch.randn(n, generator=generator))
-        else:
-            sigma = torch.rand(n, generator=generator)
-        return sigma * self.num_train_timesteps
-
-    def training_target(self, original_samples: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """The velocity v = d x_sigma / d sigma = eps - x_0 (conditional flow matching, Lipman et al. 2023)."""
-        return noise - original_samples
-
-    def signal_and_noise(self, timestep) -> tuple[torch.Tensor, torch.Tensor]:
-        """(a, s) with x_sigma = a x_0 + s eps: (1 - sigma, sigma)."""
-        sigma = self.sigma_for(timestep)
-        return 1 - sigma, sigma
-
-
-SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "euler": FlowMatchEulerScheduler}
+    def min_snr_weights(self, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+        """min(SNR_t, gamma) / SNR_t, SNR_t = alpha-bar_t / (1 - alpha-bar_t): the min-SNR-gamma weights
+        of Hang et al. 2023 (sec. 3.4) for a noise-predicting model, as diffusers' train_text_to_image.py
+        computes them (training_utils.compute_snr)."""
+        alpha_bar = self.alphas_cumprod[timesteps]
+        snr = alpha_bar / (1 - alpha_bar)
+        return snr.clamp(max=gamma) / snr

@@ -1,4 +1,5 @@
-"""A small text-conditioned UNet that predicts the noise epsilon_theta(x_t, t, text).
+"""A small text-conditioned UNet, the toy's denoising network: given x_t, the timestep t and the
+caption's tokens it predicts the noise eps (a DDPM model) or the velocity eps - x_0 (a flow model).
 
 Architecture after Ho et al. 2020 (appendix B) and Stable Diffusion (Rombach et al. 2022):
 residual blocks with GroupNorm and a timestep embedding, self-attention at the low
@@ -24,10 +25,10 @@ from torch import nn
 class UNetConfig:
     image_size: int = 16
     in_channels: int = 3
-    base_channels: int = 64
+    base_channels: int = 24
     channel_mults: tuple[int, ...] = (1, 2, 2)  # one entry per resolution level
     num_res_blocks: int = 1  # per level, on the way down (one more on the way up)
-    attention_levels: tuple[int, ...] = (1, 2)  # levels (0 = full resolution) with attention
+    attention_levels: tuple[int, ...] = (2,)  # levels (0 = full resolution) with attention
     context_dim: int = 128  # text encoder output size
     num_heads: int = 4
     norm_groups: int = 8
@@ -47,7 +48,8 @@ class UNetConfig:
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017, as in Ho et al. 2020): (B,) -> (B, dim)."""
+    """Sinusoidal embedding of timesteps (Vaswani et al. 2017, as in Ho et al. 2020): (B,) -> (B, dim).
+    DDPM models are given integer t, flow models t = sigma * T as a float."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=timesteps.device) / half)
     angles = timesteps.float()[:, None] * freqs[None]  # (B, half)
@@ -137,7 +139,8 @@ class Level(nn.Module):
 
 
 class UNet(nn.Module):
-    """epsilon_theta(x_t, t, text): (B, 3, H, W), (B,), (B, L, D), (B, L) -> (B, 3, H, W)."""
+    """(x_t, t, text tokens, token mask): (B, 3, H, W), (B,), (B, L, D), (B, L) -> (B, 3, H, W),
+    the predicted noise or velocity."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()

@@ -25,7 +25,7 @@ def tiny_train_config(out, **overrides):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny minidiff checkpoint (a few training steps) written by the real Trainer."""
-    from minidiff.training import Trainer
+    from minidiff.tools.trainer import Trainer
 
     out = tmp_path_factory.mktemp("tiny-model")
     Trainer(tiny_train_config(out)).train()
@@ -58,7 +58,7 @@ def tiny_sd3(tiny_sd3_dir):
 @pytest.fixture(scope="session")
 def tiny_flow_model_dir(tmp_path_factory):
     """A tiny rectified-flow minidiff checkpoint (`objective="flow"`), a few training steps."""
-    from minidiff.training import Trainer
+    from minidiff.tools.trainer import Trainer
 
     out = tmp_path_factory.mktemp("tiny-flow-model")
     Trainer(tiny_train_config(out, objective="flow")).train()

@@ -15,8 +15,8 @@ from PIL import Image
 gr = pytest.importorskip("gradio")
 
 from minidiff import Shapes  # noqa: E402
-from minidiff.cli import run as run_cli  # noqa: E402
-from minidiff.webapp import (AppModel, Frame, Result, Settings, WebApp, build_ui, generate, host_warning,  # noqa: E402
+from minidiff.tools.cli import run as run_cli  # noqa: E402
+from minidiff.tools.webapp import (AppModel, Frame, Result, Settings, WebApp, build_ui, generate, host_warning,  # noqa: E402
                              mask_from_editor, preview, preview_steps, save_result)
 
 STEPS = 6
@@ -132,7 +132,7 @@ def test_mask_from_editor_takes_every_painted_pixel_in_any_colour(picture):
     ("txt2img", dict(seed=-1), "seed must be a whole number"),
     ("txt2img", dict(num_images=0), "number of images"),
     ("txt2img", dict(sampler="euler-a"), "sampler must be one of"),
-    ("txt2img", dict(height=64), "height and width apply to SD3"),
+    ("txt2img", dict(height=64), "renders at its trained size, 16"),
 ])
 def test_bad_settings_are_one_clear_message_and_the_app_keeps_serving(model, picture, tmp_path, mode, change,
                                                                        message):
@@ -176,13 +176,13 @@ def test_sd3_through_the_same_handlers(tiny_sd3, tiny_sd3_dir, tmp_path, picture
     events = list(generate(model, "txt2img", Settings("a red circle", steps=3, seed=1, guidance=2.0)))
     result = events[-1]
     assert [f.step for f in result.frames] == [0, 1, 2, 3] and result.images[0].size == (32, 32)
-    assert result.settings.height == result.settings.width == 32 and result.settings.sampler is None
+    assert result.settings.height == result.settings.width == 32 and result.settings.sampler == "euler"
     edit = list(generate(model, "img2img", Settings("a red circle", steps=4, seed=1, strength=0.5),
                          picture.resize((32, 32))))[-1]
     assert [f.step for f in edit.frames] == [0, 1, 2] and edit.frames[-1].total == 2  # N * strength of N steps
     command = Image.open(save_result(result, model, "txt2img", tmp_path)[0]).text["sample.py"]
-    assert "--backend sd3" in command and "--height 32 --width 32" in command and "--sampler" not in command
-    with pytest.raises(ValueError, match="sampler applies to minidiff"):
+    assert "--backend sd3" in command and "--sampler euler --height 32 --width 32" in command
+    with pytest.raises(ValueError, match=r"sampler must be one of \['euler'\]"):
         list(generate(model, "txt2img", Settings("a red circle", sampler="ddim")))
 
 

@@ -43,7 +43,7 @@ def server(tmp_path_factory):
     import gradio as gr
 
     import app
-    from minidiff.training import Trainer
+    from minidiff.tools.trainer import Trainer
 
     folder = tmp_path_factory.mktemp("app")
     Trainer(tiny_train_config(folder / "model", image_size=SIZE)).train()

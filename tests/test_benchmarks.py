@@ -39,7 +39,7 @@ def test_baseline_trains_with_minidiffs_loss_and_samples_with_its_pipeline():
 
     state = TrainState(model, config)
     images = torch.rand(2, 3, 16, 16) * 2 - 1
-    per_sample, _ = diffusion_loss(model, model.tokenizer, state.schedule, images, ["a red circle", "a blue square"],
+    per_sample, _ = diffusion_loss(model, model.tokenizer, state.objective, images, ["a red circle", "a blue square"],
                                    torch.Generator().manual_seed(0), 0.0, torch.device("cpu"))
     per_sample.mean().backward()
     assert model.unet.net.conv_in.weight.grad.abs().sum() > 0
@@ -134,9 +134,9 @@ def test_levers_variant_splits_train_config_fields_from_levers():
 @pytest.mark.parametrize("objective", ["flow", "ddpm"])
 def test_stratified_timesteps_put_one_draw_in_each_quantile(objective):
     from benchmarks.levers import stratified
-    from minidiff.training import training_schedule
+    from minidiff.model import objective_for
 
-    schedule = training_schedule(preset_config("cpu", objective=objective).scheduler_config())
+    schedule = objective_for(preset_config("cpu", objective=objective).scheduler_config())
     n = 50  # divides T = 1000: each DDPM quantile is 20 whole timesteps
     t = stratified(schedule.sample_training_timesteps)(n, torch.Generator().manual_seed(0)).double()
     if objective == "flow":  # logit-normal: back to the uniform quantile through the normal CDF

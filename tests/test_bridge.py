@@ -270,7 +270,7 @@ def test_folder_without_model_index_is_explained(tmp_path):
 
 def test_cli_prints_one_line_and_exits_2(fake_hub, tmp_path, capsys):
     import sample
-    from minidiff.cli import run
+    from minidiff.tools.cli import run
 
     fake_hub(_http_error(GatedRepoError, 401))
     out = tmp_path / "x.png"
@@ -295,7 +295,7 @@ def test_pick_backend(tiny_sd3_dir, tiny_model_dir, tmp_path):
 
 def test_cli_runs_sd3_and_rejects_what_does_not_apply(tiny_sd3_dir, tiny_model_dir, tmp_path, capsys):
     import sample
-    from minidiff.cli import run
+    from minidiff.tools.cli import run
 
     out = tmp_path / "sd3.png"
     base = ["--prompt", "a red circle", "--steps", "2", "--device", "cpu"]
@@ -304,6 +304,8 @@ def test_cli_runs_sd3_and_rejects_what_does_not_apply(tiny_sd3_dir, tiny_model_d
     assert run(sample.main, ["--model", str(tiny_sd3_dir), *base, "--sampler", "ddpm", "--out", str(tmp_path / "a.png")]) == 2
     assert run(sample.main, ["--model", str(tiny_model_dir), *base, "--width", "32", "--out", str(tmp_path / "b.png")]) == 2
     err = capsys.readouterr().err
-    assert "--sampler applies to minidiff" in err and "--height/--width apply to SD3" in err
+    assert "sampler must be one of ['euler'] for this model, got 'ddpm'" in err
+    assert "width 32: this minidiff model renders at its trained size, 16" in err
+    assert not (tmp_path / "a.png").exists() and not (tmp_path / "b.png").exists()
     assert run(sample.main, ["--prompt", "x", "--backend", "flux"]) == 2  # unknown backend: one line, exit 2
     assert "invalid choice: 'flux'" in capsys.readouterr().err

@@ -4,6 +4,8 @@ against diffusers' own pipelines loaded independently from the same folder."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import warnings
 
 import numpy as np
@@ -159,7 +161,7 @@ SD3_FLAGS = [["--dtype", "float32"], ["--drop-t5"], ["--offload", "model"], ["--
 @pytest.mark.parametrize("flag", SD3_FLAGS, ids=lambda f: f[0])
 def test_cli_sd3_flags_are_an_error_with_minidiff(tiny_model_dir, tmp_path, capsys, flag):
     import sample
-    from minidiff.cli import run
+    from minidiff.tools.cli import run
 
     out = tmp_path / "x.png"
     assert run(sample.main, ["--model", str(tiny_model_dir), "--prompt", "a cat", "--out", str(out), *flag]) == 2
@@ -169,25 +171,26 @@ def test_cli_sd3_flags_are_an_error_with_minidiff(tiny_model_dir, tmp_path, caps
 
 def test_cli_reaches_the_bridge_options(tiny_sd3_dir, lora_dir, tmp_path, capsys, monkeypatch):
     import sample
-    from minidiff.cli import run
+    from minidiff.tools.cli import run
 
     loaded, calls = {}, []
     original = SD3Bridge.from_pretrained.__func__
     monkeypatch.setattr(SD3Bridge, "from_pretrained", classmethod(
         lambda cls, model, **kw: loaded.update(kw) or original(cls, model, **kw)))
-    monkeypatch.setattr(SD3Bridge, "sample", lambda self, prompt, **kw: calls.append((self, kw)) or
-                        SD3Bridge.img2img(self, prompt, Image.new("RGB", (32, 32)), num_inference_steps=1))
+    generate = SD3Bridge.generate
+    monkeypatch.setattr(SD3Bridge, "generate", lambda self, call: calls.append((self, call)) or generate(
+        self, dataclasses.replace(call, num_inference_steps=1, skip_layer_guidance=None)))
     base = ["--model", str(tiny_sd3_dir), "--prompt", "a red circle", "--steps", "2", "--device", "cpu", "--raw-size"]
     out = tmp_path / "sd3.png"
     assert run(sample.main, [*base, "--out", str(out), "--dtype", "float32", "--drop-t5", "--quantize", "int8",
                              "--lora", f"{lora_dir}:0.5", "--skip-layer-guidance", "--max-sequence-length", "8"]) == 0
     assert Image.open(out).size == (32, 32)
-    assert loaded == dict(device="cpu", dtype=torch.float32, drop_t5=True, offload=None, quantization="int8")
+    assert loaded == dict(device="cpu", dtype=torch.float32, drop_t5=True, quantization="int8")
     bridge, kwargs = calls[0]
     assert bridge.loras == {"lora_0": 0.5} and bridge.pipe.text_encoder_3 is None
-    assert kwargs["skip_layer_guidance"] is True and kwargs["max_sequence_length"] == 8
+    assert kwargs.skip_layer_guidance is True and kwargs.max_sequence_length == 8
     assert run(sample.main, [*base, "--out", str(tmp_path / "b.png"), "--skip-layer-guidance", "7,8"]) == 0
-    assert calls[1][1]["skip_layer_guidance"] == [7, 8]
+    assert calls[1][1].skip_layer_guidance == [7, 8]
     assert run(sample.main, [*base, "--out", str(tmp_path / "c.png"), "--image", str(out),
                              "--skip-layer-guidance"]) == 2
     assert "--skip-layer-guidance applies to text-to-image only" in capsys.readouterr().err

@@ -25,7 +25,7 @@ from typing import Callable, NamedTuple
 import pytest
 from PIL import Image
 
-from minidiff.training import latest_checkpoint
+from minidiff.tools.trainer import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = "UNPICKLED"  # a file the malicious pickles below would create when loaded
@@ -158,7 +158,7 @@ SERVER = r'''
 import json, os, sys
 sys.path.append(os.path.join(os.getcwd(), "tests"))
 from run_as_main import run_as_main
-import torch, torch._dynamo, minidiff.training, minidiff.pipeline  # the slow imports, done once
+import torch, torch._dynamo, minidiff.tools.trainer, minidiff.pipeline  # the slow imports, done once
 for line in sys.stdin:
     job = json.loads(line)
     pid = os.fork()
@@ -260,7 +260,7 @@ def print_table() -> None:
     import tempfile
 
     from conftest import tiny_train_config
-    from minidiff.training import Trainer
+    from minidiff.tools.trainer import Trainer
 
     run, close = script_runner()
     with tempfile.TemporaryDirectory() as scratch:
@@ -284,7 +284,7 @@ if __name__ == "__main__":
 
 def test_warnings_print_as_one_line_each():
     """Through `run`, as every script's __main__: `warning: ...`, no file, line or source."""
-    code = "import warnings; from minidiff.cli import run; run(lambda argv: warnings.warn('two\\n  lines'))"
+    code = "import warnings; from minidiff.tools.cli import run; run(lambda argv: warnings.warn('two\\n  lines'))"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.stderr == "warning: two lines\n"

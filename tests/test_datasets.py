@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from minidiff.data import Endless, ImageFolder, LabelledImages, load_dataset
-from minidiff.training import Trainer
+from minidiff.tools.datasets import Endless, ImageFolder, LabelledImages, load_dataset
+from minidiff.tools.trainer import Trainer
 
 from conftest import tiny_train_config
 

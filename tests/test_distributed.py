@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
-from minidiff.checkpoint import read_safetensors
-from minidiff.scheduler import NoiseSchedule
-from minidiff.training import Trainer, diffusion_loss
+from minidiff.tools.checkpoint import read_safetensors
+from minidiff.scheduler import DDPM
+from minidiff.tools.trainer import Trainer
+from minidiff.training import diffusion_loss
 
 from conftest import tiny_train_config
 
@@ -31,7 +32,7 @@ def test_each_rank_draws_its_slice_of_the_global_batch_randomness():
         return torch.zeros_like(x_t)
 
     tokenizer = lambda texts: (torch.zeros(len(texts), 2, dtype=torch.long), torch.ones(len(texts), 2, dtype=torch.bool))  # noqa: E731
-    schedule, images, cpu = NoiseSchedule(), torch.rand(4, 3, 8, 8) * 2 - 1, torch.device("cpu")
+    schedule, images, cpu = DDPM(), torch.rand(4, 3, 8, 8) * 2 - 1, torch.device("cpu")
     whole = diffusion_loss(model, tokenizer, schedule, images, ["a"] * 4, torch.Generator().manual_seed(5), 0.5, cpu)
     parts = [diffusion_loss(model, tokenizer, schedule, images[2 * r: 2 * r + 2], ["a"] * 2,
                             torch.Generator().manual_seed(5), 0.5, cpu, shard=(r, 2)) for r in range(2)]
@@ -73,8 +74,8 @@ RANK0_FAILS = """
 import sys
 sys.path.insert(0, {root!r})
 import train
-from minidiff.cli import run
-from minidiff.training import Trainer
+from minidiff.tools.cli import run
+from minidiff.tools.trainer import Trainer
 
 def full_disk(self, name):  # rank 0 alone writes samples
     raise OSError("no space left on device (raised by the test)")

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from minidiff.data import Shapes
-from minidiff.evaluate import analyse, evaluation_prompts, main, score
+from minidiff.tools.evaluate import analyse, evaluation_prompts, main, score
 
 
 @pytest.mark.parametrize("size,two", [(16, 0.0), (24, 0.0), (32, 0.5), (64, 0.5)])
@@ -44,7 +44,7 @@ def test_evaluate_cli_bad_model_is_one_line(tmp_path, capsys):
 def test_object_centre_finds_the_box_centre_of_circles_and_squares():
     import numpy as np
 
-    from minidiff.evaluate import object_centre
+    from minidiff.tools.evaluate import object_centre
 
     data, checked = Shapes(16, seed=5), 0
     for index in range(40):
@@ -62,7 +62,7 @@ def test_object_centre_finds_the_box_centre_of_circles_and_squares():
 
 def test_evaluate_refuses_a_model_not_trained_on_shapes_in_one_line(tmp_path, capsys):
     from conftest import tiny_train_config
-    from minidiff.training import Trainer
+    from minidiff.tools.trainer import Trainer
 
     folder = tmp_path / "cats"
     folder.mkdir()

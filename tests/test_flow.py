@@ -13,9 +13,9 @@ from PIL import Image
 
 import train
 from minidiff import MiniDiffusionPipeline
-from minidiff.cli import run
-from minidiff.scheduler import FlowMatchConfig, FlowMatchEulerScheduler, shift_sigmas
-from minidiff.training import diffusion_loss, training_schedule
+from minidiff.tools.cli import run
+from minidiff.flow import FlowMatchConfig, FlowMatchEulerScheduler, RectifiedFlow, shift_sigmas
+from minidiff.training import diffusion_loss
 
 SHIFTS = [1.0, 3.0, 0.5, 1.7]
 STEPS = [1, 2, 3, 7, 10, 28, 50, 100]
@@ -75,10 +75,10 @@ def test_shift_is_sd3_eq_23_and_sd35_value_is_accepted():
 
 def test_training_sigmas_are_logit_normal_or_uniform():
     n = 20000
-    t = FlowMatchEulerScheduler().sample_training_timesteps(n, torch.Generator().manual_seed(0))
+    t = RectifiedFlow().sample_training_timesteps(n, torch.Generator().manual_seed(0))
     logits = torch.logit(t / 1000)
     assert abs(logits.mean()) < 0.03 and abs(logits.std() - 1) < 0.03  # logit(sigma) ~ N(0, 1)
-    uniform = FlowMatchEulerScheduler(sigma_sampling="uniform").sample_training_timesteps(n, torch.Generator())
+    uniform = RectifiedFlow(sigma_sampling="uniform").sample_training_timesteps(n, torch.Generator())
     assert abs((uniform / 1000).mean() - 0.5) < 0.01 and abs((uniform / 1000).std() - 12 ** -0.5) < 0.01
 
 
@@ -96,7 +96,7 @@ def test_flow_loss_is_velocity_regression_on_the_straight_path():
     tokenizer = Tokenizer.from_captions(["a red circle"])
     images = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
     model = Recorder()
-    schedule = training_schedule(FlowMatchConfig())
+    schedule = RectifiedFlow(FlowMatchConfig())
     per_sample, t = diffusion_loss(model, tokenizer, schedule, images, ["a red circle"] * 3,
                                    torch.Generator().manual_seed(7), 0.0, torch.device("cpu"))
     # replay the generator: caption dropout, then sigma, then the noise

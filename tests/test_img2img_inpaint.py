@@ -11,7 +11,6 @@ from PIL import Image
 
 from minidiff import Shapes
 from minidiff.images import ImageInputError, pil_to_tensor
-from minidiff.pipeline import timesteps_for_strength
 from minidiff.scheduler import NoiseSchedule
 
 STEPS = 4
@@ -143,11 +142,18 @@ def test_unreadable_image_is_a_clear_error(tiny_pipe, tmp_path):
         tiny_pipe.inpaint("a red circle", tmp_path / "missing.png", half_mask())
 
 
-def test_timesteps_for_strength_keeps_the_last_steps():
-    timesteps = torch.tensor([750, 500, 250, 0])
-    assert timesteps_for_strength(timesteps, 0.5).tolist() == [250, 0]
-    assert timesteps_for_strength(timesteps, None).tolist() == [750, 500, 250, 0]
-    assert timesteps_for_strength(timesteps, 0.2).tolist() == []
+@pytest.mark.parametrize("pipe_name", ["tiny_pipe", "tiny_flow_pipe"])
+def test_steps_run_is_the_objectives_rule_and_the_calls_run_that_many(pipe_name, request, picture):
+    """DDPM models run int(N * s) of N steps (diffusers' SD pipelines), flow models N - int(N - N * s)
+    (SD3's): the pipeline's `steps_run` says so, and img2img calls the model exactly that often."""
+    pipe = request.getfixturevalue(pipe_name)
+    flow = pipe.config.objective == "flow"
+    assert pipe.steps_run(4, 0.5) == 2 and pipe.steps_run(4) == 4 and pipe.steps_run(4, 0.2) == (1 if flow else 0)
+    assert pipe.steps_run(50, 0.99) == (50 if flow else 49) and pipe.steps_run(40, 0.7) == 28
+    for steps, strength in ((50, 0.99), (10, 0.25), (4, 0.2)):
+        seen = []
+        pipe.img2img("a red circle", picture, strength=strength, num_inference_steps=steps, callback=seen.append)
+        assert len(seen) == pipe.steps_run(steps, strength)
 
 
 # --- inpainting ---------------------------------------------------------------------------------

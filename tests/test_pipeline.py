@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from minidiff import MiniDiffusionPipeline
+from minidiff.model import objective_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +56,8 @@ class PromptValueModel(torch.nn.Module):
         super().__init__()
         self.config = config
         self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the pipeline a device to find
-        self.unet = PromptValueUNet()
+        self.denoiser = PromptValueUNet()
+        self.objective = objective_for(config.scheduler)
 
     def encode_prompt(self, prompts):
         context = torch.tensor([PROMPT_VALUES[p] for p in prompts]).reshape(-1, 1, 1)  # (B, L = 1, D = 1)
@@ -85,7 +87,7 @@ def test_guidance_is_uncond_plus_w_times_cond_minus_uncond_with_the_negative_pro
     assert len(seen) == 3
     for step in seen:
         torch.testing.assert_close(step["noise_pred"], expected, rtol=0, atol=1e-6)
-    assert pipe.model.unet.rows == [12 if guidance > 1 else 6] * 3  # uncond rows only with guidance
+    assert pipe.model.denoiser.rows == [12 if guidance > 1 else 6] * 3  # uncond rows only with guidance
     seen.clear()
     pipe.sample("a red circle", guidance_scale=guidance, num_inference_steps=1, callback=seen.append)
     torch.testing.assert_close(seen[0]["noise_pred"], torch.full((1, 3, 16, 16), guidance * 1.0))  # uncond: ""

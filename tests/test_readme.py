@@ -150,7 +150,7 @@ import json, os, socket, sys
 sys.path.insert(0, os.getcwd())
 sys.path.append(os.path.join(os.getcwd(), "tests"))
 from run_as_main import run_as_main
-import torch, minidiff.pipeline, minidiff.training, minidiff.figures, minidiff.evaluate  # the slow imports, once
+import torch, minidiff.pipeline, minidiff.training, minidiff.tools.figures, minidiff.tools.evaluate  # the slow imports, once
 server = socket.socket(socket.AF_UNIX)
 server.bind(sys.argv[1])
 server.listen()

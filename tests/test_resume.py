@@ -19,9 +19,10 @@ import torch
 
 import train
 from minidiff import training
-from minidiff.checkpoint import read_safetensors
-from minidiff.cli import run
-from minidiff.training import Trainer, config_for_resume, latest_checkpoint
+from minidiff.tools import trainer as trainer_module
+from minidiff.tools.checkpoint import read_safetensors
+from minidiff.tools.cli import run
+from minidiff.tools.trainer import Trainer, config_for_resume, latest_checkpoint
 
 from conftest import tiny_train_config
 
@@ -144,7 +145,7 @@ def stop_plan(monkeypatch):
         return result
 
     monkeypatch.setattr(training, "diffusion_loss", spy)
-    monkeypatch.setattr(training, "time", SimpleNamespace(monotonic=lambda: clock["now"]))
+    monkeypatch.setattr(trainer_module, "time", SimpleNamespace(monotonic=lambda: clock["now"]))
     monkeypatch.setattr(Trainer, "write_samples", lambda self, name: None)
 
     def new_run(actions=None):

@@ -9,8 +9,8 @@ from PIL import Image
 
 import sample
 from minidiff import MiniDiffusionPipeline
-from minidiff.cli import run
-from minidiff.images import grid_columns
+from minidiff.tools.cli import run
+from minidiff.tools.pictures import grid_columns
 
 
 def sample_cli(argv, model) -> int:
@@ -19,15 +19,15 @@ def sample_cli(argv, model) -> int:
 
 @pytest.fixture
 def calls(monkeypatch):
-    """The number of images of every pipeline call sample.py makes."""
+    """The number of images of every batch the pipeline denoises for sample.py."""
     seen = []
-    original = MiniDiffusionPipeline.sample
+    original = MiniDiffusionPipeline.generate
 
-    def recording(self, prompt, **kwargs):
-        seen.append(kwargs["num_images_per_prompt"])
-        return original(self, prompt, **kwargs)
+    def recording(self, call):
+        seen.append(len(call.prompts()[0]) * call.num_images_per_prompt)
+        return original(self, call)
 
-    monkeypatch.setattr(MiniDiffusionPipeline, "sample", recording)
+    monkeypatch.setattr(MiniDiffusionPipeline, "generate", recording)
     return seen
 
 

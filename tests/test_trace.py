@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 
 from minidiff import Shapes
-from minidiff.cli import run
+from minidiff.tools.cli import run
 from minidiff.contract import StepRecorder
-from minidiff.figures import FIGURES, half_mask, noising_strip, trace_strip, two_object_picture
+from minidiff.model import objective_for
+from minidiff.tools.figures import FIGURES, half_mask, noising_strip, trace_strip, two_object_picture
 from minidiff.images import noise_to_pil, pil_to_tensor, tensor_to_pil
 from minidiff.scheduler import SchedulerConfig
 
@@ -91,7 +92,7 @@ def test_trace_values_are_each_steps_guided_noise_and_clipped_x0(tiny_pipe, pict
            "img2img": lambda: tiny_pipe.img2img("a red circle", picture_file, strength=0.75, **kwargs),
            "inpaint": lambda: tiny_pipe.inpaint("a red circle", picture_file, mask, strength=0.75, **kwargs)}[call]()
     assert len(seen) == runs and len(out.trace) == runs + 1
-    alphas_cumprod = tiny_pipe.make_scheduler(None, STEPS).alphas_cumprod
+    alphas_cumprod = tiny_pipe.model.objective.make_sampler(None, STEPS).alphas_cumprod
     # the start: x_T, or the input noised to the first timestep that runs (Ho eq. 4)
     x = torch.randn(1, 3, 16, 16, generator=gen())
     if call != "sample":
@@ -140,13 +141,13 @@ def test_strips_have_one_tile_per_record(tiny_pipe):
 
 def test_noising_strip_starts_clean_and_ends_in_noise():
     image = Shapes(16, seed=3).pil_and_caption(0)[0]
-    strip = noising_strip(image, SchedulerConfig(), [0, 999], gen())
+    strip = noising_strip(image, objective_for(SchedulerConfig()), [0, 999], gen())
     tiles = [np.asarray(strip.crop((i * 96, 0, i * 96 + 96, 96)).resize((16, 16), Image.Resampling.NEAREST), float)
              for i in range(3)]
     clean = np.asarray(image, float)
     assert np.abs(tiles[1] - clean).mean() < 3 < np.abs(tiles[2] - clean).mean()
     with pytest.raises(ValueError, match="0..999"):
-        noising_strip(image, SchedulerConfig(), [1000])
+        noising_strip(image, objective_for(SchedulerConfig()), [1000])
 
 
 def cli(*args):
@@ -202,7 +203,7 @@ def test_sample_cli_keeps_an_existing_steps_file(tiny_model_dir, tmp_path):
 
 
 def test_figures_command_writes_every_figure_and_keeps_them(tiny_model_dir, tmp_path, capsys):
-    from minidiff.figures import main
+    from minidiff.tools.figures import main
 
     out = tmp_path / "figures"
     assert run(main, ["--model", str(tiny_model_dir), "--out", str(out), "--steps", "2"]) == 0
@@ -227,7 +228,7 @@ def test_inpainting_figure_input_keeps_an_object_outside_the_mask(size):
 
 def test_figures_command_renders_a_flow_model_and_the_comparison(tiny_model_dir, tiny_flow_model_dir, tmp_path,
                                                                  capsys):
-    from minidiff.figures import COMPARISON, FLOW_FOLDER, main
+    from minidiff.tools.figures import COMPARISON, FLOW_FOLDER, main
 
     out = tmp_path / "figures"
     assert run(main, ["--model", str(tiny_model_dir), "--flow-model", str(tiny_model_dir), "--out", str(out),
@@ -241,7 +242,8 @@ def test_figures_command_renders_a_flow_model_and_the_comparison(tiny_model_dir,
 
 def test_ddpm_vs_flow_strip_starts_both_models_from_the_same_noise(tiny_pipe, tiny_flow_pipe):
     """Rows: DDPM x_t, DDPM x0, flow x_t, flow x0; one column per captured step (0, 1, 2 of 2)."""
-    from minidiff.figures import DISPLAY_SIZE, ddpm_vs_flow_strip
+    from minidiff.tools.figures import ddpm_vs_flow_strip
+    from minidiff.tools.pictures import DISPLAY_SIZE
 
     strip = np.asarray(ddpm_vs_flow_strip(tiny_pipe, tiny_flow_pipe, steps=2, fractions=(0, 0.5, 1)))
     cell_w, cell_h = strip.shape[1] // 3, strip.shape[0] // 4
@@ -256,11 +258,11 @@ def test_ddpm_vs_flow_strip_starts_both_models_from_the_same_noise(tiny_pipe, ti
 
 def test_noising_strip_of_a_flow_schedule_is_the_straight_line():
     """A flow schedule noises as x_sigma = (1 - sigma) x_0 + sigma eps with sigma = t / T, labelled by sigma."""
-    from minidiff.scheduler import FlowMatchConfig
+    from minidiff.flow import FlowMatchConfig
 
     image = Image.fromarray(np.full((16, 16, 3), 255, dtype=np.uint8))  # white: x_0 = 1 everywhere
     zero_noise = torch.Generator().manual_seed(0)
-    strip = noising_strip(image, FlowMatchConfig(), [0, 500, 999], zero_noise)
+    strip = noising_strip(image, objective_for(FlowMatchConfig()), [0, 500, 999], zero_noise)
     eps = torch.randn((1, 3, 16, 16), generator=torch.Generator().manual_seed(0))
     expected = tensor_to_pil((1 - 0.5) * torch.ones(1, 3, 16, 16) + 0.5 * eps)[0]
     cell_w = strip.size[0] // 4

@@ -6,7 +6,7 @@ from __future__ import annotations
 from PIL import Image
 
 import train
-from minidiff.cli import run
+from minidiff.tools.cli import run
 
 TINY = ["--steps", "2", "--batch-size", "4", "--base-channels", "16", "--channel-mults", "1", "2",
         "--attention-levels", "1", "--text-dim", "32", "--sample-every", "0", "--checkpoint-every", "0",

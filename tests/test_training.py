@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from minidiff import MiniDiffusionPipeline
-from minidiff.training import Trainer, learning_rate
+from minidiff.tools.trainer import Trainer
+from minidiff.training import learning_rate
 
 from conftest import tiny_train_config
 
@@ -68,7 +69,7 @@ def test_caption_dropout_makes_empty_prompts(tmp_path, monkeypatch):
 def test_atomic_writes_get_the_usual_permissions(tmp_path):
     import os
 
-    from minidiff.checkpoint import write_json
+    from minidiff.tools.checkpoint import write_json
 
     write_json(tmp_path / "x.json", {"a": 1})
     umask = os.umask(0)
@@ -80,11 +81,11 @@ def test_loss_regresses_the_noise_not_x0():
     """L_simple (Ho et al. 2020 eq. 14): a network that returns the noise actually added,
     eps = (x_t - sqrt(alpha-bar_t) x_0) / sqrt(1 - alpha-bar_t) (eq. 4 solved for eps), has loss 0;
     with x_0 as the target its loss would be about E[(eps - x_0)^2] > 1."""
-    from minidiff.scheduler import NoiseSchedule
+    from minidiff.scheduler import DDPM
     from minidiff.text import Tokenizer
     from minidiff.training import diffusion_loss
 
-    schedule = NoiseSchedule()
+    schedule = DDPM()
     images = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
 
     def knows_the_noise(x_t, t, ids, mask):
@@ -142,11 +143,11 @@ def test_min_snr_weighting_is_diffusers_train_text_to_image():
     from diffusers import DDPMScheduler as DiffusersDDPM
     from diffusers.training_utils import compute_snr
 
-    from minidiff.scheduler import NoiseSchedule
+    from minidiff.scheduler import DDPM
     from minidiff.text import Tokenizer
     from minidiff.training import diffusion_loss
 
-    schedule = NoiseSchedule()
+    schedule = DDPM()
     reference = DiffusersDDPM(beta_schedule="squaredcos_cap_v2")
     images = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
     model = lambda x_t, *args: torch.zeros_like(x_t)  # noqa: E731

@@ -33,11 +33,13 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
+from ..contract import StepRecorder
+from ..images import load_image, load_mask, open_image
 from .cli import USER_ERRORS, open_pipeline, pick_backend
-from .contract import StepRecorder
-from .images import load_image, load_mask, make_grid, open_image, tensor_to_pil
+from .pictures import make_grid
 
 MODES = ("txt2img", "img2img", "inpaint")
+BACKEND_NAMES = {"minidiff": "minidiff", "sd3": "Stable Diffusion 3 (diffusers)"}
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 MAX_IMAGES = 8
 MAX_SEED = 2**32 - 1
@@ -56,9 +58,9 @@ class Settings:
     guidance: float | None = None
     seed: int = 0
     num_images: int = 1
-    sampler: str | None = None  # minidiff only
-    height: int | None = None  # sd3 only
-    width: int | None = None  # sd3 only
+    sampler: str | None = None  # one of the model's samplers
+    height: int | None = None  # a size the model can make (a minidiff model: its trained size)
+    width: int | None = None
     strength: float | None = None  # img2img and inpaint
 
 
@@ -129,49 +131,25 @@ class AppModel:
         backend = pick_backend(name, backend)
         return cls(open_pipeline(name, backend, device), name, backend)
 
-    @property
-    def is_sd3(self) -> bool:
-        return self.backend == "sd3"
-
-    @property
-    def samplers(self) -> tuple[str, ...]:
-        return () if self.is_sd3 else tuple(self.pipe.samplers)
-
     def resolve(self, settings: Settings, mode: str) -> Settings:
         """Check the settings and fill in the model's defaults, so that what is saved is what ran."""
         settings = check_settings(settings, mode)
-        if self.is_sd3 and settings.sampler is not None:
-            raise ValueError("the sampler applies to minidiff models; SD3 uses its flow-matching Euler sampler")
-        if not self.is_sd3 and (settings.height is not None or settings.width is not None):
-            raise ValueError("height and width apply to SD3 models; a minidiff model renders at its trained size")
-        steps, guidance = self.pipe._defaults(settings.steps, settings.guidance)
-        values = dict(steps=steps, guidance=float(guidance), strength=settings.strength if mode != "txt2img" else None)
-        if self.is_sd3:
-            values["height"], values["width"] = self.pipe._size(settings.height, settings.width)
-        else:
-            values["sampler"] = settings.sampler or self.samplers[0]
-        return dataclasses.replace(settings, **values)
+        steps, guidance = self.pipe.defaults(settings.steps, settings.guidance)
+        height, width = self.pipe.size(settings.height, settings.width)
+        return dataclasses.replace(settings, steps=steps, guidance=float(guidance), height=height, width=width,
+                                   sampler=self.pipe.check_sampler(settings.sampler),
+                                   strength=settings.strength if mode != "txt2img" else None)
 
     def steps_run(self, settings: Settings) -> int:
-        """How many denoising steps the call runs: all N, or the last int(N * strength) for an edit."""
-        if self.is_sd3:
-            return settings.steps if settings.strength is None else self.pipe.steps_run(settings.steps,
-                                                                                       settings.strength)
-        from .pipeline import timesteps_for_strength
-
-        scheduler = self.pipe.make_scheduler(settings.sampler, settings.steps)  # refuses an unknown sampler
-        return len(timesteps_for_strength(scheduler.timesteps, settings.strength))
-
-    def decode(self, x: torch.Tensor) -> list[Image.Image]:
-        """The callback's x / denoised -> pictures: pixels in [-1, 1] (minidiff) or latents (SD3, its VAE)."""
-        return self.pipe.decode_latents(x) if self.is_sd3 else tensor_to_pil(x)
+        """How many denoising steps the call runs: all N, or an edit's share of them."""
+        return self.pipe.steps_run(settings.steps, settings.strength)
 
     def call(self, mode: str, settings: Settings, image=None, mask=None, **watch):
         """The contract's call for `mode`, with the resolved settings and the same generator sample.py seeds."""
-        options = {"height": settings.height, "width": settings.width} if self.is_sd3 else {"sampler": settings.sampler}
         common = dict(negative_prompt=settings.negative_prompt or None, num_inference_steps=settings.steps,
                       guidance_scale=settings.guidance, generator=torch.Generator().manual_seed(settings.seed),
-                      num_images_per_prompt=settings.num_images, **options, **watch)
+                      num_images_per_prompt=settings.num_images, sampler=settings.sampler, height=settings.height,
+                      width=settings.width, **watch)
         if mode == "txt2img":
             return self.pipe.sample(settings.prompt, **common)
         if mode == "img2img":
@@ -210,7 +188,7 @@ def generate(model: AppModel, mode: str, settings: Settings, image=None, mask=No
         raise ValueError("upload a picture to start from first")
     total = model.steps_run(settings)
     shown = [k for k in preview_steps(total, frames) if k > 0]
-    recorder = StepRecorder(shown, total, decode=model.decode)  # the same records capture_steps makes
+    recorder = StepRecorder(shown, total, decode=model.pipe.decode)  # the same records capture_steps makes
     events: queue.Queue = queue.Queue()
     stop = threading.Event()
 
@@ -280,10 +258,7 @@ def sample_command(model: AppModel, mode: str, settings: Settings, out: str) -> 
         args += ["--negative-prompt", s.negative_prompt]
     args += ["--steps", str(s.steps), "--guidance", repr(s.guidance), "--seed", str(s.seed),
              "--num-images", str(s.num_images)]
-    if model.is_sd3:
-        args += ["--height", str(s.height), "--width", str(s.width)]
-    else:
-        args += ["--sampler", s.sampler]
+    args += ["--sampler", s.sampler, "--height", str(s.height), "--width", str(s.width)]
     if mode != "txt2img":
         args += ["--image", "input.png"] + (["--mask", "mask.png"] if mode == "inpaint" else [])
         args += ["--strength", repr(s.strength)]
@@ -296,14 +271,12 @@ def png_text(model: AppModel, mode: str, settings: Settings, index: int, command
     """The text chunks of a result: each setting under its own key, plus "parameters" in the
     one-paragraph form the usual Stable Diffusion front ends write and read."""
     s = settings
-    size = f"{s.width}x{s.height}" if model.is_sd3 else f"{model.pipe.image_size}x{model.pipe.image_size}"
-    sampler = s.sampler if not model.is_sd3 else "flow-match euler"
-    parameters = (f"{s.prompt}\nNegative prompt: {s.negative_prompt}\nSteps: {s.steps}, Sampler: {sampler}, "
-                  f"CFG scale: {s.guidance:g}, Seed: {s.seed}, Size: {size}, Model: {model.name}")
+    parameters = (f"{s.prompt}\nNegative prompt: {s.negative_prompt}\nSteps: {s.steps}, Sampler: {s.sampler}, "
+                  f"CFG scale: {s.guidance:g}, Seed: {s.seed}, Size: {s.width}x{s.height}, Model: {model.name}")
     if s.strength is not None:
         parameters += f", Denoising strength: {s.strength:g}"
     text = {"parameters": parameters, "mode": mode, "prompt": s.prompt, "negative_prompt": s.negative_prompt,
-            "seed": str(s.seed), "steps": str(s.steps), "guidance_scale": repr(s.guidance), "sampler": sampler,
+            "seed": str(s.seed), "steps": str(s.steps), "guidance_scale": repr(s.guidance), "sampler": s.sampler,
             "model": model.name, "backend": model.backend, "num_images": str(s.num_images),
             "image_index": str(index), "sample.py": command}
     if s.strength is not None:
@@ -371,8 +344,7 @@ class WebApp:
 
     def describe(self) -> str:
         m = self.model
-        kind = "Stable Diffusion 3 (diffusers)" if m.is_sd3 else f"minidiff, {m.pipe.image_size}x{m.pipe.image_size}"
-        return f"**Model:** `{m.name}` ({kind})"
+        return f"**Model:** `{m.name}` ({BACKEND_NAMES[m.backend]}, {m.pipe.image_size}x{m.pipe.image_size})"
 
     def generate(self, mode: str, settings: Settings, picture=None, progress=None) -> Iterator[tuple]:
         """-> (text, live x_t, live pred_x0, result pictures or None, files or None, frames or None)
@@ -448,14 +420,15 @@ def build_ui(app: WebApp):
 
         def load(name, backend):
             text = app.load(name, backend)
-            m, updates = app.model, []
-            size = m.pipe.image_size if m.is_sd3 else None
+            pipe, updates = app.model.pipe, []
+            resizable = pipe.size_multiple is not None
             for _ in panels:
-                updates += [gr.Dropdown(choices=list(m.samplers), value=m.samplers[0] if m.samplers else None,
-                                        visible=not m.is_sd3),
-                            gr.Number(value=size, visible=m.is_sd3), gr.Number(value=size, visible=m.is_sd3),
-                            gr.Number(value=m.pipe.default_num_inference_steps),
-                            gr.Number(value=m.pipe.default_guidance_scale)]
+                updates += [gr.Dropdown(choices=list(pipe.samplers), value=pipe.samplers[0],
+                                        visible=len(pipe.samplers) > 1),
+                            gr.Number(value=pipe.image_size, visible=resizable),
+                            gr.Number(value=pipe.image_size, visible=resizable),
+                            gr.Number(value=pipe.default_num_inference_steps),
+                            gr.Number(value=pipe.default_guidance_scale)]
             return [text] + updates
 
         load_outputs = [status] + [c for p in panels.values()
@@ -505,12 +478,12 @@ def _panel(gr, app: WebApp, mode: str, label: str) -> dict:
                 with gr.Row():
                     c["seed"] = gr.Number(0, label="Seed", precision=0, elem_id=f"{mode}-seed")
                     c["random"] = gr.Button("Random seed", elem_id=f"{mode}-random")
-                c["sampler"] = gr.Dropdown(list(m.samplers), value=m.samplers[0] if m.samplers else None,
-                                           label="Sampler", visible=not m.is_sd3, elem_id=f"{mode}-sampler")
+                c["sampler"] = gr.Dropdown(list(m.pipe.samplers), value=m.pipe.samplers[0], label="Sampler",
+                                           visible=len(m.pipe.samplers) > 1, elem_id=f"{mode}-sampler")
                 with gr.Row():
-                    size = m.pipe.image_size if m.is_sd3 else None
-                    c["height"] = gr.Number(size, label="Height", precision=0, visible=m.is_sd3)
-                    c["width"] = gr.Number(size, label="Width", precision=0, visible=m.is_sd3)
+                    resizable = m.pipe.size_multiple is not None
+                    c["height"] = gr.Number(m.pipe.image_size, label="Height", precision=0, visible=resizable)
+                    c["width"] = gr.Number(m.pipe.image_size, label="Width", precision=0, visible=resizable)
                 c["run"] = gr.Button("Generate", variant="primary", elem_id=f"{mode}-run")
             with gr.Column(scale=1):
                 c["gallery"] = gr.Gallery(label="Result (PNG with its settings)", columns=4, format="png",
@@ -542,9 +515,7 @@ def _panel(gr, app: WebApp, mode: str, label: str) -> dict:
 
     def run(prompt, negative, steps, guidance, seed, num_images, sampler, height, width, strength, picture,
             progress=gr.Progress()):
-        settings = Settings(prompt, negative or "", steps, guidance, seed, num_images,
-                            sampler if not app.model.is_sd3 else None,
-                            height if app.model.is_sd3 else None, width if app.model.is_sd3 else None, strength)
+        settings = Settings(prompt, negative or "", steps, guidance, seed, num_images, sampler, height, width, strength)
         for text, x_t, x0, pictures, files, frames in app.generate(mode, settings, picture, progress):
             if frames is None:
                 yield gr.skip(), text, x_t, x0, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()

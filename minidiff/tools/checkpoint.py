@@ -1,9 +1,10 @@
-"""Saving and loading models: config.json beside model.safetensors, nothing else.
+"""Model folders as the scripts and the trainer write and read them: the format of
+`TextToImageModel.save_pretrained` (config.json beside model.safetensors), with every write
+atomic (a temporary file, synced, then renamed over the target: a crash mid-save leaves the
+previous file whole) and every way a folder can be broken explained in one line.
 
-Only JSON and safetensors are ever read from a checkpoint folder: no pickle, so opening a
-checkpoint from someone else cannot run their code. Every write goes to a temporary file
-that is synced and then renamed over the target, so a crash mid-save leaves the previous
-file intact.
+Only JSON and safetensors are ever read: no pickle, so opening someone else's folder cannot run
+their code (a pickle found instead is named and left unread).
 """
 
 from __future__ import annotations
@@ -17,12 +18,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .model import ModelConfig, TextToImageModel
+from ..model import CONFIG_NAME, FORMAT, WEIGHTS_NAME, ModelConfig, TextToImageModel, tensors_for_saving
 
-FORMAT_NAME = "minidiff"
-FORMAT_VERSION = 1
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+FORMAT_NAME, FORMAT_VERSION = FORMAT["format"], FORMAT["format_version"]
 
 
 class CheckpointError(ValueError):
@@ -53,7 +51,7 @@ def write_json(path, data: dict) -> None:
 
 
 def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    tensors = tensors_for_saving(tensors)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
@@ -102,7 +100,7 @@ def save_model(directory, model: TextToImageModel, state_dict: dict[str, torch.T
     `trained_steps`, when given, is recorded in config.json (train.py's messages read it back)."""
     directory = Path(directory)
     write_safetensors(directory / WEIGHTS_NAME, state_dict if state_dict is not None else model.state_dict())
-    config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **model.config.to_dict()}
+    config = {**FORMAT, **model.config.to_dict()}
     if trained_steps is not None:
         config["trained_steps"] = trained_steps
     write_json(directory / CONFIG_NAME, config)

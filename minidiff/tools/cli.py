@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 
 from .checkpoint import CheckpointError
-from .images import ImageInputError
+from ..images import ImageInputError
 
 DEFAULT_MODEL = "runs/shapes"
 USER_ERRORS = (CheckpointError, ImageInputError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError)
@@ -74,13 +74,25 @@ def pick_backend(model: str, backend: str = "auto") -> str:
     return "minidiff"
 
 
-def open_pipeline(model: str, backend: str, device=None, **sd3_options):
-    """The one place a pipeline is built, for sample.py and app.py: minidiff's or the SD3 bridge
-    (`backend` already resolved by `pick_backend`; `sd3_options` go to SD3Bridge.from_pretrained)."""
+def pipeline_class(backend: str):
+    """The pipeline class of a backend ("minidiff" or "sd3"), imported only when asked for."""
     if backend == "sd3":
         from bridge import SD3Bridge
 
-        return SD3Bridge.from_pretrained(model, device=device, **sd3_options)
-    from .pipeline import MiniDiffusionPipeline
+        return SD3Bridge
+    from ..pipeline import MiniDiffusionPipeline
 
-    return MiniDiffusionPipeline.from_pretrained(model, device=device)
+    return MiniDiffusionPipeline
+
+
+def open_pipeline(model: str, backend: str, device=None, **options):
+    """The one place a pipeline is built, for sample.py and app.py (`backend` already resolved by
+    `pick_backend`; `options` go to its `from_pretrained`: the SD3 bridge's memory options)."""
+    if backend == "sd3":
+        return pipeline_class(backend).from_pretrained(model, device=device, **options)
+    from ..pipeline import MiniDiffusionPipeline
+    from ..runtime import pick_device
+    from .checkpoint import load_model
+
+    device = pick_device(device)  # a model folder's mistakes explained (checkpoint.load_model), then the pipeline
+    return MiniDiffusionPipeline(load_model(model, device), device, **options)
