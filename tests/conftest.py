@@ -1,8 +1,17 @@
 """Shared test fixtures: everything on CPU, deterministic, TF32 off, tiny models.
-(Thread count: torch's default, or OMP_NUM_THREADS when set.)"""
+(Thread count: torch's default, or OMP_NUM_THREADS when set.)
+
+The tiny training run is written once, here (`TINY_TRAINING`): as a `TrainConfig`
+(`tiny_train_config`) and as the same run's train.py flags (`tiny_train_flags`). The tiny models
+trained from it are session fixtures: `tiny_model_dir` / `tiny_pipe` (DDPM), `tiny_flow_model_dir`
+/ `tiny_flow_pipe` (rectified flow), and `minidiff_pipe` / `minidiff_model_dir`, which run a test
+once with each (ids `ddpm` and `flow`).
+
+Tests that take seconds (subprocesses, training runs, the notebook, the browser, SD3 builds)
+carry `@pytest.mark.slow`: `pytest -m "not slow"` is the quick loop, `make test` runs everything.
+"""
 
 from __future__ import annotations
-
 
 import pytest
 import torch
@@ -10,21 +19,41 @@ import torch
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 
+# A run small enough to train a few steps in about a second.
+TINY_TRAINING = dict(objective="ddpm", steps=4, batch_size=4, image_size=16, base_channels=16, channel_mults=(1, 2),
+                     attention_levels=(1,), text_dim=32, lr=2e-3, warmup_steps=2, sample_every=0, checkpoint_every=0,
+                     log_every=2, device="cpu")
+
 
 def tiny_train_config(out, **overrides):
-    """A TrainConfig small enough to train a few steps in about a second."""
+    """The tiny run as a TrainConfig writing into `out`; `overrides` are TrainConfig fields."""
     from minidiff.training import TrainConfig
 
-    values = dict(out=str(out), objective="ddpm", steps=4, batch_size=4, image_size=16, base_channels=16, channel_mults=(1, 2),
-                  attention_levels=(1,), text_dim=32, sample_every=0, checkpoint_every=0, log_every=2,
-                  warmup_steps=2, device="cpu")
-    values.update(overrides)
-    return TrainConfig(**values)
+    return TrainConfig(out=str(out), **{**TINY_TRAINING, **overrides})
+
+
+def tiny_unet_config(**overrides):
+    """The tiny run's UNet as a UNetConfig; `overrides` are UNetConfig fields (context_dim, say)."""
+    import dataclasses
+
+    return dataclasses.replace(tiny_train_config("unused").backbone_config(), **overrides)
+
+
+def tiny_train_flags(**overrides) -> list[str]:
+    """The same tiny run as train.py flags (without --out); `overrides` are TrainConfig fields, and
+    one set to None leaves its flag out (train.py's own default, or a flag the caller adds)."""
+    flags = []
+    for name, value in {**TINY_TRAINING, **overrides}.items():
+        if value is None:
+            continue
+        flags.append("--" + name.replace("_", "-"))
+        flags += [str(v) for v in value] if isinstance(value, tuple) else [str(value)]
+    return flags
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """A tiny minidiff checkpoint (a few training steps) written by the real Trainer."""
+    """A tiny DDPM minidiff checkpoint (a few training steps) written by the real Trainer."""
     from minidiff.tools.trainer import Trainer
 
     out = tmp_path_factory.mktemp("tiny-model")
@@ -37,22 +66,6 @@ def tiny_pipe(tiny_model_dir):
     from minidiff import MiniDiffusionPipeline
 
     return MiniDiffusionPipeline.from_pretrained(tiny_model_dir, device="cpu")
-
-
-@pytest.fixture(scope="session")
-def tiny_sd3_dir(tmp_path_factory):
-    """A tiny random-weight SD3 pipeline saved with save_pretrained (tests/sd3_tiny.py)."""
-    from sd3_tiny import build_tiny_sd3
-
-    return build_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))
-
-
-@pytest.fixture(scope="session")
-def tiny_sd3(tiny_sd3_dir):
-    """The tiny SD3 model loaded through the bridge's real loading path."""
-    from bridge import SD3Bridge
-
-    return SD3Bridge.from_pretrained(tiny_sd3_dir, device="cpu")
 
 
 @pytest.fixture(scope="session")
@@ -70,3 +83,34 @@ def tiny_flow_pipe(tiny_flow_model_dir):
     from minidiff import MiniDiffusionPipeline
 
     return MiniDiffusionPipeline.from_pretrained(tiny_flow_model_dir, device="cpu")
+
+
+OBJECTIVES = {"ddpm": ("tiny_model_dir", "tiny_pipe"), "flow": ("tiny_flow_model_dir", "tiny_flow_pipe")}
+
+
+@pytest.fixture(params=sorted(OBJECTIVES))
+def minidiff_model_dir(request):
+    """Each tiny minidiff model's folder in turn: the DDPM one, then the flow one."""
+    return request.getfixturevalue(OBJECTIVES[request.param][0])
+
+
+@pytest.fixture(params=sorted(OBJECTIVES))
+def minidiff_pipe(request):
+    """Each tiny minidiff model in turn, loaded: the DDPM one, then the flow one."""
+    return request.getfixturevalue(OBJECTIVES[request.param][1])
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    """A tiny random-weight SD3 pipeline saved with save_pretrained (tests/sd3_tiny.py)."""
+    from sd3_tiny import build_tiny_sd3
+
+    return build_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tiny_sd3_dir):
+    """The tiny SD3 model loaded through the bridge's real loading path."""
+    from bridge import SD3Bridge
+
+    return SD3Bridge.from_pretrained(tiny_sd3_dir, device="cpu")

@@ -24,6 +24,8 @@ from PIL import Image
 
 from conftest import tiny_train_config
 
+pytestmark = pytest.mark.slow  # a server, a browser and a training run: seconds each
+
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32  # the test model's pixels: big enough to paint a stroke that leaves pixels outside it
 STEPS = "8"

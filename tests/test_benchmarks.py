@@ -13,6 +13,8 @@ from minidiff.pipeline import MiniDiffusionPipeline
 from minidiff.training import diffusion_loss
 from minidiff.unet import UNet, UNetConfig
 
+from conftest import tiny_train_config, tiny_unet_config
+
 
 @pytest.mark.parametrize("preset", ["cpu", "gpu"])
 def test_baseline_unet_is_within_ten_percent_of_minidiff(preset):
@@ -25,8 +27,8 @@ def test_baseline_unet_is_within_ten_percent_of_minidiff(preset):
 
 
 def tiny_config(**overrides):
-    return preset_config("cpu", batch_size=2, base_channels=16, channel_mults=(1, 2), attention_levels=(1,),
-                         text_dim=32, **overrides)
+    """The tests' tiny run (conftest.py) with the CPU preset's objective, batches of 2."""
+    return tiny_train_config("unused", **{"objective": preset_config("cpu").objective, "batch_size": 2, **overrides})
 
 
 def test_baseline_trains_with_minidiffs_loss_and_samples_with_its_pipeline():
@@ -61,8 +63,7 @@ def test_baseline_trains_with_minidiffs_loss_and_samples_with_its_pipeline():
 
 def test_baseline_ignores_padded_text_tokens():
     torch.manual_seed(0)
-    unet = DiffusersUNet(UNetConfig(image_size=16, base_channels=16, channel_mults=(1, 2), attention_levels=(1,),
-                                    context_dim=8)).eval()
+    unet = DiffusersUNet(tiny_unet_config(context_dim=8)).eval()
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 900])
     context, mask = torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool)
     mask[:, 3:] = False

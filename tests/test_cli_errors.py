@@ -27,6 +27,8 @@ from PIL import Image
 
 from minidiff.tools.trainer import latest_checkpoint
 
+from conftest import TINY_TRAINING
+
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = "UNPICKLED"  # a file the malicious pickles below would create when loaded
 
@@ -110,7 +112,7 @@ CASES = [
     Case("train: resume a checkpoint holding a pickle", RESUME,
          lambda t: write_pickle(step_dir(t) / "rng.safetensors", t), "rng.safetensors is a pickle file"),
     Case("train: resume with another model size", RESUME + ["--base-channels", "64"], None,
-         "--base-channels 64 differs from the resumed run's 16"),
+         f"--base-channels 64 differs from the resumed run's {TINY_TRAINING['base_channels']}"),
     Case("sample: missing model folder", SAMPLE + ["--model", "{tmp}/nothing"], None, "does not exist"),
     Case("sample: partial model", SAMPLE, lambda t: (t / "model" / "model.safetensors").unlink(),
          "model.safetensors is missing"),
@@ -228,6 +230,7 @@ def test_the_payload_would_run_if_unpickled(tmp_path):
     assert (tmp_path / MARKER).exists()  # so the marker's absence below means something
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_mistake_gives_one_error_line_and_exit_2_and_keeps_every_file(case, tmp_path, tiny_model_dir, run_script):
     tmp = prepare(case, tmp_path, tiny_model_dir)
@@ -282,6 +285,7 @@ if __name__ == "__main__":
     print_table()
 
 
+@pytest.mark.slow
 def test_warnings_print_as_one_line_each():
     """Through `run`, as every script's __main__: `warning: ...`, no file, line or source."""
     code = "import warnings; from minidiff.tools.cli import run; run(lambda argv: warnings.warn('two\\n  lines'))"

@@ -120,6 +120,7 @@ def test_endless_reads_every_item_once_per_epoch_in_an_order_fixed_by_seed_and_e
     assert [Endless(Numbered(), seed=1)[i][1] for i in range(7)] != [str(i) for i in epochs[0]]
 
 
+@pytest.mark.slow
 def test_training_on_a_folder_writes_a_row_of_samples_per_caption(tmp_path):
     entries = {f"{i}.png": (bands((24, 16), [RED, GREEN, BLUE] if i % 2 else [BLUE, BLUE, RED]),
                             "stripes" if i % 2 else "a blue thing") for i in range(4)}

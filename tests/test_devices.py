@@ -17,10 +17,9 @@ from minidiff.tools.cli import run
 from minidiff.runtime import precision_for
 from minidiff.tools.trainer import Trainer, latest_checkpoint
 
-from conftest import tiny_train_config
+from conftest import tiny_train_config, tiny_train_flags
 
-TINY_FLAGS = ["--image-size", "16", "--base-channels", "16", "--channel-mults", "1", "2", "--attention-levels", "1",
-              "--text-dim", "32", "--batch-size", "2", "--sample-every", "0", "--device", "cpu"]
+TINY_FLAGS = tiny_train_flags(objective=None, steps=1, batch_size=2)  # train.py's default objective
 
 
 def ampere(including_emulation=True):
@@ -64,7 +63,7 @@ def test_first_log_line_names_the_precision_and_fp16_gets_a_gradient_scaler(tmp_
         monkeypatch.setattr(training, "precision_for", lambda device: runtime.precision_for(torch.device("cuda")))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # GradScaler("cuda") without CUDA disables itself, with a warning
-        assert run(train.main, ["--out", str(tmp_path / "run"), "--steps", "1", *TINY_FLAGS]) == 0
+        assert run(train.main, ["--out", str(tmp_path / "run"), *TINY_FLAGS]) == 0
     first = capsys.readouterr().err.splitlines()[0]
     assert first.startswith(f"training on cpu ({named}): flow objective")  # the default objective
     assert isinstance(no_training[0].scaler, torch.amp.GradScaler) == scaler
@@ -95,7 +94,7 @@ def test_torchrun_on_mps_is_refused_with_one_line(tmp_path, monkeypatch, capsys)
     for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(train, "pick_device", lambda device=None: torch.device("mps"))
-    assert run(train.main, ["--out", str(tmp_path / "run"), "--steps", "1", *TINY_FLAGS[:-2]]) == 2
+    assert run(train.main, ["--out", str(tmp_path / "run"), *tiny_train_flags(objective=None, steps=1, device=None)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: torchrun on a Mac: DDP cannot run on MPS") and len(err.splitlines()) == 1
     assert not dist.is_initialized()
@@ -106,7 +105,6 @@ def test_out_of_memory_is_a_hint_to_lower_the_batch_size(tmp_path, monkeypatch, 
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(Trainer, "train", oom)
-    assert run(train.main, ["--out", str(tmp_path / "run"), "--steps", "1", *TINY_FLAGS[:-4], "--batch-size", "128",
-                            "--sample-every", "0", "--device", "cpu"]) == 1
+    assert run(train.main, ["--out", str(tmp_path / "run"), *tiny_train_flags(steps=1, batch_size=128)]) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == "error: the GPU ran out of memory with --batch-size 128 at 16 px; try --batch-size 64"

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from minidiff.tools.checkpoint import read_safetensors
@@ -17,7 +18,7 @@ from minidiff.scheduler import DDPM
 from minidiff.tools.trainer import Trainer
 from minidiff.training import diffusion_loss
 
-from conftest import tiny_train_config
+from conftest import tiny_train_config, tiny_train_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, PER_RANK = 3, 2
@@ -41,15 +42,12 @@ def test_each_rank_draws_its_slice_of_the_global_batch_randomness():
     assert torch.equal(torch.cat(seen["t"][1:]), seen["t"][0])
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_one_process_with_the_global_batch(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(ROOT / "train.py"), "--out", str(out), "--steps", str(STEPS), "--batch-size", str(PER_RANK),
-               "--image-size", "16", "--base-channels", "16", "--channel-mults", "1", "2", "--attention-levels", "1",
-               "--text-dim", "32", "--warmup-steps", "2", "--sample-every", "0", "--checkpoint-every", "0",
-               "--log-every", "2", "--device", "cpu", "--objective", "ddpm",
-               "--lr", str(tiny_train_config(out).lr)]  # as tiny_train_config (the CPU preset's own lr differs)
+               str(ROOT / "train.py"), "--out", str(out), *tiny_train_flags(steps=STEPS, batch_size=PER_RANK)]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "x 2 processes" in result.stderr and result.stderr.count("training on") == 1  # rank 0 alone logs
@@ -85,6 +83,7 @@ sys.exit(run(train.main))
 """
 
 
+@pytest.mark.slow
 def test_an_error_on_rank_0_while_sampling_stops_every_rank_at_once(tmp_path):
     """Two ranks (gloo), as torchrun starts them: rank 0's write_samples raises after step 1.
     Both processes must exit with an error promptly, rank 1 saying why, instead of rank 1
@@ -94,9 +93,7 @@ def test_an_error_on_rank_0_while_sampling_stops_every_rank_at_once(tmp_path):
     with socket.socket() as probe:  # a free port for the rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    flags = ["--out", str(tmp_path / "run"), "--steps", "3", "--batch-size", "2", "--image-size", "16",
-             "--base-channels", "8", "--channel-mults", "1", "2", "--attention-levels", "1", "--text-dim", "16",
-             "--sample-every", "1", "--checkpoint-every", "0", "--device", "cpu"]
+    flags = ["--out", str(tmp_path / "run"), *tiny_train_flags(steps=3, batch_size=2, sample_every=1)]
     ranks = []
     for rank in (0, 1):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1",

@@ -60,6 +60,7 @@ def test_object_centre_finds_the_box_centre_of_circles_and_squares():
     assert checked > 10 and object_centre(np.zeros((16, 16, 3), np.uint8)) is None
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_a_model_not_trained_on_shapes_in_one_line(tmp_path, capsys):
     from conftest import tiny_train_config
     from minidiff.tools.trainer import Trainer

@@ -17,6 +17,8 @@ from minidiff.tools.cli import run
 from minidiff.flow import FlowMatchConfig, FlowMatchEulerScheduler, RectifiedFlow, shift_sigmas
 from minidiff.training import diffusion_loss
 
+from conftest import tiny_train_flags
+
 SHIFTS = [1.0, 3.0, 0.5, 1.7]
 STEPS = [1, 2, 3, 7, 10, 28, 50, 100]
 
@@ -169,16 +171,16 @@ def test_flow_inpaint_keeps_every_black_mask_pixel(tiny_flow_pipe, picture):
         assert not (np.asarray(out)[:, 8:] == np.asarray(picture)[:, 8:]).all()
 
 
+@pytest.mark.slow
 def test_train_cli_objective_flow_writes_a_flow_model(tmp_path):
     out = tmp_path / "flow"
-    flags = ["--steps", "2", "--batch-size", "2", "--base-channels", "8", "--channel-mults", "1", "2",
-             "--attention-levels", "1", "--text-dim", "16", "--sample-every", "0", "--device", "cpu"]
-    assert run(train.main, ["--objective", "flow", "--shift", "3.0", "--out", str(out), *flags]) == 0
+    flags = tiny_train_flags(objective="flow", steps=2, batch_size=2)
+    assert run(train.main, ["--shift", "3.0", "--out", str(out), *flags]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["objective"] == "flow" and config["scheduler"]["shift"] == 3.0
     pipe = MiniDiffusionPipeline.from_pretrained(out, device="cpu")
     assert len(pipe.sample("a red circle", num_inference_steps=2).images) == 1
-    assert run(train.main, ["--objective", "flow", "--shift", "0", "--out", str(tmp_path / "bad"), *flags]) == 2
+    assert run(train.main, ["--shift", "0", "--out", str(tmp_path / "bad"), *flags]) == 2
 
 
 @pytest.mark.parametrize("shift", [1.0, 3.0])

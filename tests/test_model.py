@@ -9,6 +9,8 @@ from minidiff.model import ModelConfig, TextToImageModel
 from minidiff.text import Tokenizer
 from minidiff.unet import UNet, UNetConfig, timestep_embedding
 
+from conftest import tiny_unet_config
+
 
 def test_tokenizer_pads_marks_and_warns_on_unknown_words():
     tok = Tokenizer.from_captions(["a red circle", "a blue square"])
@@ -30,7 +32,7 @@ def test_timestep_embedding_is_distinct_per_step():
 @pytest.mark.parametrize("size,mults", [(16, (1, 2)), (32, (1, 2, 2))])
 def test_unet_shapes_and_text_dependence(size, mults):
     torch.manual_seed(0)
-    unet = UNet(UNetConfig(image_size=size, base_channels=16, channel_mults=mults, attention_levels=(1,), context_dim=8))
+    unet = UNet(tiny_unet_config(image_size=size, channel_mults=mults, context_dim=8))
     for p in unet.parameters():  # zero-initialised output layers would hide the conditioning
         torch.nn.init.normal_(p, std=0.05)
     x = torch.randn(2, 3, size, size)
@@ -54,7 +56,6 @@ def test_image_size_must_fit_the_downsampling():
 
 
 def test_model_config_round_trips():
-    model = TextToImageModel.for_captions(["a red circle"], UNetConfig(base_channels=16, channel_mults=(1, 2),
-                                                                       attention_levels=(1,)), text_dim=16)
+    model = TextToImageModel.for_captions(["a red circle"], tiny_unet_config(), text_dim=16)
     again = ModelConfig.from_dict(model.config.to_dict())
     assert again == model.config

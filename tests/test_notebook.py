@@ -69,6 +69,7 @@ def executed():
     return notebook
 
 
+@pytest.mark.slow
 def test_notebook_runs_every_cell_with_this_checkout(executed):
     cells = code_cells(executed)
     assert all(cell.execution_count is not None for cell in cells)
@@ -76,6 +77,7 @@ def test_notebook_runs_every_cell_with_this_checkout(executed):
     assert f"minidiff from {ROOT / 'minidiff'};" in setup and "FAST = True" in setup
 
 
+@pytest.mark.slow
 def test_notebook_by_hand_cells_pass_their_assertions(executed):
     """Every check cell ran to its end: its assert_close calls held (a failing one stops the run)."""
     passed = set()

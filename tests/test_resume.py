@@ -24,12 +24,11 @@ from minidiff.tools.checkpoint import read_safetensors
 from minidiff.tools.cli import run
 from minidiff.tools.trainer import Trainer, config_for_resume, latest_checkpoint
 
-from conftest import tiny_train_config
+from conftest import tiny_train_config, tiny_train_flags
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_FLAGS = ["--image-size", "16", "--base-channels", "16", "--channel-mults", "1", "2", "--attention-levels", "1",
-              "--text-dim", "32", "--warmup-steps", "2", "--batch-size", "2", "--sample-every", "0", "--log-every", "2",
-              "--device", "cpu", "--seed", "0"]
+# the tiny run with train.py's default objective; --steps and --checkpoint-every are each test's own
+TINY_FLAGS = tiny_train_flags(objective=None, steps=None, checkpoint_every=None, batch_size=2, seed=0)
 STEPS = 12
 
 
@@ -54,6 +53,7 @@ def stop_when(process: subprocess.Popen, out: Path, step: int, sig: int, delay: 
     return process.wait(timeout=120), process.communicate()[1]
 
 
+@pytest.mark.slow
 def test_run_killed_and_interrupted_then_resumed_ends_bitwise_equal(tmp_path):
     # the reference: the same run, never stopped (in this process, on one thread as the subprocesses are)
     threads = torch.get_num_threads()
@@ -108,7 +108,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     assert "step-00000002" in error
     # model.safetensors is written with every checkpoint: it holds the last good step too
     assert json.loads((out / "config.json").read_text())["trained_steps"] == 2
-    trainer = Trainer(tiny_train_config(tmp_path / "check", batch_size=2, warmup_steps=2))
+    trainer = Trainer(tiny_train_config(tmp_path / "check", batch_size=2))
     trainer.load_checkpoint(latest_checkpoint(out))  # the last good checkpoint loads, and is finite
     assert trainer.step == 2
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
@@ -156,6 +156,7 @@ def stop_plan(monkeypatch):
     return SimpleNamespace(new_run=new_run, clock=clock, plan=plan)
 
 
+@pytest.mark.slow
 def test_ctrl_c_and_max_minutes_with_default_checkpoint_every_resume_bitwise_equal(tmp_path, stop_plan, capsys):
     """Issue 9, item 1: with the default --checkpoint-every no save falls on the stop, so the
     checkpoint written at the stop must hold the generator from before the thrown-away step."""

@@ -61,6 +61,7 @@ def test_batches_are_bounded_and_do_not_change_the_images(tiny_model_dir, tmp_pa
         assert Image.open(folder / name).tobytes() == image.tobytes()
 
 
+@pytest.mark.slow
 def test_default_batch_holds_256_images_of_16_px(tiny_model_dir, tmp_path, calls):
     assert sample_cli(["--prompt", "a red circle", "--num-images", "300", "--steps", "1",
                        "--out-dir", str(tmp_path / "many")], tiny_model_dir) == 0

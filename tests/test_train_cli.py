@@ -3,16 +3,18 @@ continue, a data folder without captions or smaller than one batch."""
 
 from __future__ import annotations
 
+import pytest
 from PIL import Image
 
 import train
 from minidiff.tools.cli import run
 
-TINY = ["--steps", "2", "--batch-size", "4", "--base-channels", "16", "--channel-mults", "1", "2",
-        "--attention-levels", "1", "--text-dim", "32", "--sample-every", "0", "--checkpoint-every", "0",
-        "--device", "cpu"]
+from conftest import tiny_train_flags
+
+TINY = tiny_train_flags(steps=2)
 
 
+@pytest.mark.slow
 def test_resume_of_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
     out = tmp_path / "run"
     assert run(train.main, ["--out", str(out), *TINY]) == 0
@@ -24,6 +26,7 @@ def test_resume_of_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing saved or rendered again
 
 
+@pytest.mark.slow
 def test_a_folder_without_captions_or_smaller_than_a_batch_gets_one_line_each(tmp_path, capsys):
     folder = tmp_path / "pictures"
     folder.mkdir()

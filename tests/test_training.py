@@ -14,6 +14,7 @@ from minidiff.training import learning_rate
 from conftest import tiny_train_config
 
 
+@pytest.mark.slow
 def test_loss_goes_down_on_a_tiny_model(tmp_path):
     trainer = Trainer(tiny_train_config(tmp_path, steps=60, batch_size=16, lr=2e-3, log_every=10, warmup_steps=5))
     trainer.train()
@@ -32,6 +33,7 @@ def test_run_folder_holds_model_logs_and_resumable_state(tiny_model_dir):
     assert [c.name for c in checkpoints] == ["step-00000004"]
 
 
+@pytest.mark.slow
 def test_saved_model_is_the_ema(tmp_path):
     trainer = Trainer(tiny_train_config(tmp_path))
     trainer.train()
@@ -49,6 +51,7 @@ def test_learning_rate_warms_up_then_decays():
     assert learning_rate(config, 99) == pytest.approx(0.1, abs=0.01)
 
 
+@pytest.mark.slow
 def test_caption_dropout_makes_empty_prompts(tmp_path, monkeypatch):
     from minidiff import training
 
