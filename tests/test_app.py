@@ -1,6 +1,7 @@
-"""The web app's handlers without a browser (minidiff/webapp.py): frames while a call runs, the
-step history, PNGs whose text chunks make sample.py draw the same picture, bad input as one
-gr.Error, one generation at a time. The browser itself: tests/test_app_browser.py."""
+"""The web app's handlers without a browser (minidiff/tools/webapp.py): frames while a call runs,
+the step history, PNGs whose text chunks make sample.py draw the same picture, bad input as one
+gr.Error, one generation at a time. The handlers run on both tiny minidiff models, DDPM and
+rectified flow (the `model` fixture), and on the tiny SD3. The browser: tests/test_app_browser.py."""
 
 from __future__ import annotations
 
@@ -16,14 +17,22 @@ gr = pytest.importorskip("gradio")
 
 from minidiff import Shapes  # noqa: E402
 from minidiff.tools.cli import run as run_cli  # noqa: E402
-from minidiff.tools.webapp import (AppModel, Frame, Result, Settings, WebApp, build_ui, generate, host_warning,  # noqa: E402
-                             mask_from_editor, preview, preview_steps, save_result)
+from minidiff.tools.webapp import (AppModel, Frame, Result, Settings, WebApp, build_ui, frame_label,  # noqa: E402
+                                   generate, host_warning, mask_from_editor, preview, preview_steps, save_result)
 
 STEPS = 6
 
 
+@pytest.fixture(scope="module", params=["ddpm", "flow"])
+def model(request):
+    """The app's model in memory: each tiny minidiff model in turn, the DDPM one and the flow one."""
+    folder = request.getfixturevalue({"ddpm": "tiny_model_dir", "flow": "tiny_flow_model_dir"}[request.param])
+    return AppModel.load(str(folder), device="cpu")
+
+
 @pytest.fixture(scope="module")
-def model(tiny_model_dir):
+def ddpm_model(tiny_model_dir):
+    """For what does not depend on the model's objective (the page's wiring, the command line)."""
     return AppModel.load(str(tiny_model_dir), device="cpu")
 
 
@@ -66,6 +75,38 @@ def test_preview_steps():
     assert preview_steps(0) == [0]  # strength 0: only the start
 
 
+@pytest.mark.parametrize("mode", ["img2img", "inpaint"])
+def test_an_edits_progress_counts_the_steps_the_call_really_runs(model, picture, mode):
+    """At 50 steps and strength 0.99 a DDPM model runs int(50 * 0.99) = 49 steps, a flow model
+    50 - int(50 - 49.5) = 50 (SD3's rule). The page's "step k of N" must say the N the call really
+    runs: every frame's total, and the last step shown, equal the number of steps the pipeline's
+    callback saw (the app once kept its own copy of the DDPM rule, and said 49 for flow models)."""
+    made = []
+    callback_steps = []
+    call = model.call
+
+    def counting(mode, settings, image=None, mask=None, callback=None, **watch):
+        made.append(1)
+        return call(mode, settings, image, mask, callback=lambda step: (callback_steps.append(step["i"]),
+                                                                        callback(step)), **watch)
+
+    model.call = counting
+    try:
+        image = picture if mode == "img2img" else {"background": picture.convert("RGBA"),
+                                                   "layers": [painted(picture.size, (4, 4, 12, 10))]}
+        image, mask = (image, None) if mode == "img2img" else mask_from_editor(image)
+        events = list(generate(model, mode, Settings("a red circle", steps=50, seed=1, strength=0.99), image, mask))
+    finally:
+        del model.call  # back to the class's method
+    frames, result = events[:-1], events[-1]
+    runs = {"ddpm": 49, "flow": 50}[model.pipe.config.objective]
+    assert made == [1] and callback_steps == list(range(runs))
+    assert [f.step for f in frames] == list(range(1, runs + 1))  # one frame per step, as the progress bar
+    assert {f.total for f in frames} == {runs} and {f.total for f in result.frames} == {runs}
+    assert result.frames[-1].step == result.frames[-1].total == runs  # the slider ends on "step N of N"
+    assert frame_label(frames[-1]).startswith(f"step {runs} of {runs}")
+
+
 def test_txt2img_streams_frames_then_a_result_that_sample_py_reproduces(model, tmp_path):
     settings = Settings("a red circle", steps=STEPS, seed=7, num_images=2, guidance=2.718281828)  # every digit counts
     events = list(generate(model, "txt2img", settings, frames=3))
@@ -79,7 +120,9 @@ def test_txt2img_streams_frames_then_a_result_that_sample_py_reproduces(model, t
     # the last frame is the result itself, and a live frame is the same picture as its history entry
     assert np.array_equal(np.asarray(result.frames[-1].x_t), np.asarray(preview(result.images)))
     assert np.array_equal(np.asarray(frames[3].x_t), np.asarray(result.frames[2].x_t))
-    assert (result.settings.steps, result.settings.sampler, result.settings.guidance) == (STEPS, "ddpm", 2.718281828)  # a DDPM model's default sampler
+    default_sampler = {"ddpm": "ddpm", "flow": "euler"}[model.pipe.config.objective]  # the model's own
+    assert (result.settings.steps, result.settings.sampler, result.settings.guidance) == (STEPS, default_sampler,
+                                                                                          2.718281828)
 
     files = save_result(result, model, "txt2img", tmp_path / "out")
     assert [f.name for f in files] == ["txt2img-1.png", "txt2img-2.png"]
@@ -186,8 +229,8 @@ def test_sd3_through_the_same_handlers(tiny_sd3, tiny_sd3_dir, tmp_path, picture
         list(generate(model, "txt2img", Settings("a red circle", sampler="ddim")))
 
 
-def test_one_generation_at_a_time_across_tabs(model, tmp_path):
-    demo = build_ui(WebApp(model, tmp_path))
+def test_one_generation_at_a_time_across_tabs(ddpm_model, tmp_path):
+    demo = build_ui(WebApp(ddpm_model, tmp_path))
     heavy = [fn for fn in demo.fns.values() if fn.name in ("run", "load")]
     assert len(heavy) == 2 * 3 + 1  # Generate and Enter in each tab, and Load
     assert {(fn.concurrency_id, fn.concurrency_limit) for fn in heavy} == {("model", 1)}

@@ -1,8 +1,9 @@
 """The contract of minidiff.contract, checked the same way on both backends.
 
-`MiniDiffusionPipeline` (the tiny trained toy model, tests/conftest.py) and `SD3Bridge` (a tiny
-random SD3 pipeline, tests/sd3_tiny.py) must answer `sample`, `img2img` and `inpaint` with the
-same keywords, the same output object and the same trace. Each test runs once per backend.
+`MiniDiffusionPipeline` (the tiny trained toy models, a DDPM one and a rectified-flow one,
+tests/conftest.py) and `SD3Bridge` (a tiny random SD3 pipeline, tests/sd3_tiny.py) must answer
+`sample`, `img2img` and `inpaint` with the same keywords, the same output object and the same
+trace. Each test runs once per model: minidiff-ddpm, minidiff-flow, sd3.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ STEPS = 3
 TRACE_KEYS = {"step", "timestep", "x_t", "pred_x0", "noise_pred"}
 
 
-@pytest.fixture(params=["minidiff", "sd3"])
+PIPES = {"minidiff-ddpm": "tiny_pipe", "minidiff-flow": "tiny_flow_pipe", "sd3": "tiny_sd3"}
+
+
+@pytest.fixture(params=PIPES)
 def pipe(request) -> TextToImagePipeline:
-    return request.getfixturevalue({"minidiff": "tiny_pipe", "sd3": "tiny_sd3"}[request.param])
+    return request.getfixturevalue(PIPES[request.param])
 
 
 def gen(seed=0):
@@ -134,7 +138,8 @@ def test_callback_and_capture_steps_trace(pipe, call):
     seen = []
     out = CALLS[call](pipe, num_inference_steps=4, generator=gen(), callback=seen.append, capture_steps=[0, 1, 2],
                       **({} if call == "sample" else {"strength": 0.5}))  # strength 0.5 of 4 steps: 2 run
-    steps_run = 4 if call == "sample" else 2
+    steps_run = 4 if call == "sample" else 2  # int(4 * 0.5) and 4 - int(4 - 4 * 0.5) agree
+    assert pipe.steps_run(4, None if call == "sample" else 0.5) == steps_run
     assert [d["i"] for d in seen] == list(range(steps_run))
     assert set(seen[0]) == {"i", "t", "x", "denoised", "noise_pred"}
     assert [r["step"] for r in out.trace] == [0, 1, 2]
@@ -148,3 +153,53 @@ def test_callback_and_capture_steps_trace(pipe, call):
             assert len(record["pred_x0"]) == 1 and record["pred_x0"][0].size == size
         assert record["noise_pred"] is None or record["noise_pred"][0].size == size
     assert out.trace[0]["timestep"] >= out.trace[-1]["timestep"]  # from noisy towards clean
+
+
+@pytest.mark.parametrize("call", ["img2img", "inpaint"])
+def test_steps_run_is_what_an_edit_really_runs(pipe, call):
+    """DDPM models run int(N * s) of N steps (diffusers' SD pipelines), flow models and SD3
+    N - int(N - N * s) (SD3's): 4 steps at 0.99 is 3 or 4, 10 at 0.25 is 2 or 3. `steps_run` says
+    so, and the call makes exactly that many steps (what the web app's progress counts on)."""
+    flow = getattr(getattr(pipe, "config", None), "objective", "flow") == "flow"
+    for steps, strength, ddpm_runs, flow_runs in ((4, 0.99, 3, 4), (10, 0.25, 2, 3), (5, 1.0, 5, 5)):
+        expected = flow_runs if flow else ddpm_runs
+        assert pipe.steps_run(steps, strength) == expected
+        seen = []
+        CALLS[call](pipe, num_inference_steps=steps, strength=strength, generator=gen(), callback=seen.append)
+        assert len(seen) == expected, (steps, strength)
+    assert pipe.steps_run(7) == 7
+
+
+def test_defaults_size_and_samplers_are_what_a_call_uses(pipe):
+    """None means the backend's default everywhere: `defaults`, `size` and the first of `samplers`;
+    a sampler or size the backend lacks is a ValueError before anything runs."""
+    steps, guidance = pipe.defaults()
+    assert (steps, guidance) == (pipe.default_num_inference_steps, pipe.default_guidance_scale)
+    assert pipe.defaults(3, 1.5) == (3, 1.5)
+    assert pipe.size() == (pipe.image_size, pipe.image_size)
+    assert pipe.samplers and pipe.check_sampler(None) == pipe.samplers[0]
+    with pytest.raises(ValueError, match="sampler"):
+        pipe.sample("a red circle", sampler="no-such-sampler", num_inference_steps=1)
+    with pytest.raises(ValueError):
+        pipe.size(pipe.image_size + 1, pipe.image_size)
+    # the default sampler is the one a call without `sampler` runs: the same images
+    run = lambda **kw: pixels(pipe.sample("a red circle", num_inference_steps=2, generator=gen(), **kw).images)  # noqa
+    assert np.array_equal(run(), run(sampler=pipe.samplers[0]))
+
+
+def test_batches_cut_a_call_in_order_and_the_images_follow_the_batches(pipe):
+    call = pipe.call_type(["a red circle", "a blue square"], num_images_per_prompt=3, batch_size=4)
+    batches = pipe.batches(call)
+    assert [b.prompt for b in batches] == [["a red circle"] * 3 + ["a blue square"], ["a blue square"] * 2]
+    assert pipe.batches(pipe.call_type("a red circle", num_images_per_prompt=3, batch_size=3)) == \
+        [pipe.call_type("a red circle", num_images_per_prompt=3, batch_size=3)]
+    with pytest.raises(ValueError, match="batch_size"):
+        pipe.batches(pipe.call_type("a red circle", batch_size=0))
+    run = lambda size: pixels(pipe.sample(["a red circle", "a blue square"], num_images_per_prompt=2,  # noqa: E731
+                                          num_inference_steps=2, batch_size=size, generator=gen()).images)
+    two = run(2)
+    assert two.shape[0] == 4 and np.array_equal(run(2), two)  # the same seed and batch_size: the same images
+    generator = gen()  # each batch draws from the generator in turn: as two calls, one after the other
+    in_turn = [pixels(pipe.sample([prompt] * 2, num_inference_steps=2, generator=generator).images)
+               for prompt in ("a red circle", "a blue square")]
+    assert np.array_equal(two, np.concatenate(in_turn))

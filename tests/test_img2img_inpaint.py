@@ -1,4 +1,6 @@
-"""img2img and inpainting: strength as diffusers counts it, the RePaint blend, exact paste-back."""
+"""img2img and inpainting: strength as diffusers counts it, the RePaint blend, exact paste-back.
+What every minidiff model must do runs on both tiny models, DDPM and rectified flow
+(`minidiff_pipe`); the DDPM formulas (diffusers' timesteps, add_noise) on the DDPM one."""
 
 from __future__ import annotations
 
@@ -30,19 +32,22 @@ def picture():
 
 
 @pytest.fixture
-def count_unet_calls(tiny_pipe):
-    """Wraps the UNet's forward; returns the list its calls append their timesteps to."""
-    calls = []
-    unet = tiny_pipe.model.unet
-    original = unet.forward
+def count_unet_calls(monkeypatch):
+    """count_unet_calls(pipe) wraps that pipeline's UNet forward; -> the list its calls append their
+    timesteps to."""
+    def count(pipe):
+        calls = []
+        unet = pipe.model.unet
+        original = unet.forward
 
-    def counted(x, timesteps, *args, **kwargs):
-        calls.append(int(timesteps[0]))
-        return original(x, timesteps, *args, **kwargs)
+        def counted(x, timesteps, *args, **kwargs):
+            calls.append(float(timesteps[0]))
+            return original(x, timesteps, *args, **kwargs)
 
-    unet.forward = counted
-    yield calls
-    del unet.forward  # back to the class's forward
+        monkeypatch.setattr(unet, "forward", counted)
+        return calls
+
+    return count
 
 
 def half_mask(size=16, value=255):
@@ -55,10 +60,12 @@ def half_mask(size=16, value=255):
 # --- img2img ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("output_type", ["pil", "pt"])
-def test_strength_zero_returns_the_input_without_calling_the_model(tiny_pipe, picture, count_unet_calls, output_type):
-    out = tiny_pipe.img2img("a blue circle", picture, strength=0.0, num_images_per_prompt=2, generator=gen(),
-                            output_type=output_type)
-    assert count_unet_calls == []
+def test_strength_zero_returns_the_input_without_calling_the_model(minidiff_pipe, picture, count_unet_calls,
+                                                                  output_type):
+    calls = count_unet_calls(minidiff_pipe)
+    out = minidiff_pipe.img2img("a blue circle", picture, strength=0.0, num_images_per_prompt=2, generator=gen(),
+                                output_type=output_type)
+    assert calls == []
     if output_type == "pil":
         assert all(np.array_equal(np.asarray(im), np.asarray(picture)) for im in out.images)
     else:
@@ -69,7 +76,9 @@ def test_strength_zero_returns_the_input_without_calling_the_model(tiny_pipe, pi
 @pytest.mark.parametrize("steps,strength", [(4, 0.5), (4, 1.0), (5, 0.3), (10, 0.29), (3, 0.99)])
 def test_model_calls_are_int_n_times_strength_on_diffusers_timesteps(tiny_pipe, picture, count_unet_calls, steps,
                                                                      strength):
-    """The timesteps visited are exactly those of diffusers' img2img `get_timesteps` (reference)."""
+    """The timesteps visited are exactly those of diffusers' img2img `get_timesteps` (reference).
+    (A flow model's: test_flow.py and test_steps_run_is_the_objectives_rule_... below.)"""
+    calls = count_unet_calls(tiny_pipe)
     import diffusers
     from diffusers import StableDiffusionImg2ImgPipeline
 
@@ -80,8 +89,8 @@ def test_model_calls_are_int_n_times_strength_on_diffusers_timesteps(tiny_pipe, 
     expected, count = StableDiffusionImg2ImgPipeline.get_timesteps(types.SimpleNamespace(scheduler=theirs), steps,
                                                                    strength, "cpu")
     tiny_pipe.img2img("a blue circle", picture, strength=strength, num_inference_steps=steps, generator=gen())
-    assert len(count_unet_calls) == int(steps * strength) == count
-    assert count_unet_calls == expected.tolist()
+    assert len(calls) == int(steps * strength) == count
+    assert calls == expected.tolist()
 
 
 def test_img2img_starts_from_the_input_noised_with_add_noise(tiny_pipe, picture):
@@ -99,54 +108,54 @@ def test_img2img_starts_from_the_input_noised_with_add_noise(tiny_pipe, picture)
     assert np.abs(np.asarray(out.trace[0]["x_t"][0]).astype(int) - expected).max() <= 1
 
 
-def test_strength_one_ignores_the_input(tiny_pipe, picture):
+def test_strength_one_ignores_the_input(minidiff_pipe, picture):
     """At strength 1 img2img starts from pure noise: the same images as text to image, whatever the input."""
     kwargs = dict(num_inference_steps=STEPS, num_images_per_prompt=2)
-    text = tiny_pipe.sample("a blue circle", generator=gen(3), **kwargs).images
-    edited = tiny_pipe.img2img("a blue circle", picture, strength=1.0, generator=gen(3), **kwargs).images
-    other = tiny_pipe.img2img("a blue circle", Image.new("RGB", (16, 16), "white"), strength=1.0, generator=gen(3),
+    text = minidiff_pipe.sample("a blue circle", generator=gen(3), **kwargs).images
+    edited = minidiff_pipe.img2img("a blue circle", picture, strength=1.0, generator=gen(3), **kwargs).images
+    other = minidiff_pipe.img2img("a blue circle", Image.new("RGB", (16, 16), "white"), strength=1.0, generator=gen(3),
                               **kwargs).images
     assert np.array_equal(pixels(text), pixels(edited)) and np.array_equal(pixels(text), pixels(other))
 
 
-def test_img2img_same_seed_same_result_and_the_input_matters(tiny_pipe, picture):
-    run = lambda image, seed: pixels(tiny_pipe.img2img("a blue circle", image, strength=0.5,  # noqa: E731
-                                                       num_inference_steps=STEPS, generator=gen(seed)).images)
+def test_img2img_same_seed_same_result_and_the_input_matters(minidiff_pipe, picture):
+    run = lambda image, seed: pixels(minidiff_pipe.img2img("a blue circle", image, strength=0.5,  # noqa: E731
+                                                           num_inference_steps=STEPS, generator=gen(seed)).images)
     assert np.array_equal(run(picture, 1), run(picture, 1))
     assert not np.array_equal(run(picture, 1), run(picture, 2))
     assert not np.array_equal(run(picture, 1), run(Image.new("RGB", (16, 16), "white"), 1))
 
 
-def test_any_mode_and_size_is_converted_and_resized_with_a_warning(tiny_pipe, tmp_path):
+def test_any_mode_and_size_is_converted_and_resized_with_a_warning(minidiff_pipe, tmp_path):
     path = tmp_path / "grey.png"
     Image.new("L", (40, 30), 128).save(path)
     with pytest.warns(UserWarning, match="40x30 resized to 16x16"):
-        out = tiny_pipe.img2img("a red square", str(path), strength=0.5, num_inference_steps=2, generator=gen())
+        out = minidiff_pipe.img2img("a red square", str(path), strength=0.5, num_inference_steps=2, generator=gen())
     assert out.images[0].size == (16, 16) and out.images[0].mode == "RGB"
 
 
 @pytest.mark.parametrize("call", ["img2img", "inpaint"])
 @pytest.mark.parametrize("strength", [-0.1, 1.5])
-def test_strength_outside_zero_one_is_an_error(tiny_pipe, picture, count_unet_calls, call, strength):
+def test_strength_outside_zero_one_is_an_error(minidiff_pipe, picture, count_unet_calls, call, strength):
+    calls = count_unet_calls(minidiff_pipe)
     args = (picture,) if call == "img2img" else (picture, half_mask())
     with pytest.raises(ValueError, match="strength must be between 0 and 1"):
-        getattr(tiny_pipe, call)("a red circle", *args, strength=strength)
-    assert count_unet_calls == []
+        getattr(minidiff_pipe, call)("a red circle", *args, strength=strength)
+    assert calls == []
 
 
-def test_unreadable_image_is_a_clear_error(tiny_pipe, tmp_path):
+def test_unreadable_image_is_a_clear_error(minidiff_pipe, tmp_path):
     (tmp_path / "bad.png").write_text("not an image")
     with pytest.raises(ImageInputError, match="not a readable image"):
-        tiny_pipe.img2img("a red circle", tmp_path / "bad.png")
+        minidiff_pipe.img2img("a red circle", tmp_path / "bad.png")
     with pytest.raises(ImageInputError, match="not found"):
-        tiny_pipe.inpaint("a red circle", tmp_path / "missing.png", half_mask())
+        minidiff_pipe.inpaint("a red circle", tmp_path / "missing.png", half_mask())
 
 
-@pytest.mark.parametrize("pipe_name", ["tiny_pipe", "tiny_flow_pipe"])
-def test_steps_run_is_the_objectives_rule_and_the_calls_run_that_many(pipe_name, request, picture):
+def test_steps_run_is_the_objectives_rule_and_the_calls_run_that_many(minidiff_pipe, picture):
     """DDPM models run int(N * s) of N steps (diffusers' SD pipelines), flow models N - int(N - N * s)
     (SD3's): the pipeline's `steps_run` says so, and img2img calls the model exactly that often."""
-    pipe = request.getfixturevalue(pipe_name)
+    pipe = minidiff_pipe
     flow = pipe.config.objective == "flow"
     assert pipe.steps_run(4, 0.5) == 2 and pipe.steps_run(4) == 4 and pipe.steps_run(4, 0.2) == (1 if flow else 0)
     assert pipe.steps_run(50, 0.99) == (50 if flow else 49) and pipe.steps_run(40, 0.7) == 28
@@ -158,12 +167,14 @@ def test_steps_run_is_the_objectives_rule_and_the_calls_run_that_many(pipe_name,
 
 # --- inpainting ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sampler,jumps", [("ddim", 0), ("ddpm", 0), ("ddim", 1)])
-def test_inpaint_keeps_every_black_mask_pixel(tiny_pipe, picture, sampler, jumps):
-    """Binarised at 0.5: grey 100 keeps, grey 200 replaces; kept pixels equal the input exactly."""
+@pytest.mark.parametrize("sampler,jumps", [(0, 0), (-1, 0), (0, 1)])
+def test_inpaint_keeps_every_black_mask_pixel(minidiff_pipe, picture, sampler, jumps):
+    """Binarised at 0.5: grey 100 keeps, grey 200 replaces; kept pixels equal the input exactly.
+    With the model's first and last sampler (DDPM models: ddpm, ddim; flow: euler), RePaint's jumps or not."""
+    sampler = minidiff_pipe.samplers[sampler]
     rng = np.random.default_rng(0)
     mask = Image.fromarray(rng.choice(np.array([0, 100, 200, 255], dtype=np.uint8), size=(16, 16)), mode="L")
-    out = tiny_pipe.inpaint("a green square", picture, mask, num_inference_steps=STEPS, num_images_per_prompt=2,
+    out = minidiff_pipe.inpaint("a green square", picture, mask, num_inference_steps=STEPS, num_images_per_prompt=2,
                             generator=gen(), sampler=sampler, resample_jumps=jumps)
     keep = np.asarray(mask) < 128
     for image in out.images:
@@ -172,67 +183,70 @@ def test_inpaint_keeps_every_black_mask_pixel(tiny_pipe, picture, sampler, jumps
         assert not np.array_equal(result[~keep], np.asarray(picture)[~keep])
 
 
-def test_inpaint_blends_the_kept_region_noised_with_one_noise_tensor(tiny_pipe, picture):
+def test_inpaint_blends_the_kept_region_noised_with_one_noise_tensor(minidiff_pipe, picture):
     """After step i the kept region is add_noise(input, eps, t_{i+1}) with the same eps at every
-    step (eps = the generator's first draw, which also started the run), the input after the last."""
-    schedule = NoiseSchedule(tiny_pipe.config.scheduler)
-    schedule.set_timesteps(STEPS)
+    step (eps = the generator's first draw, which also started the run), the input after the last.
+    add_noise is the objective's: DDPM eq. 4, or the flow's straight line (1 - sigma) x0 + sigma eps."""
+    schedule = minidiff_pipe.model.objective.make_sampler(None, STEPS)
     timesteps = schedule.timesteps.tolist()
     x0 = pil_to_tensor(picture)[None]
     eps = torch.randn(1, 3, 16, 16, generator=gen(5))
     keep = ~torch.from_numpy(np.asarray(half_mask()) >= 128)
     seen = []
-    tiny_pipe.inpaint("a green square", picture, half_mask(), strength=0.9, num_inference_steps=STEPS,
-                      generator=gen(5), callback=seen.append)
-    assert [s["i"] for s in seen] == [0, 1, 2]  # int(4 * 0.9) = 3 steps: timesteps[1:]
-    for step, next_t in zip(seen, timesteps[2:] + [None]):
+    minidiff_pipe.inpaint("a green square", picture, half_mask(), strength=0.9, num_inference_steps=STEPS,
+                          generator=gen(5), callback=seen.append)
+    runs = {"ddpm": 3, "flow": 4}[minidiff_pipe.config.objective]  # int(4 * 0.9); 4 - int(4 - 3.6)
+    assert [s["i"] for s in seen] == list(range(runs))  # the last `runs` timesteps
+    for step, next_t in zip(seen, timesteps[STEPS - runs + 1:] + [None]):
         expected = x0 if next_t is None else schedule.add_noise(x0, eps, torch.tensor([next_t]))
         torch.testing.assert_close(step["x"][0][:, keep], expected[0][:, keep], atol=1e-5, rtol=0)
 
 
-def test_all_black_mask_returns_the_input(tiny_pipe, picture):
-    out = tiny_pipe.inpaint("a green square", picture, Image.new("L", (16, 16), 0), num_inference_steps=STEPS,
+def test_all_black_mask_returns_the_input(minidiff_pipe, picture):
+    out = minidiff_pipe.inpaint("a green square", picture, Image.new("L", (16, 16), 0), num_inference_steps=STEPS,
                             generator=gen())
     assert np.array_equal(np.asarray(out.images[0]), np.asarray(picture))
 
 
-def test_all_white_mask_at_strength_one_is_text_to_image(tiny_pipe, picture):
+def test_all_white_mask_at_strength_one_is_text_to_image(minidiff_pipe, picture):
     kwargs = dict(num_inference_steps=STEPS, num_images_per_prompt=2)
-    painted = tiny_pipe.inpaint("a green square", picture, Image.new("L", (16, 16), 255), strength=1.0,
-                                generator=gen(4), **kwargs).images
-    text = tiny_pipe.sample("a green square", generator=gen(4), **kwargs).images
+    painted = minidiff_pipe.inpaint("a green square", picture, Image.new("L", (16, 16), 255), strength=1.0,
+                                    generator=gen(4), **kwargs).images
+    text = minidiff_pipe.sample("a green square", generator=gen(4), **kwargs).images
     assert np.array_equal(pixels(painted), pixels(text))
 
 
-def test_inpaint_same_seed_same_result(tiny_pipe, picture):
-    run = lambda seed: pixels(tiny_pipe.inpaint("a green square", picture, half_mask(),  # noqa: E731
-                                                num_inference_steps=STEPS, generator=gen(seed)).images)
+def test_inpaint_same_seed_same_result(minidiff_pipe, picture):
+    run = lambda seed: pixels(minidiff_pipe.inpaint("a green square", picture, half_mask(),  # noqa: E731
+                                                    num_inference_steps=STEPS, generator=gen(seed)).images)
     assert np.array_equal(run(1), run(1))
     assert not np.array_equal(run(1), run(2))
 
 
-def test_resampling_adds_model_calls_but_reports_each_step_once(tiny_pipe, picture, count_unet_calls):
+def test_resampling_adds_model_calls_but_reports_each_step_once(minidiff_pipe, picture, count_unet_calls):
+    calls = count_unet_calls(minidiff_pipe)
     seen = []
-    tiny_pipe.inpaint("a green square", picture, half_mask(), strength=1.0, num_inference_steps=STEPS,
-                      generator=gen(), resample_jumps=2, callback=seen.append)
-    assert len(count_unet_calls) == STEPS + 2 * (STEPS - 1)  # no jump back after the last step
+    minidiff_pipe.inpaint("a green square", picture, half_mask(), strength=1.0, num_inference_steps=STEPS,
+                          generator=gen(), resample_jumps=2, callback=seen.append)
+    assert len(calls) == STEPS + 2 * (STEPS - 1)  # no jump back after the last step
     assert [s["i"] for s in seen] == list(range(STEPS))
     with pytest.raises(ValueError, match="resample_jumps"):
-        tiny_pipe.inpaint("a green square", picture, half_mask(), resample_jumps=-1)
+        minidiff_pipe.inpaint("a green square", picture, half_mask(), resample_jumps=-1)
 
 
-def test_mask_of_another_size_than_the_image_is_refused(tiny_pipe, picture, count_unet_calls):
+def test_mask_of_another_size_than_the_image_is_refused(minidiff_pipe, picture, count_unet_calls):
+    calls = count_unet_calls(minidiff_pipe)
     with pytest.raises(ImageInputError, match="mask_image is 8x8 but image is 16x16"):
-        tiny_pipe.inpaint("a green square", picture, Image.new("L", (8, 8), 255))
-    assert count_unet_calls == []
+        minidiff_pipe.inpaint("a green square", picture, Image.new("L", (8, 8), 255))
+    assert calls == []
 
 
-def test_mask_in_any_mode_and_resized_together_with_the_image(tiny_pipe, picture, tmp_path):
+def test_mask_in_any_mode_and_resized_together_with_the_image(minidiff_pipe, picture, tmp_path):
     """A 32 px RGB image and RGBA mask: both resized to 16 px; kept pixels equal the resized input."""
     big = picture.resize((32, 32), Image.Resampling.NEAREST)
     mask = half_mask(32).convert("RGBA")
     mask.save(tmp_path / "mask.png")
     with pytest.warns(UserWarning, match="resized to 16x16"):
-        out = tiny_pipe.inpaint("a green square", big, tmp_path / "mask.png", num_inference_steps=2, generator=gen())
+        out = minidiff_pipe.inpaint("a green square", big, tmp_path / "mask.png", num_inference_steps=2, generator=gen())
     resized = np.asarray(big.resize((16, 16), Image.Resampling.BICUBIC))
     assert np.array_equal(np.asarray(out.images[0])[:, :8], resized[:, :8])

@@ -1,4 +1,5 @@
-"""MiniDiffusionPipeline: determinism, keywords, save/load, and the sampling CLI."""
+"""MiniDiffusionPipeline: determinism, keywords, save/load, and the sampling CLI. The calls are
+checked on both tiny models, DDPM and rectified flow (`minidiff_pipe`, tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -20,22 +21,22 @@ def pixels(images):
     return np.stack([np.asarray(im) for im in images])
 
 
-def test_same_seed_same_images_bit_for_bit(tiny_pipe):
+def test_same_seed_same_images_bit_for_bit(minidiff_pipe):
     kwargs = dict(num_inference_steps=3, num_images_per_prompt=2)
-    a = tiny_pipe.sample("a red circle", generator=torch.Generator().manual_seed(1), **kwargs)
-    b = tiny_pipe.sample("a red circle", generator=torch.Generator().manual_seed(1), **kwargs)
-    c = tiny_pipe.sample("a red circle", generator=torch.Generator().manual_seed(2), **kwargs)
+    a = minidiff_pipe.sample("a red circle", generator=torch.Generator().manual_seed(1), **kwargs)
+    b = minidiff_pipe.sample("a red circle", generator=torch.Generator().manual_seed(1), **kwargs)
+    c = minidiff_pipe.sample("a red circle", generator=torch.Generator().manual_seed(2), **kwargs)
     assert len(a.images) == 2 and a.images[0].size == (16, 16)
     assert np.array_equal(pixels(a.images), pixels(b.images))
     assert not np.array_equal(pixels(a.images), pixels(c.images))
 
 
-def test_prompt_list_and_images_per_prompt_order(tiny_pipe):
+def test_prompt_list_and_images_per_prompt_order(minidiff_pipe):
     """images lists num_images_per_prompt images of each prompt, prompt by prompt: the same as
     asking for each prompt repeated in that order (same noise, row for row), and not the same as
     another order (the prompts do change the images)."""
     def run(prompts, n):
-        return torch.stack(tiny_pipe.sample(prompts, num_inference_steps=2, num_images_per_prompt=n, output_type="pt",
+        return torch.stack(minidiff_pipe.sample(prompts, num_inference_steps=2, num_images_per_prompt=n, output_type="pt",
                                             generator=torch.Generator().manual_seed(0)).images)
 
     both = run(["a red circle", "a blue square"], 3)
@@ -71,11 +72,12 @@ class PromptValueUNet(torch.nn.Module):
 
 
 @pytest.mark.parametrize("guidance", [3.0, 1.0])
-def test_guidance_is_uncond_plus_w_times_cond_minus_uncond_with_the_negative_prompt_as_uncond(tiny_pipe, guidance):
+def test_guidance_is_uncond_plus_w_times_cond_minus_uncond_with_the_negative_prompt_as_uncond(minidiff_pipe,
+                                                                                             guidance):
     """eps = eps_uncond + w (eps_cond - eps_uncond) (Ho & Salimans 2022 eq. 6), the negative prompt
     in the unconditional row, the empty prompt where none is given; at w <= 1 the conditional
-    prediction alone, one row per image."""
-    pipe = MiniDiffusionPipeline(PromptValueModel(tiny_pipe.config), device="cpu")
+    prediction alone, one row per image. (The same for a noise and a velocity prediction.)"""
+    pipe = MiniDiffusionPipeline(PromptValueModel(minidiff_pipe.config), device="cpu")
     seen = []
     pipe.sample(["a red circle", "a blue square", "a green triangle"], negative_prompt=["a blue square", "", ""],
                 guidance_scale=guidance, num_images_per_prompt=2, num_inference_steps=3,
@@ -93,19 +95,21 @@ def test_guidance_is_uncond_plus_w_times_cond_minus_uncond_with_the_negative_pro
     torch.testing.assert_close(seen[0]["noise_pred"], torch.full((1, 3, 16, 16), guidance * 1.0))  # uncond: ""
 
 
-def test_negative_prompt_changes_the_result_only_with_guidance(tiny_pipe):
+def test_negative_prompt_changes_the_result_only_with_guidance(minidiff_pipe):
     def run(negative, guidance):
-        return pixels(tiny_pipe.sample("a red circle", negative_prompt=negative, guidance_scale=guidance,
+        return pixels(minidiff_pipe.sample("a red circle", negative_prompt=negative, guidance_scale=guidance,
                                        num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images)
 
     assert not np.array_equal(run(None, 5.0), run("square", 5.0))
     assert np.array_equal(run(None, 1.0), run("square", 1.0))  # no CFG at guidance 1, as in diffusers
 
 
-def test_ddpm_sampler_and_callback(tiny_pipe):
+def test_default_sampler_and_callback(minidiff_pipe):
+    """The objective's own sampler by default: DDPM's ancestral one, or Euler for a flow model."""
+    assert minidiff_pipe.samplers[0] == {"ddpm": "ddpm", "flow": "euler"}[minidiff_pipe.config.objective]
     seen = []
-    tiny_pipe.sample("a red circle", num_inference_steps=4, sampler="ddpm", callback=seen.append,
-                     generator=torch.Generator().manual_seed(0))
+    minidiff_pipe.sample("a red circle", num_inference_steps=4, callback=seen.append,
+                         generator=torch.Generator().manual_seed(0))
     assert [s["i"] for s in seen] == [0, 1, 2, 3]
     assert seen[0]["t"] > seen[-1]["t"]
     assert set(seen[0]) == {"i", "t", "x", "denoised", "noise_pred"}
@@ -116,22 +120,26 @@ def test_ddpm_sampler_and_callback(tiny_pipe):
     (dict(num_inference_steps=0), "num_inference_steps"),
     (dict(guidance_scale=-1.0), "guidance_scale"),
     (dict(num_images_per_prompt=0), "num_images_per_prompt"),
-    (dict(sampler="euler"), "sampler"),
+    (dict(sampler="the other objective's"), "sampler"),
 ])
-def test_bad_arguments_are_clear_errors(tiny_pipe, kwargs, message):
+def test_bad_arguments_are_clear_errors(minidiff_pipe, kwargs, message):
+    if "sampler" in kwargs:  # a DDPM model has no Euler sampler, a flow model no DDIM
+        kwargs = dict(sampler={"ddpm": "euler", "flow": "ddim"}[minidiff_pipe.config.objective])
     with pytest.raises(ValueError, match=message):
-        tiny_pipe.sample("a red circle", **kwargs)
+        minidiff_pipe.sample("a red circle", **kwargs)
 
 
-def test_save_pretrained_round_trips(tiny_pipe, tmp_path):
-    tiny_pipe.save_pretrained(tmp_path / "copy")
+def test_save_pretrained_round_trips(minidiff_pipe, tmp_path):
+    minidiff_pipe.save_pretrained(tmp_path / "copy")
     again = MiniDiffusionPipeline.from_pretrained(tmp_path / "copy", device="cpu")
     assert (tmp_path / "copy" / "config.json").exists() and (tmp_path / "copy" / "model.safetensors").exists()
     run = lambda p: pixels(p.sample("a blue square", num_inference_steps=2,  # noqa: E731
                                     generator=torch.Generator().manual_seed(0)).images)
-    assert np.array_equal(run(tiny_pipe), run(again))
+    assert again.config.objective == minidiff_pipe.config.objective
+    assert np.array_equal(run(minidiff_pipe), run(again))
 
 
+@pytest.mark.slow
 def test_sample_cli_writes_a_grid_and_keeps_existing_files(tiny_model_dir, tmp_path):
     out = tmp_path / "grid.png"
     cmd = [sys.executable, str(ROOT / "sample.py"), "--model", str(tiny_model_dir), "--prompt", "a red circle",

@@ -58,8 +58,8 @@ def test_bad_capture_steps_are_clear_errors(steps, message):
         StepRecorder(steps, num_steps=4, decode=list)
 
 
-def test_sample_captures_the_steps_asked_for(tiny_pipe):
-    out = tiny_pipe.sample("a red circle", num_inference_steps=STEPS, num_images_per_prompt=2, generator=gen(),
+def test_sample_captures_the_steps_asked_for(minidiff_pipe):
+    out = minidiff_pipe.sample("a red circle", num_inference_steps=STEPS, num_images_per_prompt=2, generator=gen(),
                            capture_steps=[STEPS, 0, 1])
     assert [r["step"] for r in out.trace] == [0, 1, STEPS]
     start, first, last = out.trace
@@ -73,7 +73,7 @@ def test_sample_captures_the_steps_asked_for(tiny_pipe):
     assert np.array_equal(np.asarray(start["x_t"][1]),
                           ((noise[1].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(last["x_t"], out.images))
-    assert out.trace and not tiny_pipe.sample("a red circle", num_inference_steps=2, generator=gen()).trace
+    assert out.trace and not minidiff_pipe.sample("a red circle", num_inference_steps=2, generator=gen()).trace
 
 
 @pytest.mark.parametrize("call", ["sample", "img2img", "inpaint"])
@@ -121,19 +121,23 @@ def test_trace_values_are_each_steps_guided_noise_and_clipped_x0(tiny_pipe, pict
     assert clipped  # the clipping was exercised
 
 
-def test_capture_counts_the_steps_an_edit_runs(tiny_pipe, picture_file):
-    out = tiny_pipe.img2img("a red circle", picture_file, strength=0.5, num_inference_steps=STEPS, generator=gen(),
-                            capture_steps=[0, 2])
-    assert [r["step"] for r in out.trace] == [0, 2]
-    with pytest.raises(ValueError, match="runs 2 denoising steps"):
-        tiny_pipe.img2img("a red circle", picture_file, strength=0.5, num_inference_steps=STEPS, capture_steps=[3])
-    unchanged = tiny_pipe.img2img("a red circle", picture_file, strength=0.0, capture_steps=[0])
+def test_capture_counts_the_steps_an_edit_runs(minidiff_pipe, picture_file):
+    """Steps 0..steps_run can be captured: 4 steps at strength 0.9 run 3 (DDPM) or 4 (flow)."""
+    runs = {"ddpm": 3, "flow": 4}[minidiff_pipe.config.objective]
+    out = minidiff_pipe.img2img("a red circle", picture_file, strength=0.9, num_inference_steps=STEPS,
+                                generator=gen(), capture_steps=[0, 2, runs])
+    assert [r["step"] for r in out.trace] == [0, 2, runs]
+    assert np.array_equal(np.asarray(out.trace[-1]["x_t"][0]), np.asarray(out.images[0]))  # the last is the result
+    with pytest.raises(ValueError, match=f"runs {runs} denoising steps"):
+        minidiff_pipe.img2img("a red circle", picture_file, strength=0.9, num_inference_steps=STEPS,
+                              capture_steps=[runs + 1])
+    unchanged = minidiff_pipe.img2img("a red circle", picture_file, strength=0.0, capture_steps=[0])
     assert unchanged.trace[0]["timestep"] is None
     assert np.array_equal(np.asarray(unchanged.trace[0]["x_t"][0]), np.asarray(Image.open(picture_file)))
 
 
-def test_strips_have_one_tile_per_record(tiny_pipe):
-    out = tiny_pipe.sample("a red circle", num_inference_steps=STEPS, generator=gen(), capture_steps=[0, 1, STEPS])
+def test_strips_have_one_tile_per_record(minidiff_pipe):
+    out = minidiff_pipe.sample("a red circle", num_inference_steps=STEPS, generator=gen(), capture_steps=[0, 1, STEPS])
     strip = trace_strip(out.trace)
     tile = 96  # 16 px enlarged 6x
     assert strip.size[0] >= 3 * tile and strip.size[1] == 2 * (tile + 12)  # x_t row, predicted x0 row
@@ -192,6 +196,7 @@ def test_sample_cli_refuses_bad_input_and_writes_nothing(tiny_model_dir, picture
     assert not (tmp_path / "out-steps.png").exists()
 
 
+@pytest.mark.slow
 def test_sample_cli_keeps_an_existing_steps_file(tiny_model_dir, tmp_path):
     """The real process: exit status 2, one line, and the existing -steps.png untouched."""
     (tmp_path / "out-steps.png").write_bytes(b"keep me")
