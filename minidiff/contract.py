@@ -39,19 +39,19 @@ class ImageOutput:
 
 @dataclass
 class Call:
-    """One call's arguments; `None` means the backend's default."""
+    """One call's arguments (module doc); `None` means the backend's default."""
 
     prompt: str | list[str]
     negative_prompt: str | list[str] | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
-    generator: object = None  # a torch.Generator
+    generator: object = None
     num_images_per_prompt: int = 1
     callback: Callable[[dict], None] | None = None
     capture_steps: list[int] | None = None
-    image: object = None  # img2img and inpaint: a PIL image or a path
-    mask_image: object = None  # inpaint
-    strength: float | None = None  # img2img and inpaint
+    image: object = None  # a PIL image or a path
+    mask_image: object = None
+    strength: float | None = None
     sampler: str | None = None
     height: int | None = None
     width: int | None = None
@@ -92,13 +92,12 @@ class StepRecorder:
         self._records: list[tuple] = []  # (k, timestep, x_t, pred_x0, noise_pred), not yet decoded
         self._trace: list[dict] = []
 
-    def start(self, x, timestep) -> None:
+    def start(self, x, timestep) -> None:  # k = 0: the noise, or the noised input image
         if 0 in self.steps:
             self._records.append((0, timestep, _copy(x), None, None))
 
     @property
-    def callback(self):
-        """The per-step callback to hand to the sampling loop (None when there is nothing to do)."""
+    def callback(self):  # None when there is nothing to record or pass on
         return self._on_step if (self.steps - {0} or self.user_callback) else None
 
     def _on_step(self, step: dict) -> None:
@@ -137,8 +136,7 @@ class TextToImagePipeline(ABC):
     call_type = Call  # a backend that takes more keywords has a subclass of Call
     load_options: tuple[str, ...] = ()  # keywords of `from_pretrained` beyond the model and the device
     default_batch_size: int | None = None  # None: every image in one batch
-    default_num_inference_steps: int = 50
-    default_guidance_scale: float = 4.0
+    default_num_inference_steps, default_guidance_scale = 50, 4.0
     image_size: int  # the default height and width
     size_multiple: int | None  # height and width are multiples of it; None: `image_size` only
     samplers: tuple[str, ...]  # what `sampler` may name, the default first
@@ -158,10 +156,8 @@ class TextToImagePipeline(ABC):
                                        **options))
 
     def run(self, call: Call) -> ImageOutput:
-        """Every batch of a call, one after the other, as one output."""
         batches = self.batches(call)
-        bar = tqdm(batches, unit="batch", leave=False, dynamic_ncols=True, **{"disable": len(batches) == 1,
-                                                                              **self.progress})
+        bar = tqdm(batches, unit="batch", leave=False, **{"disable": len(batches) == 1, **self.progress})
         return merge_outputs([self.generate(batch) for batch in bar])
 
     def batches(self, call: Call) -> list[Call]:
@@ -182,8 +178,7 @@ class TextToImagePipeline(ABC):
         self.progress = kwargs
 
     def resolve(self, call: Call) -> tuple[int, float]:
-        """The call's (steps, guidance), this backend's defaults where None; a value no backend can
-        use is one clear ValueError."""
+        """The call's (steps, guidance), defaults where None; a value no backend can use: ValueError."""
         steps, guidance = self.defaults(call.num_inference_steps, call.guidance_scale)
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"num_inference_steps must be a whole number >= 1, got {steps}")
@@ -206,20 +201,20 @@ class TextToImagePipeline(ABC):
         return sampler or self.samplers[0]
 
     @abstractmethod
-    def generate(self, call: Call) -> ImageOutput:
-        """One batch (`call.image` None: text to image; `call.mask_image` set: inpainting)."""
+    def generate(self, call: Call) -> ImageOutput:  # one batch; `call.image` None: text to image
+        ...
 
     @abstractmethod
-    def size(self, height=None, width=None) -> tuple[int, int]:
-        """(height, width) of the images; None: the default. One the model cannot make: ValueError."""
+    def size(self, height=None, width=None) -> tuple[int, int]:  # None: the default; ValueError if impossible
+        ...
 
     @abstractmethod
-    def steps_run(self, num_inference_steps: int, strength: float | None = None) -> int:
-        """How many denoising steps a call runs (all N without a strength)."""
+    def steps_run(self, num_inference_steps: int, strength: float | None = None) -> int:  # steps a call runs
+        ...
 
     @abstractmethod
-    def decode(self, x) -> list[Image.Image]:
-        """The callback's "x" or "denoised" as pictures."""
+    def decode(self, x) -> list[Image.Image]:  # the callback's "x" or "denoised" as pictures
+        ...
 
 
 def _edit_strength(strength):

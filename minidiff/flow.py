@@ -18,7 +18,7 @@ The names mirror diffusers' FlowMatchEulerDiscreteScheduler; tests check every s
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -41,9 +41,6 @@ class FlowMatchConfig:
             raise ValueError(f"sigma_sampling must be one of {SIGMA_SAMPLINGS}, got {self.sigma_sampling!r}")
         if not self.shift > 0:
             raise ValueError(f"shift must be > 0, got {self.shift}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def shift_sigmas(sigmas, shift: float):

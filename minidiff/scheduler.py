@@ -22,7 +22,7 @@ by side; tests check every step against diffusers' DDPMScheduler and DDIMSchedul
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -46,9 +46,6 @@ class SchedulerConfig:
             raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
         if self.timestep_spacing not in TIMESTEP_SPACINGS:
             raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {self.timestep_spacing!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

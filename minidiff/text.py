@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -53,9 +53,6 @@ class Tokenizer:
             ids[row, : len(tokens)] = torch.tensor([self.index[w] for w in tokens])
         return ids, ids != self.index[PAD]
 
-    def to_dict(self) -> dict:
-        return {"vocab": self.vocab, "max_length": self.max_length}
-
 
 @dataclass
 class TextEncoderConfig:
@@ -64,9 +61,6 @@ class TextEncoderConfig:
     dim: int = 128
     num_layers: int = 2
     num_heads: int = 4
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class TextEncoder(nn.Module):

@@ -13,7 +13,7 @@ Shapes in comments: B batch, C channels, H x W spatial, L text tokens, D text di
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -42,9 +42,6 @@ class UNetConfig:
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.channel_mults) - 1)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
