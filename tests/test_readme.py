@@ -1,7 +1,8 @@
-"""The README, run as a new user would: every ```bash and ```python block, in order, in a fresh
-copy of the repository (its `git ls-files`, in a temporary folder), with a tiny model.
+"""The README and the pages of docs/, run as a new user would: every ```bash and ```python block
+of a page, in order, in a fresh copy of the repository (its `git ls-files`, in a temporary
+folder), with a tiny model. Each page gets its own copy.
 
-Conventions, for whoever edits README.md:
+Conventions, for whoever edits README.md or docs/*.md:
 
 - A ```bash block holds shell commands, one command a line (a trailing `# comment` is fine).
   A ```python block is what a user would save as a file in the repository root and run with
@@ -13,11 +14,15 @@ Conventions, for whoever edits README.md:
   (`test_commands_are_in_fenced_blocks`).
 - `<!-- readme-test: skip, REASON -->` on the line right above a block: the block is not run
   (it needs a GPU, a download, several machines, or hours). The reason is required.
-- Shortened so that the whole README runs in about a minute: SHORTEN's flags are appended to
-  each command that runs one of its scripts (argparse keeps the last value of a flag, so the
-  README's own `--steps 20000` gives way to `--steps 2`; on `--resume`, flags equal to the run's
-  own are accepted). Every `train.py` trains a tiny model for 2 steps on the CPU, so the
-  README's `python train.py` makes the `runs/shapes` that later blocks use.
+- `make demo` and `make test` are not run (the first trains the full default model, the second
+  is the suite this test belongs to). In their place, before a page's first block, a tiny
+  `runs/shapes` is trained (`train.py` with TINY_TRAIN), the folder `make demo` leaves for the
+  blocks that load it. The README's blocks then start in a new terminal (`.venv` not active
+  yet); a docs page's start with `.venv` active, as a reader arrives there from the README.
+- Shortened so that every page runs in seconds: SHORTEN's flags are appended to each command
+  that runs one of its scripts (argparse keeps the last value of a flag, so a page's own
+  `--steps 20000` gives way to `--steps 2`; on `--resume`, flags equal to the run's own are
+  accepted). Every `train.py` trains a tiny model for 2 steps on the CPU.
 - Stable Diffusion 3 model ids (`stabilityai/stable-diffusion-3...`) are replaced by the folder
   of the tiny random SD3 pipeline of tests/sd3_tiny.py; nothing else in an SD3 block changes.
 - `source .venv/bin/activate` works in the copy as it does after `make`; before it, `python`
@@ -29,6 +34,10 @@ Conventions, for whoever edits README.md:
   streams and exit status. MINIDIFF_FRESH_CLI=1 uses the real environment and interpreter instead.
 - The committed files must come out unchanged: a command that would overwrite one (the
   README's figures, the published benchmark results) fails the test.
+- The README's reading table is the output of `python -m minidiff.tools.lines`, kept equal
+  (`test_reading_table_is_current`): whoever changes the lesson's files refreshes it.
+- docs/maths.md names functions on both sides; each dotted name in backquotes that starts with
+  minidiff., bridge. or diffusers. must exist (`test_named_functions_exist`).
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]  # each run in its own fresh copy
 TINY_TRAIN = ["--steps", "2", "--batch-size", "4", "--base-channels", "16", "--channel-mults", "1", "2",
               "--attention-levels", "1", "--text-dim", "32", "--sample-every", "0", "--checkpoint-every", "0",
               "--device", "cpu"]
@@ -67,7 +77,11 @@ class Block(NamedTuple):
     skip: str | None  # the reason, when marked not to run
 
 
-def readme_blocks(text: str) -> list[Block]:
+def page_name(page: Path) -> str:
+    return str(page.relative_to(ROOT))
+
+
+def readme_blocks(text: str, name: str = "README.md") -> list[Block]:
     """The fenced code blocks of a Markdown text, with their skip markers. A marker that is not
     right above a block is an error (it would silently mark nothing)."""
     lines, blocks, i = text.splitlines(), [], 0
@@ -90,13 +104,13 @@ def readme_blocks(text: str) -> list[Block]:
         if above >= 0 and above in markers:
             match = SKIP.match(lines[above].strip())
             if match is None:
-                raise ValueError(f"README.md line {above + 1}: a readme-test marker must read "
+                raise ValueError(f"{name} line {above + 1}: a readme-test marker must read "
                                  "<!-- readme-test: skip, REASON -->")
             skip, _ = match["reason"], used.add(above)
         blocks.append(Block(language, start + 1, "\n".join(body) + "\n", skip))
     dangling = [n + 1 for n in markers if n not in used]
     if dangling:
-        raise ValueError(f"README.md line {dangling[0]}: a readme-test marker must be right above a code block")
+        raise ValueError(f"{name} line {dangling[0]}: a readme-test marker must be right above a code block")
     return blocks
 
 
@@ -224,17 +238,21 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def script_for(blocks: list[Block], copy: Path, sd3_folder: str) -> str:
-    """One bash session running the blocks in order; `::README line N` on stderr before each."""
-    lines = ["set -eo pipefail"]
+def script_for(blocks: list[Block], copy: Path, sd3_folder: str, page: str = "README.md") -> str:
+    """One bash session running the blocks in order; `::PAGE line N` on stderr before each. First
+    the stand-in for `make demo` (a tiny runs/shapes); on a docs page, `.venv` activated."""
+    demo = shlex.join([".venv/bin/python", "train.py", "--out", "runs/shapes", *TINY_TRAIN])
+    lines = ["set -eo pipefail", f"{demo} >/dev/null"]
+    if page != "README.md":
+        lines.append("source .venv/bin/activate")
     for block in blocks:
         if block.skip is not None or block.language not in RUN_LANGUAGES:
             continue
-        lines.append(f"echo \"::README.md line {block.line} at $(date +%s.%N)\" >&2")
+        lines.append(f"echo \"::{page} line {block.line} at $(date +%s.%N)\" >&2")
         if block.language == "bash":
             lines.append(shorten(block.code, sd3_folder))
         else:
-            name = f"readme-line-{block.line}.py"
+            name = f"{Path(page).stem.lower()}-line-{block.line}.py"
             (copy / name).write_text(SD3_ID.sub(sd3_folder, block.code))
             lines.append(f"python {name}")
     return "\n".join(lines) + "\n"
@@ -259,31 +277,104 @@ def test_parser_reads_blocks_markers_and_shortening():
         "python sample.py --model /tiny --out a.png\n"
 
 
-def test_commands_are_in_fenced_blocks():
+@pytest.mark.parametrize("page", PAGES, ids=page_name)
+def test_commands_are_in_fenced_blocks(page):
     """An indented command would never run here; write it in a ```bash block (skipped if need be)."""
-    indented = [n for n, line in enumerate(README.read_text().splitlines(), start=1)
+    indented = [n for n, line in enumerate(page.read_text().splitlines(), start=1)
                 if re.match(r"    (python|torchrun|make|pip|source)\b", line)]
-    assert not indented, f"README.md lines {indented}: put commands in fenced ```bash blocks"
+    assert not indented, f"{page_name(page)} lines {indented}: put commands in fenced ```bash blocks"
 
 
-def test_readme_runs_as_written(tmp_path, tiny_sd3_dir):
-    blocks = readme_blocks(README.read_text())
+def runnable(page: Path) -> list[Block]:
+    blocks = readme_blocks(page.read_text(), page_name(page))
+    return [b for b in blocks if b.language in RUN_LANGUAGES and b.skip is None]
+
+
+def test_the_pages_run_code():
+    """The README and the pages about calling and training the models are run, not only read."""
+    counts = {page_name(page): len(runnable(page)) for page in PAGES}
+    assert counts["README.md"] >= 2 and any(b.language == "python" for b in runnable(README))
+    for name in ("docs/sampling.md", "docs/training.md", "docs/sd3-bridge.md"):
+        assert counts[name] >= 2, counts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", [p for p in PAGES if runnable(p)], ids=page_name)
+def test_page_runs_as_written(page, tmp_path, tiny_sd3_dir):
+    blocks = readme_blocks(page.read_text(), page_name(page))
     run = [b for b in blocks if b.language in RUN_LANGUAGES and b.skip is None]
-    assert len(run) >= 10 and any(b.language == "python" for b in run)
     copy = tmp_path / "minidiff"
     committed = {path: digest(path) for path in fresh_copy(copy)}
     env, stop = readme_environment(copy, tmp_path)
-    script = tmp_path / "readme.sh"
-    script.write_text(script_for(blocks, copy, str(tiny_sd3_dir)))
+    script = tmp_path / "page.sh"
+    script.write_text(script_for(blocks, copy, str(tiny_sd3_dir), page_name(page)))
     try:
         done = subprocess.run(["bash", str(script)], cwd=copy, env=env, capture_output=True, text=True, timeout=600)
     finally:
         stop()
     output = done.stdout + done.stderr
-    where = re.findall(r"::README\.md line \d+", done.stderr)
+    where = re.findall(r"::\S+\.md line \d+", done.stderr)
     assert done.returncode == 0, f"failed at {where[-1] if where else 'the start'}:\n{output[-4000:]}"
     assert "Traceback" not in output, output[-4000:]
     assert len(where) == len(run)  # every block ran
     changed = [str(path.relative_to(copy)) for path, hashed in committed.items()
                if not path.exists() or digest(path) != hashed]
-    assert not changed, f"README commands changed committed files: {changed}"
+    assert not changed, f"{page_name(page)} commands changed committed files: {changed}"
+
+
+# ---- what the pages say must stay true -----------------------------------------------------------
+
+def test_reading_table_is_current():
+    """The README's reading table is `python -m minidiff.tools.lines`: refresh it when the lesson changes."""
+    from minidiff.tools.lines import table
+
+    lines = README.read_text().splitlines()
+    start = lines.index(table().splitlines()[0])  # the header row
+    end = next((k for k in range(start, len(lines)) if not lines[k].startswith("|")), len(lines))
+    shown = "\n".join(lines[start:end])
+    assert shown == table(), ("README.md's reading table differs from `python -m minidiff.tools.lines`; "
+                              "paste its output into README.md")
+
+
+NAMED = re.compile(r"`((?:minidiff|bridge|diffusers)(?:\.\w+)+)`")
+
+
+def resolve(dotted: str):
+    """The object a dotted name names: the longest importable module, then attributes."""
+    import importlib
+
+    parts = dotted.split(".")
+    for k in range(len(parts), 0, -1):
+        try:
+            found = importlib.import_module(".".join(parts[:k]))
+        except ImportError:
+            continue
+        for attribute in parts[k:]:
+            found = getattr(found, attribute)
+        return found
+    raise ImportError(dotted)
+
+
+def test_named_functions_exist():
+    names = sorted({name for page in PAGES for name in NAMED.findall(page.read_text())})
+    assert len(names) >= 20  # docs/maths.md names about 30
+    missing = []
+    for name in names:
+        try:
+            resolve(name)
+        except (ImportError, AttributeError):
+            missing.append(name)
+    assert not missing, f"named in README.md or docs/ but not found: {missing}"
+
+
+def test_relative_links_point_at_files():
+    """Every relative link or picture of the README and docs/ exists, and the README links every docs page."""
+    broken = []
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)\s#]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" not in target and not (page.parent / target).exists():
+                broken.append(f"{page_name(page)}: {target}")
+    assert not broken, broken
+    readme = README.read_text()
+    unlinked = [page_name(p) for p in PAGES[1:] if f"({page_name(p)})" not in readme]
+    assert not unlinked, f"README.md does not link {unlinked}"
