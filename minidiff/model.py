@@ -93,6 +93,18 @@ class TextToImageModel(nn.Module):
     def denoiser(self) -> nn.Module:
         return getattr(self, self.config.backbone_name)
 
+    # What the denoiser sees. SD3.5 denoises the latents of a VAE; this model denoises pixels, so
+    # the two conversions are the identity (a latent model overrides them with its autoencoder).
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return self.config.backbone.in_channels, self.config.backbone.image_size, self.config.backbone.image_size
+
+    def to_latents(self, images: torch.Tensor, generator=None) -> torch.Tensor:
+        return images
+
+    def from_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
     @classmethod
     def for_captions(cls, captions, backbone: UNetConfig, text_dim: int = 128,
                      scheduler: SchedulerConfig | FlowMatchConfig | None = None):

@@ -71,7 +71,7 @@ class MiniDiffusionPipeline(TextToImagePipeline):
                                                                                            strength)
 
     def decode(self, x) -> list:
-        return tensor_to_pil(x)
+        return tensor_to_pil(self.model.from_latents(x))
 
     def check_sampler(self, sampler: str | None) -> str:
         return self.model.objective.check_sampler(sampler)
@@ -128,9 +128,10 @@ class MiniDiffusionPipeline(TextToImagePipeline):
         init, replace = self.load_inputs(call)
         scheduler = self.model.objective.make_sampler(call.sampler, steps)
         timesteps = scheduler.timesteps[steps - self.steps_run(steps, call.strength):]
-        recorder = StepRecorder(call.capture_steps, len(timesteps), call.callback, tensor_to_pil, noise_to_pil)
+        recorder = StepRecorder(call.capture_steps, len(timesteps), call.callback, self.decode, noise_to_pil)
         batch = len(call.prompts()[0]) * call.num_images_per_prompt
-        init = init.to(self.device).expand(batch, -1, -1, -1) if init is not None else None  # (B, 3, H, W)
+        if init is not None:  # (B, C, h, w): the input as the denoiser sees it
+            init = self.model.to_latents(init.to(self.device), call.generator).expand(batch, -1, -1, -1)
         if len(timesteps) == 0:  # strength 0 (or no step left for this strength): nothing to denoise
             recorder.start(init, None)
             return self.output(init, call, recorder)
@@ -138,7 +139,7 @@ class MiniDiffusionPipeline(TextToImagePipeline):
         # 1. the start: pure noise x_T, or the input noised to the first timestep that runs:
         #    DDPM x_t = sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) eps (Ho et al. 2020 eq. 4);
         #    flow x_sigma = (1 - sigma) x_0 + sigma eps (`scale_noise`, as SD3's img2img).
-        noise = randn((batch, 3, self.image_size, self.image_size), call.generator, self.device)
+        noise = randn((batch, *self.model.sample_shape), call.generator, self.device)
         x = scheduler.add_noise(init, noise, timesteps[:1].expand(batch)) if init is not None and call.strength < 1 \
             else noise
         recorder.start(x, timesteps[0].item())
@@ -152,8 +153,8 @@ class MiniDiffusionPipeline(TextToImagePipeline):
                          **step_options)
         return self.output(x, call, recorder)
 
-    @staticmethod
-    def output(x, call: MiniCall, recorder) -> ImageOutput:
+    def output(self, x, call: MiniCall, recorder) -> ImageOutput:
+        x = self.model.from_latents(x)
         if call.output_type == "pt":  # like diffusers: values in [0, 1]
             return ImageOutput(images=list(((x.float().cpu() + 1) / 2).clamp(0, 1)), trace=recorder.trace)
         return ImageOutput(images=tensor_to_pil(x), trace=recorder.trace)

@@ -59,6 +59,13 @@ class PromptValueModel(torch.nn.Module):
         self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the pipeline a device to find
         self.denoiser = PromptValueUNet()
         self.objective = objective_for(config.scheduler)
+        self.sample_shape = (3, config.image_size, config.image_size)
+
+    def to_latents(self, images, generator=None):
+        return images
+
+    def from_latents(self, latents):
+        return latents
 
     def encode_prompt(self, prompts):
         context = torch.tensor([PROMPT_VALUES[p] for p in prompts]).reshape(-1, 1, 1)  # (B, L = 1, D = 1)
