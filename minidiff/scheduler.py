@@ -202,8 +202,7 @@ class DDIMScheduler(NoiseSchedule):
              generator=None) -> SchedulerStepOutput:
         """`use_clipped_model_output`: re-derive epsilon from the clipped x_0 so that both terms of
         eq. 12 agree. Keep it on with classifier-free guidance: guided epsilons push x_0 far
-        outside [-1, 1], and the clipped x_0 plus the raw epsilon saturate the image (see the
-        README's "what we learned" note on guidance)."""
+        outside [-1, 1], and the clipped x_0 plus the raw epsilon saturate the image."""
         t = int(timestep)
         # 1. the previous timestep. Like diffusers, a fixed stride of T // n, whatever the spacing.
         prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
