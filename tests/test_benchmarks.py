@@ -111,12 +111,69 @@ def test_results_go_to_scratch_unless_published(tmp_path, monkeypatch):
     assert "published" in paths["BENCHMARKS_MD"].read_text()
 
 
-@pytest.mark.parametrize("name", ["train_speed", "time_to_quality", "steps_quality", "profile_step"])
-def test_every_benchmark_publishes_only_when_asked(name):
+# Each benchmark's main with the smallest settings it takes: seconds, not minutes.
+TINY_RUNS = {
+    "train_speed": ["--presets", "cpu", "--batch-size", "2", "--repeats", "1", "--steps", "1", "--warmup", "0",
+                    "--batches", "1"],
+    "time_to_quality": ["--minutes", "0.002", "--eval-every", "0.002", "--samples-per-prompt", "1", "--eval-steps", "1"],
+    "steps_quality": ["--model", "{model}", "--samplers", "ddim", "--steps", "1", "--guidance-scales", "1",
+                      "--samples-per-prompt", "1"],
+    "profile_step": ["--batch-size", "2", "--profile-steps", "1", "--top", "3", "--repeats", "1", "--steps", "1",
+                     "--sanity-steps", "1"],
+}
+
+
+def committed_results() -> dict:
+    """benchmarks/results/ and BENCHMARKS.md as they are in this checkout: path -> (size, mtime)."""
+    from benchmarks import common
+
+    files = [common.ROOT / "BENCHMARKS.md", *sorted((common.ROOT / "benchmarks" / "results").rglob("*"))]
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.is_file()}
+
+
+@pytest.fixture
+def run_benchmark(tmp_path, monkeypatch, tiny_model_dir):
+    """run_benchmark(name, *flags): the benchmark's main with TINY_RUNS' settings, its folders moved
+    under tmp_path (results/, scratch/, BENCHMARKS.md); -> that folder. The committed ones must not
+    change meanwhile, whatever path a benchmark writes to."""
     import importlib
 
-    source = importlib.import_module(f"benchmarks.{name}").__loader__.get_source(f"benchmarks.{name}")
-    assert "add_publish_flag(p)" in source and "publish=args.publish" in source and "RESULTS" not in source
+    from benchmarks import common
+    from minidiff.pipeline import MiniDiffusionPipeline
+
+    for name, path in (("RESULTS", "results"), ("SCRATCH", "scratch"), ("BENCHMARKS_MD", "BENCHMARKS.md")):
+        monkeypatch.setattr(common, name, tmp_path / path)
+    (tmp_path / "BENCHMARKS.md").write_text("# Benchmarks\n")
+    monkeypatch.setattr(MiniDiffusionPipeline, "default_num_inference_steps", 2)  # steps_quality's guidance rows
+    monkeypatch.setattr("os.cpu_count", lambda: 1)  # profile_step: no thread-count variants (seconds each)
+
+    def run(name, *flags):
+        argv = [a.replace("{model}", str(tiny_model_dir)) for a in TINY_RUNS[name]] + ["--threads", "1", *flags]
+        monkeypatch.setattr("sys.argv", [f"benchmarks/{name}.py", *argv])
+        before = committed_results()
+        assert importlib.import_module(f"benchmarks.{name}").main(argv) == 0
+        assert committed_results() == before
+        return tmp_path
+
+    threads = torch.get_num_threads()
+    yield run
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TINY_RUNS)
+def test_every_benchmark_writes_to_scratch_and_publishes_only_when_asked(name, run_benchmark):
+    """A quick check must leave the committed benchmarks/results/ and BENCHMARKS.md alone: without
+    --publish a benchmark writes its report into the scratch folder (runs/benchmarks/) only; with
+    --publish into results/ and its section of BENCHMARKS.md."""
+    folder = run_benchmark(name)
+    written = {p.name for p in (folder / "scratch").iterdir()}
+    assert {f"{name}.md", f"{name}.json"} <= written
+    assert not (folder / "results").exists() or not any((folder / "results").iterdir())
+    assert (folder / "BENCHMARKS.md").read_text() == "# Benchmarks\n"
+    run_benchmark(name, "--publish")  # and with --publish, into the committed places (here: under tmp_path)
+    assert {f"{name}.md", f"{name}.json"} <= {p.name for p in (folder / "results").iterdir()}
+    assert f"<!-- begin {name} -->" in (folder / "BENCHMARKS.md").read_text()
 
 
 # ---- the levers of benchmarks/levers.py --------------------------------------------------

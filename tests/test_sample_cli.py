@@ -77,7 +77,21 @@ def test_one_image_is_enlarged_for_viewing_unless_raw_size(tiny_model_dir, tmp_p
     assert big.resize((16, 16), Image.Resampling.NEAREST).tobytes() == raw.tobytes()  # nearest neighbour, 6 x 6
 
 
-def test_help_names_the_default_model(capsys):
+def test_help_names_the_default_model_which_is_where_train_py_writes(capsys):
+    """`sample.py --help` shows the model used when --model is left out; that is DEFAULT_MODEL,
+    the folder a plain `python train.py` (and so `make demo`) writes, and the app's default too."""
+    import re
+
+    import app
+    import train
+    from minidiff.tools.cli import DEFAULT_MODEL
+
     with pytest.raises(SystemExit):
         sample.parse_args(["--help"])
-    assert "(default: runs/shapes)" in " ".join(capsys.readouterr().out.split())
+    options = " ".join(capsys.readouterr().out.split("options:", 1)[1].split())  # the list below the usage
+    model_help = options[options.index("--model MODEL"):options.index("--backend {")]
+    shown = re.findall(r"\(default: ([^)]*)\)", model_help)
+    assert shown == [DEFAULT_MODEL]
+    assert sample.parse_args(["--prompt", "a red circle"]).model == DEFAULT_MODEL  # what the help says is used
+    assert train.parse_args([]).out == DEFAULT_MODEL  # ... is where train.py writes by default
+    assert app.parse_args([]).model == DEFAULT_MODEL
