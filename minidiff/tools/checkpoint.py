@@ -9,6 +9,7 @@ their code (a pickle found instead is named and left unread).
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import tempfile
@@ -114,7 +115,11 @@ def load_model(directory, device: torch.device | str = "cpu") -> TextToImageMode
         raise CheckpointError(f"{directory} is {kind}; a model is a folder (config.json + model.safetensors) "
                               f"written by train.py")
     if not directory.is_dir():
-        raise CheckpointError(f"model folder {directory} does not exist; train one with `python train.py --out {directory}`")
+        near = difflib.get_close_matches(directory.name, [p.name for p in directory.parent.glob("*") if p.is_dir()]
+                                         if directory.parent.is_dir() else [], n=1)
+        hint = f"did you mean {directory.parent / near[0]}? Or " if near else ""
+        raise CheckpointError(f"model folder {directory} does not exist; {hint}train one with "
+                              f"`python train.py --out {directory}`")
     raw = read_json(directory / CONFIG_NAME)
     if raw.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{directory} is not a minidiff checkpoint (its config.json has no \"format\": \"minidiff\")")

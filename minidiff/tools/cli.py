@@ -60,8 +60,9 @@ def run(main, argv=None) -> int:
 
 
 def pick_backend(model: str, backend: str = "auto") -> str:
-    """auto: a folder with model_index.json, or a Hugging Face id (owner/name that is not an existing
-    path), is sd3; anything else (a minidiff checkpoint folder, the default runs/shapes) is minidiff."""
+    """auto: a folder with model_index.json, or a Hugging Face id (owner/name that does not look
+    like a local path), is sd3; anything else (a minidiff checkpoint folder, the default
+    runs/shapes, a typo in a run folder's name) is minidiff."""
     if backend != "auto":
         return backend
     from bridge.sd3 import looks_like_hub_id
@@ -69,9 +70,8 @@ def pick_backend(model: str, backend: str = "auto") -> str:
     path = Path(model).expanduser()
     if (path / "model_index.json").is_file():
         return "sd3"
-    if not path.exists() and model != DEFAULT_MODEL and looks_like_hub_id(model):
-        return "sd3"
-    return "minidiff"
+    local = path.exists() or path.parts[:1] == ("runs",) or path.parent.is_dir() and path.parent != Path(".")
+    return "sd3" if not local and looks_like_hub_id(model) else "minidiff"
 
 
 def pipeline_class(backend: str):
