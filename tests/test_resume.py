@@ -114,18 +114,17 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
-def test_resume_keeps_the_runs_settings_and_lets_only_run_settings_change(tmp_path):
-    config = tiny_train_config(tmp_path, steps=2, batch_size=3)
-    Trainer(config).train()
-    checkpoint = latest_checkpoint(tmp_path)
-    resumed, changes = config_for_resume(checkpoint, {"out": str(tmp_path), "steps": 5, "lr": 1e-4})
-    assert resumed.batch_size == 3 and resumed.channel_mults == (1, 2) and resumed.steps == 5
-    assert changes == {"steps": (2, 5), "lr": (config.lr, 1e-4)}
-    assert config_for_resume(checkpoint, {"batch_size": 3})[1] == {}  # the same value is no change
-    with pytest.raises(ValueError, match="--batch-size 8 differs from the resumed run's 3"):
+def test_resume_keeps_the_runs_settings_and_lets_only_run_settings_change(tiny_model_dir):
+    config = tiny_train_config(tiny_model_dir)  # the run that wrote the tiny model: 4 steps of 4 images
+    checkpoint = latest_checkpoint(tiny_model_dir)
+    resumed, changes = config_for_resume(checkpoint, {"out": str(tiny_model_dir), "steps": 9, "lr": 1e-4})
+    assert resumed.batch_size == 4 and resumed.channel_mults == (1, 2) and resumed.steps == 9
+    assert changes == {"steps": (4, 9), "lr": (config.lr, 1e-4)}
+    assert config_for_resume(checkpoint, {"batch_size": 4})[1] == {}  # the same value is no change
+    with pytest.raises(ValueError, match="--batch-size 8 differs from the resumed run's 4"):
         config_for_resume(checkpoint, {"batch_size": 8})
-    with pytest.raises(ValueError, match="--steps 1 is below the step the run has reached"):
-        config_for_resume(checkpoint, {"steps": 1})
+    with pytest.raises(ValueError, match="--steps 3 is below the step the run has reached"):
+        config_for_resume(checkpoint, {"steps": 3})
 
 
 @pytest.fixture

@@ -37,3 +37,12 @@ def test_a_folder_without_captions_or_smaller_than_a_batch_gets_one_line_each(tm
     assert len(notes) == 2, notes
     assert "has no metadata.jsonl" in notes[0] and "unconditionally" in notes[0]
     assert "holds 3 images, fewer than one batch of 4" in notes[1]
+
+
+def test_the_tiny_flags_are_the_tiny_config():
+    """conftest's one tiny run, as train.py flags, makes the same TrainConfig as tiny_train_config."""
+    from conftest import tiny_train_config
+
+    assert train.build_config(train.parse_args(["--out", "x", *tiny_train_flags()])) == tiny_train_config("x")
+    flow = train.build_config(train.parse_args(["--out", "x", *tiny_train_flags(objective="flow", steps=None)]))
+    assert flow == tiny_train_config("x", objective="flow", steps=train.TrainConfig.steps)  # None: train.py's default
