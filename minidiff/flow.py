@@ -33,7 +33,7 @@ class FlowMatchConfig:
     """The rectified-flow schedule; the names of diffusers' FlowMatchEulerDiscreteScheduler."""
 
     num_train_timesteps: int = 1000
-    shift: float = 1.0  # sampling shift, Esser et al. eq. 23 (1.0: none; SD3.5: 3.0)
+    shift: float = 1.0  # timestep shift, Esser et al. eq. 23, in training and sampling (1.0: none; SD3.5: 3.0)
     sigma_sampling: str = "logit_normal"  # training sigmas: "logit_normal" (Esser sec. 3.1, m = 0, s = 1) or "uniform"
 
     def __post_init__(self):
@@ -142,14 +142,27 @@ class RectifiedFlow(Objective):
         return self.config.num_train_timesteps
 
     def sample_training_timesteps(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """sigma for each of n training samples, returned as t = sigma * T (float): logit-normal,
-        sigma = 1 / (1 + exp(-u)), u ~ N(0, 1), which puts most samples at middle noise levels
-        (Esser et al. 2024 sec. 3.1, their best choice); or uniform on [0, 1]."""
+        """sigma for each of n training samples, returned as t = sigma * T (float), drawn as diffusers'
+        SD3 training scripts draw it (train_dreambooth_sd3.py): u logit-normal, u = 1 / (1 + exp(-z)),
+        z ~ N(0, 1), which puts most samples at middle noise levels (Esser et al. 2024 sec. 3.1, eq. 19,
+        m = 0, s = 1, their best choice), or u uniform on [0, 1]; then, with a shift, the timestep grid
+        of the scheduler built with that shift at index floor(u * T), whose sigma is
+        shift_sigmas((T - floor(u * T)) / T): the model trains at the noise levels it samples at.
+
+        Without a shift (shift = 1, the default) sigma = u itself. That keeps the numbers the default
+        run has always drawn, and it is diffusers' distribution up to the grid's 1/T steps: diffusers'
+        1 - floor(u * T) / T rounds 1 - u up to the grid, and 1 - u is distributed as u (logit-normal
+        with m = 0 and uniform are both symmetric about 1/2). tests/test_flow.py checks both against
+        diffusers' compute_density_for_timestep_sampling."""
         if self.config.sigma_sampling == "logit_normal":
-            sigma = torch.sigmoid(torch.randn(n, generator=generator))
+            u = torch.sigmoid(torch.randn(n, generator=generator))
         else:
-            sigma = torch.rand(n, generator=generator)
-        return sigma * self.num_train_timesteps
+            u = torch.rand(n, generator=generator)
+        T = self.num_train_timesteps
+        if self.config.shift == 1.0:
+            return u * T
+        train_timesteps = FlowMatchEulerScheduler(self.config).timesteps  # shifted sigma * T, from 1 * T down
+        return train_timesteps[(u * T).long().clamp(max=T - 1)]  # diffusers: timesteps[(u * T).long()]
 
     def add_noise(self, original_samples, noise, timesteps) -> torch.Tensor:
         """The forward process at any t = sigma * T: x_sigma = (1 - sigma) x_0 + sigma eps."""

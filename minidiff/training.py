@@ -57,7 +57,7 @@ class TrainConfig:
     text_dim: int = 128
     objective: str = "flow"  # "flow" (rectified flow: predict the velocity, as SD3) or "ddpm" (predict the noise)
     beta_schedule: str = "cosine"  # ddpm only
-    shift: float = 1.0  # flow only: the sampling shift of Esser et al. eq. 23 (SD3.5: 3.0)
+    shift: float = 1.0  # flow only: the timestep shift of Esser et al. eq. 23, trained and sampled (SD3.5: 3.0)
     # the optimization
     steps: int = 1150
     batch_size: int = 64
