@@ -1,13 +1,17 @@
 """Rectified flow, the objective of Stable Diffusion 3: its forward process, the timestep shift
 and the Euler sampler, from scratch.
 
-Conventions (Liu et al. 2022, "Flow Straight and Fast"; Lipman et al. 2023, "Flow Matching";
-as Stable Diffusion 3, Esser et al. 2024): sigma = 0 is clean data, sigma = 1 is pure noise,
-and the path between them is a straight line. The model predicts the velocity along it.
+Conventions (Stable Diffusion 3's, Esser et al. 2024): sigma = 0 is clean data, sigma = 1 is pure
+noise, the path between them is a straight line, and the model predicts the velocity along it,
+v = d x_sigma / d sigma = eps - x_0. This is Liu et al. 2022 ("Flow Straight and Fast") and
+Lipman et al. 2023 ("Flow Matching") with time reversed: they put the noise at t = 0 and the data
+at t = 1, so their velocity is data - noise; SD3 (and diffusers) count from data to noise, as
+DDPM does, and sampling runs sigma from 1 down to 0.
 
 Code name            paper symbol
 -------------------  ------------------------------------------------
-sigmas[i]            sigma (SD3's t), the noise level, 1 -> 0 over the run (Esser eq. 1: z_t = (1 - t) x_0 + t eps)
+sigmas[i]            sigma (SD3's t), the noise level, 1 -> 0 over the run: z_t = a_t x_0 + b_t eps
+                     (Esser eq. 2) with rectified flow's a_t = 1 - t, b_t = t (their eq. 13)
 timesteps[i]         sigma * num_train_timesteps, what the network is given (as diffusers)
 shift                the timestep shift of Esser et al. eq. 23 (SD3.5 uses 3.0)
 model_output         v_theta(x_sigma, sigma) ~ eps - x_0, the velocity d x_sigma / d sigma
@@ -109,7 +113,8 @@ class FlowMatchEulerScheduler:
 
     def scale_noise(self, sample, timestep, noise) -> torch.Tensor:
         """The forward process at a grid timestep (diffusers' name; img2img's start):
-        x_sigma = sigma * eps + (1 - sigma) * x_0   (Esser et al. 2024 eq. 1 with rectified flow's a_t = 1 - t)."""
+        x_sigma = sigma * eps + (1 - sigma) * x_0   (Esser et al. 2024 eq. 2 with rectified flow's
+        a_t = 1 - t, b_t = t: their eq. 13)."""
         timestep = torch.as_tensor(timestep).reshape(-1)
         sigma = torch.stack([self.sigma_for(t) for t in timestep])
         sigma = expand_to(sigma, sample)
@@ -170,10 +175,12 @@ class RectifiedFlow(Objective):
         return (1.0 - sigma) * original_samples + sigma * noise
 
     def training_target(self, original_samples: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """The velocity v = d x_sigma / d sigma = eps - x_0 (conditional flow matching, Lipman et al. 2023)."""
+        """The velocity v = d x_sigma / d sigma = eps - x_0 (conditional flow matching, Lipman et al. 2023,
+        in SD3's direction of time: their target is data - noise)."""
         return noise - original_samples
 
     def predict_x0(self, x_t, velocity, timestep):
+        """x_0 = x_sigma - sigma v (not Ho's eq. 15, which is for a noise prediction)."""
         return predict_x0_from_velocity(x_t, velocity, timestep / self.num_train_timesteps)
 
     @staticmethod

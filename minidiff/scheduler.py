@@ -171,7 +171,9 @@ class NoiseSchedule:
 
 
 class DDPMScheduler(NoiseSchedule):
-    """Ancestral sampling of Ho et al. 2020 (Algorithm 2), with the "fixed_small" variance."""
+    """Ancestral sampling of Ho et al. 2020 with the "fixed_small" variance: Algorithm 2 when
+    `clip_sample` is off; with it (the default, as diffusers'), x_0 from eq. 15 clipped to [-1, 1],
+    then the posterior mean of eq. 7 from that x_0 (Algorithm 2 folds eq. 15 into the mean unclipped)."""
 
     def previous_timestep(self, timestep: int) -> int:
         """The next timestep the sampler visits (-1 after the last): with fewer inference steps
@@ -268,6 +270,7 @@ class DDPM(NoiseSchedule, Objective):
     timestep_dtype = torch.int64
 
     def predict_x0(self, x_t, noise, timestep):
+        """x_0 from the predicted noise, Ho et al. 2020 eq. 15."""
         return predict_x0_from_noise(x_t, noise, self._alpha_bar(int(timestep)))
 
     @staticmethod
