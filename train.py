@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--snr-gamma", type=float,
                    help="ddpm only: min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the paper's); "
                         "default: off (Ho et al.'s L_simple)")
-    p.add_argument("--shift", type=float, help="flow only: sampling timestep shift (SD3 eq. 23; SD3.5 uses 3.0)")
+    p.add_argument("--shift", type=float, help="flow only: timestep shift, trained and sampled (SD3 eq. 23; SD3.5: 3)")
     p.add_argument("--steps", type=int, help="optimizer steps in total")
     p.add_argument("--batch-size", type=int, help="images per step (per process under torchrun)")
     p.add_argument("--image-size", type=int)

@@ -546,6 +546,14 @@ class SD3Bridge(TextToImagePipeline):
         `call.image` and starts at the shifted sigma where the last `steps_run(N, strength)` steps
         begin (x = (1 - sigma) z + sigma * noise); inpainting likewise, keeping the black part.
 
+        That start is on the *shifted* grid. diffusers' get_timesteps starts at index
+        i = int(N - N * strength) = N - steps_run(N, strength) of the N-step schedule, so
+            sigma_start = shift(sigma_lin[i]),  sigma_lin = linspace(1, shift(1 / 1000), N),
+        with shift(s) = 3 s / (1 + 2 s) for SD3.5. At strength 0.7 sigma_lin[i] is about 0.70, but
+        sigma_start is 0.877 for N = 28, 0.871 for N = 40 and 0.874 for N = 100: the input keeps a
+        weight 1 - sigma_start of about 0.13, not 0.3 (docs/walkthrough.ipynb computes it against
+        FlowMatchEulerDiscreteScheduler(shift=3.0)). Lower strengths keep more of the input.
+
         diffusers 0.42's StableDiffusion3InpaintPipeline decodes with latents / scaling_factor and
         forgets the VAE's shift_factor (its text-to-image and img2img siblings add it), which
         shifts every colour. So for inpainting we ask it for latents and decode them ourselves,

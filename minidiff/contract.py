@@ -3,7 +3,8 @@
 
 - `prompt`, `negative_prompt`: a string or a list; the negative prompt replaces the empty prompt
   in classifier-free guidance, out = out_uncond + w (out_cond - out_uncond), w = `guidance_scale`
-  (at w <= 1 only the conditional prediction is used).
+  (at w <= 1 only the conditional prediction is used). This w is Ho & Salimans' 1 + w (their eq. 6,
+  (1 + w) out_cond - w out_uncond, has no guidance at w = 0), as in Imagen and diffusers.
 - `num_inference_steps`: steps of a full run; `generator`: the same seed gives the same images;
   `num_images_per_prompt`: images per prompt, listed prompt by prompt in `ImageOutput.images`.
 - `strength` (img2img, inpaint): 0 returns the input, 1 ignores it; the last `steps_run(N, strength)`

@@ -1,13 +1,17 @@
 """Rectified flow, the objective of Stable Diffusion 3: its forward process, the timestep shift
 and the Euler sampler, from scratch.
 
-Conventions (Liu et al. 2022, "Flow Straight and Fast"; Lipman et al. 2023, "Flow Matching";
-as Stable Diffusion 3, Esser et al. 2024): sigma = 0 is clean data, sigma = 1 is pure noise,
-and the path between them is a straight line. The model predicts the velocity along it.
+Conventions (Stable Diffusion 3's, Esser et al. 2024): sigma = 0 is clean data, sigma = 1 is pure
+noise, the path between them is a straight line, and the model predicts the velocity along it,
+v = d x_sigma / d sigma = eps - x_0. This is Liu et al. 2022 ("Flow Straight and Fast") and
+Lipman et al. 2023 ("Flow Matching") with time reversed: they put the noise at t = 0 and the data
+at t = 1, so their velocity is data - noise; SD3 (and diffusers) count from data to noise, as
+DDPM does, and sampling runs sigma from 1 down to 0.
 
 Code name            paper symbol
 -------------------  ------------------------------------------------
-sigmas[i]            sigma (SD3's t), the noise level, 1 -> 0 over the run (Esser eq. 1: z_t = (1 - t) x_0 + t eps)
+sigmas[i]            sigma (SD3's t), the noise level, 1 -> 0 over the run: z_t = a_t x_0 + b_t eps
+                     (Esser eq. 2) with rectified flow's a_t = 1 - t, b_t = t (their eq. 13)
 timesteps[i]         sigma * num_train_timesteps, what the network is given (as diffusers)
 shift                the timestep shift of Esser et al. eq. 23 (SD3.5 uses 3.0)
 model_output         v_theta(x_sigma, sigma) ~ eps - x_0, the velocity d x_sigma / d sigma
@@ -33,7 +37,7 @@ class FlowMatchConfig:
     """The rectified-flow schedule; the names of diffusers' FlowMatchEulerDiscreteScheduler."""
 
     num_train_timesteps: int = 1000
-    shift: float = 1.0  # sampling shift, Esser et al. eq. 23 (1.0: none; SD3.5: 3.0)
+    shift: float = 1.0  # timestep shift, Esser et al. eq. 23, in training and sampling (1.0: none; SD3.5: 3.0)
     sigma_sampling: str = "logit_normal"  # training sigmas: "logit_normal" (Esser sec. 3.1, m = 0, s = 1) or "uniform"
 
     def __post_init__(self):
@@ -109,7 +113,8 @@ class FlowMatchEulerScheduler:
 
     def scale_noise(self, sample, timestep, noise) -> torch.Tensor:
         """The forward process at a grid timestep (diffusers' name; img2img's start):
-        x_sigma = sigma * eps + (1 - sigma) * x_0   (Esser et al. 2024 eq. 1 with rectified flow's a_t = 1 - t)."""
+        x_sigma = sigma * eps + (1 - sigma) * x_0   (Esser et al. 2024 eq. 2 with rectified flow's
+        a_t = 1 - t, b_t = t: their eq. 13)."""
         timestep = torch.as_tensor(timestep).reshape(-1)
         sigma = torch.stack([self.sigma_for(t) for t in timestep])
         sigma = expand_to(sigma, sample)
@@ -142,14 +147,27 @@ class RectifiedFlow(Objective):
         return self.config.num_train_timesteps
 
     def sample_training_timesteps(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """sigma for each of n training samples, returned as t = sigma * T (float): logit-normal,
-        sigma = 1 / (1 + exp(-u)), u ~ N(0, 1), which puts most samples at middle noise levels
-        (Esser et al. 2024 sec. 3.1, their best choice); or uniform on [0, 1]."""
+        """sigma for each of n training samples, returned as t = sigma * T (float), drawn as diffusers'
+        SD3 training scripts draw it (train_dreambooth_sd3.py): u logit-normal, u = 1 / (1 + exp(-z)),
+        z ~ N(0, 1), which puts most samples at middle noise levels (Esser et al. 2024 sec. 3.1, eq. 19,
+        m = 0, s = 1, their best choice), or u uniform on [0, 1]; then, with a shift, the timestep grid
+        of the scheduler built with that shift at index floor(u * T), whose sigma is
+        shift_sigmas((T - floor(u * T)) / T): the model trains at the noise levels it samples at.
+
+        Without a shift (shift = 1, the default) sigma = u itself. That keeps the numbers the default
+        run has always drawn, and it is diffusers' distribution up to the grid's 1/T steps: diffusers'
+        1 - floor(u * T) / T rounds 1 - u up to the grid, and 1 - u is distributed as u (logit-normal
+        with m = 0 and uniform are both symmetric about 1/2). tests/test_flow.py checks both against
+        diffusers' compute_density_for_timestep_sampling."""
         if self.config.sigma_sampling == "logit_normal":
-            sigma = torch.sigmoid(torch.randn(n, generator=generator))
+            u = torch.sigmoid(torch.randn(n, generator=generator))
         else:
-            sigma = torch.rand(n, generator=generator)
-        return sigma * self.num_train_timesteps
+            u = torch.rand(n, generator=generator)
+        T = self.num_train_timesteps
+        if self.config.shift == 1.0:
+            return u * T
+        train_timesteps = FlowMatchEulerScheduler(self.config).timesteps  # shifted sigma * T, from 1 * T down
+        return train_timesteps[(u * T).long().clamp(max=T - 1)]  # diffusers: timesteps[(u * T).long()]
 
     def add_noise(self, original_samples, noise, timesteps) -> torch.Tensor:
         """The forward process at any t = sigma * T: x_sigma = (1 - sigma) x_0 + sigma eps."""
@@ -157,10 +175,12 @@ class RectifiedFlow(Objective):
         return (1.0 - sigma) * original_samples + sigma * noise
 
     def training_target(self, original_samples: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """The velocity v = d x_sigma / d sigma = eps - x_0 (conditional flow matching, Lipman et al. 2023)."""
+        """The velocity v = d x_sigma / d sigma = eps - x_0 (conditional flow matching, Lipman et al. 2023,
+        in SD3's direction of time: their target is data - noise)."""
         return noise - original_samples
 
     def predict_x0(self, x_t, velocity, timestep):
+        """x_0 = x_sigma - sigma v (not Ho's eq. 15, which is for a noise prediction)."""
         return predict_x0_from_velocity(x_t, velocity, timestep / self.num_train_timesteps)
 
     @staticmethod

@@ -87,9 +87,11 @@ class MiniDiffusionPipeline(TextToImagePipeline):
     @torch.no_grad()
     def predict(self, x, t, context, mask, guidance_scale: float) -> torch.Tensor:
         """The model's output for the batch x at timestep t (epsilon for a DDPM model, the velocity
-        for a flow model), with classifier-free guidance (Ho & Salimans 2022, eq. 6):
-        out = out_uncond + w * (out_cond - out_uncond), the negative prompt standing in for uncond.
-        (Guidance is linear, so it reads the same for noise and for velocity, as in SD3.)"""
+        for a flow model), with classifier-free guidance: out = out_uncond + w * (out_cond - out_uncond),
+        w = `guidance_scale`, the negative prompt standing in for uncond. That is Ho & Salimans 2022
+        eq. 6, (1 + w') out_cond - w' out_uncond, with their w' = w - 1 (their w' = 0, no guidance, is
+        our w = 1): the form of Imagen (Saharia et al. 2022) and diffusers. (Guidance is linear, so
+        it reads the same for noise and for velocity, as in SD3.)"""
         use_cfg = guidance_scale > 1
         x_in = torch.cat([x, x]) if use_cfg else x
         timesteps = torch.full((x_in.shape[0],), t, device=self.device, dtype=self.model.objective.timestep_dtype)

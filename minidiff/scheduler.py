@@ -132,6 +132,13 @@ class NoiseSchedule:
         The three spacings are those of Lin et al. 2024 ("Common Diffusion Noise Schedules and
         Sample Steps are Flawed", table 2): "leading" 0, k, 2k, ... (+ steps_offset);
         "trailing" counts back from T - 1; "linspace" spreads evenly over [0, T - 1].
+
+        One difference from diffusers, on purpose: diffusers builds "trailing" with a float `arange`
+        that for some n yields one element more, which rounds to timestep -1 (T = 200, n = 62: 63
+        timesteps ending at -1; T = 1000: n = 61, 103, 121, ...), and then its DDPM and DDIM schedulers
+        take one more step "from t = -1" with alphas_cumprod[-1], i.e. alpha-bar_{T-1}: the nearly
+        clean sample treated as pure noise. minidiff drops that element: n timesteps, none below 0
+        (it would otherwise give NaN, alpha-bar_{-1} being 1). The other spacings never go below 0.
         """
         T = self.config.num_train_timesteps
         n = int(num_inference_steps)
@@ -147,6 +154,7 @@ class NoiseSchedule:
         elif spacing == "trailing":
             stride = T / n
             timesteps = np.round(np.arange(T, 0, -stride)) - 1
+            timesteps = timesteps[timesteps >= 0]  # the n timesteps; diffusers may keep an (n + 1)-th, -1 (above)
         else:  # linspace
             timesteps = np.linspace(0, T - 1, n).round()[::-1]
         timesteps = torch.from_numpy(timesteps.astype(np.int64))
@@ -163,7 +171,9 @@ class NoiseSchedule:
 
 
 class DDPMScheduler(NoiseSchedule):
-    """Ancestral sampling of Ho et al. 2020 (Algorithm 2), with the "fixed_small" variance."""
+    """Ancestral sampling of Ho et al. 2020 with the "fixed_small" variance: Algorithm 2 when
+    `clip_sample` is off; with it (the default, as diffusers'), x_0 from eq. 15 clipped to [-1, 1],
+    then the posterior mean of eq. 7 from that x_0 (Algorithm 2 folds eq. 15 into the mean unclipped)."""
 
     def previous_timestep(self, timestep: int) -> int:
         """The next timestep the sampler visits (-1 after the last): with fewer inference steps
@@ -259,6 +269,7 @@ class DDPM(NoiseSchedule, Objective):
     timestep_dtype = torch.int64
 
     def predict_x0(self, x_t, noise, timestep):
+        """x_0 from the predicted noise, Ho et al. 2020 eq. 15."""
         return predict_x0_from_noise(x_t, noise, self._alpha_bar(int(timestep)))
 
     @staticmethod

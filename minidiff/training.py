@@ -8,13 +8,17 @@ DDPM (`objective="ddpm"`; Ho et al. 2020, Algorithm 1 and eq. 14, "L_simple"):
 
 Rectified flow (`objective="flow"`; Liu et al. 2022, Lipman et al. 2023; as SD3, Esser et al. 2024):
 
-    x_0 ~ data, sigma ~ logit-normal (Esser sec. 3.1), eps ~ N(0, I)
-    x_sigma = (1 - sigma) x_0 + sigma eps                              (Esser eq. 1, a straight line)
+    x_0 ~ data, sigma ~ logit-normal (Esser sec. 3.1), shifted (eq. 23), eps ~ N(0, I)
+    x_sigma = (1 - sigma) x_0 + sigma eps                 (Esser eq. 2, a_t = 1 - t, b_t = t: eq. 13)
     loss = || (eps - x_0) - v_theta(x_sigma, sigma * T, caption) ||^2  (the velocity along the line)
 
 DDPM may weight each sample's loss by min(SNR_t, gamma) / SNR_t, SNR_t = alpha-bar_t / (1 - alpha-bar_t)
-(min-SNR-gamma, Hang et al. 2023, `snr_gamma`; diffusers' train_text_to_image.py --snr_gamma): the
-low-noise steps, whose noise is easy to read off and whose gradients otherwise dominate, count less.
+(min-SNR-gamma, Hang et al. 2023 sec. 3.4, `snr_gamma`; diffusers' train_text_to_image.py --snr_gamma).
+Why: eq. 15 gives x_0 - x0_theta = (eps_theta - eps) / sqrt(SNR_t), so the noise loss is the x_0
+loss weighted by SNR_t, ||eps - eps_theta||^2 = SNR_t ||x_0 - x0_theta||^2. SNR_t grows without
+bound as t -> 0, so the low-noise steps dominate (there the noise is a faint residue of x_t and the
+noise MSE is largest); the weight min(SNR_t, gamma) / SNR_t makes it the x_0 loss weighted by
+min(SNR_t, gamma), capped at gamma.
 
 Both are one function, `diffusion_loss`: the model's objective says how t is drawn
 (`sample_training_timesteps`), how x_0 is noised (`add_noise`) and what the network must
@@ -57,7 +61,7 @@ class TrainConfig:
     text_dim: int = 128
     objective: str = "flow"  # "flow" (rectified flow: predict the velocity, as SD3) or "ddpm" (predict the noise)
     beta_schedule: str = "cosine"  # ddpm only
-    shift: float = 1.0  # flow only: the sampling shift of Esser et al. eq. 23 (SD3.5: 3.0)
+    shift: float = 1.0  # flow only: the timestep shift of Esser et al. eq. 23, trained and sampled (SD3.5: 3.0)
     # the optimization
     steps: int = 1150
     batch_size: int = 64
@@ -127,7 +131,13 @@ class EMA:
     with diffusers' EMAModel warm-up of the decay: 0 at the first update, then
     decay_k = min(max_decay, (1 + k) / (10 + k)) at update k + 1 (EMAModel.get_decay(k + 1)); the
     cap is reached only after about 9 / (1 - max_decay) updates. (An update is one foreach lerp
-    over the model's tensors, listed once: `state_dict` hands out views of their storage.)"""
+    over the model's tensors, listed once: `state_dict` hands out views of their storage.)
+
+    So it is not a fixed-horizon average (1 / (1 - 0.999) = 1,000 steps) until the cap: before it,
+    the products telescope and after n updates the weights of step j >= 1 are
+    9 (j + 2)(j + 3)...(j + 9) / ((n + 1)(n + 2)...(n + 9)) ~ 9 j^8 / n^9, a window that grows with
+    the run. At the preset's 1,150 steps (last decay 0.9922) the last 86 steps hold half the weight,
+    the last 261 90%, and the mean age is n / 10 = 115 steps (tests/test_training.py checks this)."""
 
     def __init__(self, model: torch.nn.Module, max_decay: float):
         self.max_decay = max_decay

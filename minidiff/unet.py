@@ -137,7 +137,7 @@ class Level(nn.Module):
 
 class UNet(nn.Module):
     """(x_t, t, text tokens, token mask): (B, 3, H, W), (B,), (B, L, D), (B, L) -> (B, 3, H, W),
-    the predicted noise or velocity."""
+    the predicted noise (a DDPM model, integer t) or velocity (a flow model, float t = sigma * T)."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()

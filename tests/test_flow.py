@@ -82,6 +82,55 @@ def test_training_sigmas_are_logit_normal_or_uniform():
     assert abs(logits.mean()) < 0.03 and abs(logits.std() - 1) < 0.03  # logit(sigma) ~ N(0, 1)
     uniform = RectifiedFlow(sigma_sampling="uniform").sample_training_timesteps(n, torch.Generator())
     assert abs((uniform / 1000).mean() - 0.5) < 0.01 and abs((uniform / 1000).std() - 12 ** -0.5) < 0.01
+    # the default (shift 1) draws what it always drew: sigma = sigmoid(z), not a grid value
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(t, torch.sigmoid(torch.randn(n, generator=g)) * 1000)
+
+
+def diffusers_training_sigmas(shift, weighting_scheme, n, generator):
+    """How diffusers' SD3 training scripts (examples/dreambooth/train_dreambooth_sd3.py) draw sigma:
+    u from compute_density_for_timestep_sampling, indices = (u * T).long(), timesteps[indices] of the
+    scheduler built with the model's shift, and the sigma at that index."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    u = compute_density_for_timestep_sampling(weighting_scheme, n, logit_mean=0.0, logit_std=1.0,
+                                              generator=generator)
+    indices = (u * scheduler.config.num_train_timesteps).long()
+    return scheduler.timesteps[indices], scheduler.sigmas[indices]
+
+
+def ks_distance(a, b):
+    """The two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs."""
+    grid = torch.cat([a, b]).sort().values
+    cdf = lambda x: torch.searchsorted(x.sort().values, grid, right=True) / len(x)  # noqa: E731
+    return (cdf(a) - cdf(b)).abs().max().item()
+
+
+@pytest.mark.parametrize("sampling,scheme", [("logit_normal", "logit_normal"), ("uniform", "none")])
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_training_sigmas_follow_diffusers_sd3_training_at_the_models_shift(shift, sampling, scheme):
+    """train.py --shift 3 trains at the shifted noise levels it samples at, as diffusers' SD3 scripts:
+    the same distribution (KS distance of 200,000 draws from independent seeds), and the same quantiles."""
+    n, T = 200_000, 1000
+    ours = RectifiedFlow(shift=shift, sigma_sampling=sampling).sample_training_timesteps(
+        n, torch.Generator().manual_seed(1)) / T
+    _, theirs = diffusers_training_sigmas(shift, scheme, n, torch.Generator().manual_seed(2))
+    assert ks_distance(ours, theirs) < 0.006  # same distribution: 1.36 * sqrt(2 / n) = 0.0043 at the 5% level
+    q = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])
+    torch.testing.assert_close(ours.quantile(q), theirs.quantile(q), atol=0.006, rtol=0)
+    if sampling == "logit_normal":  # the median is shift(1/2): 0.5 unshifted, 0.75 at SD3.5's shift 3
+        assert ours.median().item() == pytest.approx(shift_sigmas(0.5, shift), abs=0.005)
+
+
+def test_shifted_training_timesteps_are_diffusers_draw_for_draw():
+    """With a shift, the same generator gives diffusers' SD3 training timesteps exactly (torch.randn
+    and diffusers' torch.normal(0, 1) draw the same numbers); the sigmas are t / T."""
+    n = 5000
+    ours = RectifiedFlow(shift=3.0).sample_training_timesteps(n, torch.Generator().manual_seed(4))
+    timesteps, sigmas = diffusers_training_sigmas(3.0, "logit_normal", n, torch.Generator().manual_seed(4))
+    assert torch.equal(ours, timesteps)
+    torch.testing.assert_close(ours / 1000, sigmas, atol=1e-6, rtol=0)
 
 
 class Recorder(torch.nn.Module):

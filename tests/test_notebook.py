@@ -19,8 +19,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "docs" / "walkthrough.ipynb"
 # every by-hand comparison the walkthrough promises, one name per "check passed:" line
-CHECKS = {"forward-process", "ddpm-step", "ddpm-run", "ddim-step", "cfg", "negative-prompt", "img2img",
-          "inpaint-kept", "flow-forward", "flow-step", "flow-run", "sd3-inpaint-kept"}
+CHECKS = {"forward-process", "noise-score", "cfg-bayes", "cfg", "negative-prompt", "ddpm-step", "ddpm-run",
+          "ddim-step", "ddim-eta", "img2img", "inpaint-kept", "flow-forward", "flow-step", "flow-run", "flow-ddim",
+          "shift", "diffusers-sd3", "sd3-inpaint-kept"}
+PASSED = re.compile(r"check passed: ([\w-]+)")  # the line a check cell prints after its assertions
 
 
 def read_notebook():

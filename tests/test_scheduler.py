@@ -122,13 +122,45 @@ def test_timesteps_equal_diffusers_for_every_step_count(T, spacing, offset):
     theirs = {name: cls(**diffusers_kwargs(config)) for name, cls in
               (("ddpm", diffusers.DDPMScheduler), ("ddim", diffusers.DDIMScheduler))}
     wrong = {"ddpm": [], "ddim": []}
+    below_zero = {"ddpm": [], "ddim": []}  # where diffusers' grid ends at t = -1 (NoiseSchedule.set_timesteps)
     for n in range(1, T + 1 - offset):  # an offset with n = T steps past T - 1 (refused, tested below)
         ours.set_timesteps(n)
+        assert len(ours.timesteps) == n and ours.timesteps.min() >= 0
         for name, scheduler in theirs.items():
             scheduler.set_timesteps(n)
-            if ours.timesteps.tolist() != scheduler.timesteps.tolist():
+            expected = scheduler.timesteps.tolist()
+            if expected[-1] < 0:  # the documented difference: diffusers' extra, (n + 1)-th timestep, -1
+                below_zero[name].append(n)
+                expected = expected[:-1]
+            if ours.timesteps.tolist() != expected:
                 wrong[name].append(n)
     assert wrong == {"ddpm": [], "ddim": []}
+    assert below_zero["ddpm"] == below_zero["ddim"]
+    assert bool(below_zero["ddpm"]) == (spacing == "trailing")  # only trailing's float arange overshoots
+    if spacing == "trailing":
+        assert {200: 62, 500: 61, 1000: 61}[T] in below_zero["ddpm"]
+
+
+@pytest.mark.parametrize("scheduler_class", [DDPMScheduler, DDIMScheduler])
+def test_trailing_grid_never_steps_below_zero_where_diffusers_does(scheduler_class):
+    """T = 200, trailing, 62 steps: diffusers' grid has 63 timesteps ending at -1, and its last step
+    reads alphas_cumprod[-1] (alpha-bar_{T-1}); minidiff runs the 62 timesteps >= 0, each step equal to
+    diffusers' at the same timestep, and ends on finite values (a step from t = -1 would give NaN)."""
+    config = SchedulerConfig(num_train_timesteps=200, timestep_spacing="trailing", clip_sample=False)
+    ours = scheduler_class(config)
+    theirs = getattr(diffusers, scheduler_class.__name__)(**diffusers_kwargs(config))
+    ours.set_timesteps(62)
+    theirs.set_timesteps(62)
+    assert len(theirs.timesteps) == 63 and theirs.timesteps[-1] == -1
+    assert ours.timesteps.tolist() == theirs.timesteps[:-1].tolist()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    g_ours, g_theirs = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for t in ours.timesteps.tolist():
+        a = ours.step(fake_model(x, t), t, x, generator=g_ours)
+        b = theirs.step(fake_model(x, t), t, x, generator=g_theirs)
+        torch.testing.assert_close(a.prev_sample, b.prev_sample, atol=1e-5, rtol=0)
+        x = a.prev_sample
+    assert torch.isfinite(x).all()
 
 
 # complete loops at the step counts the issue found (T = 1000 unless noted), and a few random ones per spacing

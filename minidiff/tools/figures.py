@@ -47,8 +47,9 @@ def noising_strip(image: Image.Image, objective, timesteps: list[int],
                   generator: torch.Generator | None = None) -> Image.Image:
     """The input, then x_t for each t, one noise tensor eps for all t so only the noise level changes:
     x_t = sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) eps (Ho et al. 2020 eq. 4) for a DDPM
-    model; x_sigma = (1 - sigma) x_0 + sigma eps with sigma = t / T (Esser et al. 2024 eq. 1,
-    rectified flow) for a flow one, labelled with sigma. `objective`: the model's (`model.objective`)."""
+    model; x_sigma = (1 - sigma) x_0 + sigma eps with sigma = t / T (Esser et al. 2024 eq. 2 with
+    rectified flow's a_t = 1 - t, b_t = t, their eq. 13) for a flow one, labelled with sigma.
+    `objective`: the model's (`model.objective`)."""
     T = objective.num_train_timesteps
     bad = [t for t in timesteps if not 0 <= t < T]
     if bad or not timesteps:
