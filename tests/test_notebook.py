@@ -22,7 +22,6 @@ NOTEBOOK = ROOT / "docs" / "walkthrough.ipynb"
 CHECKS = {"forward-process", "noise-score", "cfg-bayes", "cfg", "negative-prompt", "ddpm-step", "ddpm-run",
           "ddim-step", "ddim-eta", "img2img", "inpaint-kept", "flow-forward", "flow-step", "flow-run", "flow-ddim",
           "shift", "diffusers-sd3", "sd3-inpaint-kept"}
-PASSED = re.compile(r"check passed: ([\w-]+)")  # the line a check cell prints after its assertions
 
 
 def read_notebook():
