@@ -19,15 +19,6 @@ import torch
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 
-# Slow tests of files kept by others, marked here until they carry @pytest.mark.slow themselves.
-SLOW_ELSEWHERE = {"tests/test_readme.py::test_readme_runs_as_written"}  # the README's commands: minutes
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.nodeid.split("[")[0] in SLOW_ELSEWHERE:
-            item.add_marker(pytest.mark.slow)
-
 # A run small enough to train a few steps in about a second.
 TINY_TRAINING = dict(objective="ddpm", steps=4, batch_size=4, image_size=16, base_channels=16, channel_mults=(1, 2),
                      attention_levels=(1,), text_dim=32, lr=2e-3, warmup_steps=2, sample_every=0, checkpoint_every=0,
