@@ -100,6 +100,18 @@ def defaults_for(model_id_or_path) -> tuple[int, float]:
     return next(((steps, guidance) for k, steps, guidance in MODEL_DEFAULTS if k == key), GENERIC_DEFAULTS)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware: the avx512_bf16 or amx_bf16 flags on x86, the
+    bf16 feature on Arm (Linux's /proc/cpuinfo). Elsewhere, or when it cannot be read, False: bf16
+    would be emulated in float32 instructions, with no speed to gain."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            words = set(f.read().split())
+    except OSError:
+        return False
+    return bool(words & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on CUDA cards that have it natively (Ampere and later): half the memory, and what the
     models were trained in. float16 on older CUDA cards (T4, V100, RTX 20xx), where bf16 is emulated
