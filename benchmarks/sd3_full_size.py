@@ -146,6 +146,7 @@ def instantiate(cls, config):
 def parameter_counts(size: str) -> dict:
     """Parameters per component, built on the meta device (no memory): `parameters` as PyTorch counts
     them, and `buffers` (the transformer's fixed sin-cos position table is a saved buffer)."""
+    import torch
     from accelerate import init_empty_weights
 
     counts = {}
@@ -153,7 +154,8 @@ def parameter_counts(size: str) -> dict:
         with init_empty_weights(include_buffers=True):
             model = instantiate(cls, config)
         counts[name] = {"parameters": sum(p.numel() for p in model.parameters()),
-                        "buffers": sum(b.numel() for _, b in model.named_buffers())}
+                        "buffers": sum(b.numel() for _, b in model.named_buffers() if b.dtype.is_floating_point),
+                        "linear_weights": sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))}
         if name == "transformer":
             attn2 = sum(p.numel() for n, p in model.named_parameters() if ".attn2." in n)
             counts[name]["dual_attention_parameters"] = attn2
@@ -297,14 +299,56 @@ def mode_options(mode: str) -> dict:
 
 
 def memory_status() -> dict:
-    """VmRSS and VmHWM (the peak) of this process, in bytes (Linux)."""
+    """VmRSS, VmHWM (its peak), RssAnon and RssFile of this process, in bytes (Linux)."""
     fields = {}
     with contextlib.suppress(OSError):
         for line in Path("/proc/self/status").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
                 fields[key] = int(value.split()[0]) * 1024
     return fields
+
+
+def tensor_bytes(t) -> int:
+    """Bytes a tensor really holds: for a torchao quantised weight, its inner tensors (int8 data and
+    scales), not numel x element_size of the dtype it stands in for."""
+    inner = getattr(t, "__tensor_flatten__", None)
+    if inner is not None and type(t) not in (torch_module().Tensor, torch_module().nn.Parameter):
+        return sum(tensor_bytes(getattr(t, name)) for name in inner()[0])
+    return t.numel() * t.element_size()
+
+
+def torch_module():
+    import torch
+
+    return torch
+
+
+class AnonymousPeak:
+    """The largest RssAnon of this process, sampled every 20 ms by a thread. VmHWM also counts the
+    pages of the safetensors files that the loaders map into memory: clean file pages, which the
+    kernel can drop under pressure; RssAnon is the memory the process really needs."""
+
+    def __init__(self, interval: float = 0.02):
+        import threading
+
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _run(self, interval):
+        while not self._stop.is_set():
+            with contextlib.suppress(OSError, ValueError, StopIteration):
+                with open("/proc/self/status") as f:
+                    line = next(line for line in f if line.startswith("RssAnon:"))
+                self.peak = max(self.peak, int(line.split()[1]) * 1024)
+            self._stop.wait(interval)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
 
 
 def linear_census(module) -> dict:
@@ -324,8 +368,14 @@ def linear_census(module) -> dict:
         if own and not (TorchAOBaseTensor and isinstance(m, torch.nn.Linear) and isinstance(m.weight, TorchAOBaseTensor)):
             kind = type(m).__name__
             full[kind] = full.get(kind, 0) + sum(p.numel() for p in own)
-    return {"linear": len(linears), "quantised_linear": len(quantised),
-            "full_precision_parameters_by_layer_type": full}
+    not_quantised = sorted({name.rsplit(".", 1)[-1] for name, m in module.named_modules()
+                            if isinstance(m, torch.nn.Linear) and m not in quantised})
+    return {"linear": len(linears), "quantised_linear": len(quantised), "linear_left_unquantised": not_quantised,
+            "full_precision_parameters_by_layer_type": full,
+            "full_precision_bytes": sum(p.numel() * p.element_size() for m in module.modules()
+                                        for p in m.parameters(recurse=False)
+                                        if not (TorchAOBaseTensor and isinstance(p, TorchAOBaseTensor))),
+            "buffer_bytes": sum(b.numel() * b.element_size() for b in module.buffers())}
 
 
 def test_images(size: int):
@@ -353,6 +403,7 @@ def worker(folder: str, mode: str, size: int, steps: int, threads: int, out_json
     from bridge import SD3Bridge
 
     record = {"mode": mode, "size": size, "steps": steps, "threads": threads}
+    anonymous = AnonymousPeak()
     start = time.perf_counter()
     bridge = SD3Bridge.from_pretrained(folder, device="cpu", **options)
     bridge.pipe.set_progress_bar_config(disable=True)
@@ -361,8 +412,8 @@ def worker(folder: str, mode: str, size: int, steps: int, threads: int, out_json
     record["load_s"] = time.perf_counter() - start
     record["dtype"] = str(bridge.dtype).replace("torch.", "")
     record["t5"] = bridge.pipe.text_encoder_3 is not None
-    record["after_load"] = memory_status()
-    record["weights_bytes"] = {name: sum(p.numel() * p.element_size() for p in getattr(bridge.pipe, name).parameters())
+    record["after_load"] = {**memory_status(), "RssAnon_peak": anonymous.peak}
+    record["weights_bytes"] = {name: sum(tensor_bytes(p) for p in getattr(bridge.pipe, name).parameters())
                                for name in COMPONENTS if getattr(bridge.pipe, name, None) is not None}
     if options.get("quantization"):
         record["int8"] = {name: linear_census(getattr(bridge.pipe, name)) for name in ("transformer", "text_encoder_3")
@@ -395,7 +446,7 @@ def worker(folder: str, mode: str, size: int, steps: int, threads: int, out_json
         if image_dir:
             out.images[0].save(Path(image_dir) / f"{mode}-{name}.png")
         record["calls"][name] = entry
-    record["peak"] = memory_status()
+    record["peak"] = {**memory_status(), "RssAnon_peak": anonymous.stop()}
     Path(out_json).write_text(json.dumps(record, indent=2))
 
 
@@ -452,6 +503,41 @@ def bf16_check(transformer_folder, latent_size: int, seed: int = 0, threads: int
     return results
 
 
+def load_peak(transformer_folder, how: str) -> dict:
+    """Load the transformer alone in float32 from its (bf16) files, in this process: straight
+    (`float32`), or in bf16 and cast afterwards (`bf16-then-float32`); VmHWM, the RssAnon peak and
+    the RssFile peak (sampled), against the bytes of float32 weights."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    anonymous = AnonymousPeak()
+    before = memory_status()
+    start = time.perf_counter()
+    if how == "float32":
+        model = SD3Transformer2DModel.from_pretrained(transformer_folder, torch_dtype=torch.float32)
+    else:
+        model = SD3Transformer2DModel.from_pretrained(transformer_folder, torch_dtype=torch.bfloat16).to(torch.float32)
+    seconds = time.perf_counter() - start
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    after = memory_status()
+    return {"how": how, "seconds": seconds, "weights_bytes": weights, "before": before, "after": after,
+            "RssAnon_peak": anonymous.stop(), "VmHWM_over_weights": after["VmHWM"] / weights}
+
+
+def compare_images(image_dir, mode_a: str, mode_b: str) -> dict:
+    """Each call's image from two modes (saved by `cpu --images`): mean and largest absolute pixel
+    difference (of 255) and the correlation of the pixel values."""
+    import numpy as np
+    from PIL import Image
+
+    result = {}
+    for call in ("sample", "img2img", "inpaint"):
+        a, b = (np.asarray(Image.open(Path(image_dir) / f"{mode}-{call}.png"), dtype=np.float64) for mode in (mode_a, mode_b))
+        result[call] = {"mean_abs": float(np.abs(a - b).mean()), "max_abs": float(np.abs(a - b).max()),
+                        "correlation": float(np.corrcoef(a.ravel(), b.ravel())[0, 1])}
+    return result
+
+
 # --- the GPU table (prepared; run on a machine with CUDA) ---------------------------------------------
 
 GPU_MODES = {"default": {}, "drop_t5": {"drop_t5": True}, "model_offload": {"offload": "model"},
@@ -473,7 +559,7 @@ def gpu_worker(folder: str, mode: str, size: int, out_json: str) -> None:
     record = {"mode": mode, "load_s": time.perf_counter() - start, "dtype": str(bridge.dtype),
               "steps": bridge.default_num_inference_steps, "size": size}
     if compiled:
-        bridge.pipe.transformer.compile(fullgraph=True)
+        bridge.pipe.transformer.compile()  # in place (nn.Module.compile); the first call compiles
         start = time.perf_counter()
         bridge.sample(PROMPT, height=size, width=size, generator=torch.Generator().manual_seed(0))
         record["compile_and_first_image_s"] = time.perf_counter() - start
@@ -540,18 +626,49 @@ def counts_table(counts: dict) -> str:
     return "\n".join(lines)
 
 
+CARDS_GB = (8, 12, 16, 24, 48, 80)
+
+
+def weights_gb(parts: dict, with_t5: bool, int8: bool) -> float:
+    """Bytes of weights (parameters and floating buffers) in bf16, or with the transformer's and T5's
+    Linear weights in int8 (all of them are quantised: the `cpu` run's census), in GB."""
+    total = 0
+    for name, c in parts.items():
+        if name == "text_encoder_3" and not with_t5:
+            continue
+        size = 2 * (c["parameters"] + c["buffers"])
+        if int8 and name in ("transformer", "text_encoder_3"):
+            size -= c["linear_weights"]  # 1 byte instead of 2 (the per-row scales are left out: < 0.1%)
+        total += size
+    return total / 1e9
+
+
+def fits_table(counts: dict) -> str:
+    """Weights alone against card sizes: a lower bound (activations, the CUDA context and the
+    VAE decode at 1024 px come on top; the measured GPU table is what settles it)."""
+    lines = ["| model | weights | GB (weights only) | " + " | ".join(f"{c} GB" for c in CARDS_GB) + " |",
+             "| --- " * (3 + len(CARDS_GB)) + "|"]
+    for model, parts in counts.items():
+        for label, t5, int8 in (("bf16, with T5", True, False), ("bf16, drop_t5", False, False),
+                                ("int8 transformer + T5", True, True), ("int8 transformer, drop_t5", False, True)):
+            gb = weights_gb(parts, t5, int8)
+            marks = " | ".join("yes" if gb < 0.9 * c else "no" for c in CARDS_GB)  # 10% left for the rest
+            lines.append(f"| {model} | {label} | {gb:.1f} | {marks} |")
+    return "\n".join(lines)
+
+
 def modes_table(records: list) -> str:
-    lines = ["| mode | dtype | T5 | load s | sample s/step | img2img s/step | inpaint s/step | peak RSS GB | "
-             "inpaint kept exact | int8 linears (quantised/total) |", "| --- " * 10 + "|"]
+    lines = ["| mode | dtype | T5 | load s | sample s/step | img2img s/step | inpaint s/step | peak RSS GB (VmHWM) | "
+             "peak anonymous GB | inpaint kept exact | int8 linears (quantised/total) |", "| --- " * 11 + "|"]
     for r in records:
         if "error" in r:
-            lines.append(f"| {r['mode']} | failed: {r['error']} |" + " |" * 8)
+            lines.append(f"| {r['mode']} | failed: {r['error']} |" + " |" * 9)
             continue
         step = {k: (f"{v['s_per_step']:.2f}" if v["s_per_step"] else "-") for k, v in r["calls"].items()}
         q = r.get("int8", {}).get("transformer")
         q_text = f"{q['quantised_linear']}/{q['linear']}" if q else ""
         lines.append(f"| {r['mode']} | {r['dtype']} | {'yes' if r['t5'] else 'no'} | {r['load_s']:.1f} | {step['sample']} | "
-                     f"{step['img2img']} | {step['inpaint']} | {r['peak']['VmHWM'] / 1e9:.2f} | "
+                     f"{step['img2img']} | {step['inpaint']} | {r['peak']['VmHWM'] / 1e9:.2f} | {r['peak']['RssAnon_peak'] / 1e9:.2f} | "
                      f"{r['calls']['inpaint']['kept_exact']} | {q_text} |")
     return "\n".join(lines)
 
@@ -589,6 +706,13 @@ def parser() -> ArgumentParser:
     k.add_argument("--folder", required=True)
     k.add_argument("--size", type=check_size, default=256)
     k.add_argument("--threads", type=int, default=2)
+    lp = sub.add_parser("load-peak", help="the float32 load's peak: the transformer alone, each way in a fresh process")
+    lp.add_argument("--folder", required=True)
+    lp.add_argument("--how", nargs="+", default=["float32", "bf16-then-float32"], choices=["float32", "bf16-then-float32"])
+    lp.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
+    d = sub.add_parser("compare", help="the images of two modes saved by `cpu --images`: pixel differences")
+    d.add_argument("--images", required=True)
+    d.add_argument("--modes", nargs=2, required=True)
     g = sub.add_parser("gpu", help="the GPU table at 1024 x 1024 (needs CUDA)")
     g.add_argument("--out", required=True, help="where the Medium and Large folders are built")
     g.add_argument("--models", nargs="+", default=["medium", "large"], choices=["medium", "large"])
@@ -627,6 +751,8 @@ def main(argv=None) -> int:
         counts = {m: parameter_counts(m) for m in ("medium", "large")}
         print(json.dumps(counts, indent=2))
         print(counts_table(counts))
+        print()
+        print(fits_table(counts))
     elif args.command == "build":
         print(build(Path(args.out), "tiny" if args.tiny else "medium", with_t5=not args.no_t5))
     elif args.command == "cpu":
@@ -642,6 +768,16 @@ def main(argv=None) -> int:
         print(modes_table(records))
     elif args.command == "bf16-check":
         print(json.dumps(bf16_check(Path(args.folder) / "transformer", args.size // 8, threads=args.threads)))
+    elif args.command == "load-peak":
+        for how in args.how:
+            if args.in_process:
+                print(json.dumps(load_peak(Path(args.folder) / "transformer", how)), flush=True)
+                continue
+            done = subprocess.run([sys.executable, "-m", "benchmarks.sd3_full_size", "load-peak", "--folder",
+                                   str(args.folder), "--how", how, "--in-process"], capture_output=True, text=True)
+            print((done.stdout.strip().splitlines() or [done.stderr.strip().splitlines()[-1]])[-1], flush=True)
+    elif args.command == "compare":
+        print(json.dumps(compare_images(args.images, *args.modes), indent=2))
     elif args.command == "gpu":
         rows = gpu_table(Path(args.out), args.models, args.modes, args.size)
         if args.json:
