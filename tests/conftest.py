@@ -11,6 +11,20 @@ torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 
 
+@pytest.fixture(scope="session", autouse=True)
+def bridge_cpu_in_float32():
+    """The bridge's tests compare its numbers with diffusers' own pipelines in float32, so the CPU
+    dtype rule is pinned to float32 (as on a CPU without native bf16) for the whole session; the rule
+    itself is tested with the capability patched (test_sd3_full_size). Reading a given cpuinfo file
+    still works."""
+    from bridge import sd3
+
+    real = sd3.cpu_has_native_bf16
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sd3, "cpu_has_native_bf16", lambda cpuinfo=None: real(cpuinfo) if cpuinfo else False)
+        yield
+
+
 def tiny_train_config(out, **overrides):
     """A TrainConfig small enough to train a few steps in about a second."""
     from minidiff.training import TrainConfig

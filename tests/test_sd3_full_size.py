@@ -58,9 +58,8 @@ def test_counts_match_the_published_sizes():
 
 
 def test_each_mode_runs_the_three_calls_and_inpainting_keeps_the_unmasked_half(folder, tmp_path):
-    records = {mode: measure(folder, mode, tmp_path) for mode in ("default", "drop_t5", "bf16")}
+    records = {mode: measure(folder, mode, tmp_path) for mode in ("default", "drop_t5")}  # bf16: further down
     assert records["default"]["t5"] and not records["drop_t5"]["t5"]
-    assert records["bf16"]["dtype"] == "bfloat16"
     for record in records.values():
         calls = record["calls"]
         assert calls["sample"]["steps_run"] == 2 and calls["inpaint"]["steps_run"] == 2
@@ -101,3 +100,41 @@ def test_the_gpu_table_refuses_without_cuda(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert run(full.main, ["gpu", "--out", str(tmp_path)]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+# --- the CPU dtype rule: bf16 where the CPU has it natively ----------------------------------------
+
+@pytest.mark.parametrize("flags,native", [("fpu avx2 avx512f avx512_bf16 avx512_vnni", True),
+                                          ("fpu avx2 amx_bf16 amx_tile", True),
+                                          ("fpu avx2 avx512f avx512bw avx512_vnni", False),  # AVX512 without BF16
+                                          ("fp asimd bf16 i8mm", True)])  # Arm: "Features" line
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path, flags, native):
+    from bridge.sd3 import cpu_has_native_bf16
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert cpu_has_native_bf16(str(cpuinfo)) is native
+    assert cpu_has_native_bf16(str(tmp_path / "missing")) is False
+
+
+@pytest.mark.parametrize("native,expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_the_cpu_default_is_bf16_only_where_native(monkeypatch, native, expected):
+    from bridge import sd3
+
+    monkeypatch.setattr(sd3, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert sd3.default_dtype(torch.device("cpu")) == expected
+    assert sd3.default_dtype(torch.device("cuda")) == torch.bfloat16  # CUDA keeps its own rule
+    assert sd3.default_dtype(torch.device("mps")) == torch.float32
+
+
+def test_the_default_mode_on_a_native_bf16_cpu_loads_bf16_without_a_warning(folder, tmp_path, monkeypatch, recwarn):
+    from bridge import sd3
+
+    monkeypatch.setattr(sd3, "cpu_has_native_bf16", lambda: True)
+    record = measure(folder, "default", tmp_path, steps=1)
+    assert record["dtype"] == "bfloat16" and record["calls"]["inpaint"]["kept_exact"] is True
+    assert not [w for w in recwarn if "bf16" in str(w.message) or "bfloat16" in str(w.message)]
+    monkeypatch.setattr(sd3, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="emulated"):
+        sd3.SD3Bridge.from_pretrained(folder, device="cpu", dtype=torch.bfloat16)
