@@ -63,7 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=None, help="default: the model's size (SD3: any multiple of 16)")
     sd3 = p.add_argument_group("Stable Diffusion 3.5 only (README: memory, quantisation, LoRA)")
     sd3.add_argument("--dtype", choices=list(SD3_DTYPES), default=None,
-                     help="default: bfloat16 on CUDA cards with native bf16, float16 on older ones, float32 on CPU")
+                     help="default: bfloat16 on CUDA cards and CPUs with native bf16, float16 on older CUDA cards, "
+                          "float32 elsewhere")
     sd3.add_argument("--drop-t5", action="store_true", help="leave out the 4.7B-parameter T5 text encoder")
     sd3.add_argument("--offload", choices=["model", "sequential"], default=None,
                      help="move models (or layers) to the GPU only while they run: less memory, slower")

@@ -102,12 +102,29 @@ def defaults_for(model_id_or_path) -> tuple[int, float]:
     return next(((steps, guidance) for k, steps, guidance in MODEL_DEFAULTS if k == key), GENERIC_DEFAULTS)
 
 
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bf16 in hardware: the avx512_bf16 or amx_bf16 flags on x86, the
+    bf16 feature on Arm (Linux's /proc/cpuinfo). Elsewhere, or when it cannot be read, False: bf16
+    would be emulated in float32 instructions, with no speed to gain."""
+    try:
+        with open(cpuinfo) as f:
+            words = set(f.read().split())
+    except OSError:
+        return False
+    return bool(words & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on CUDA cards that have it natively (Ampere and later): half the memory, and what the
     models were trained in. float16 on older CUDA cards (T4, V100, RTX 20xx), where bf16 is emulated
     and slow; T5 stays finite there because its `wo` layers are kept in float32 (transformers'
-    `_keep_in_fp32_modules`, which the bridge never casts away). On CPU, bf16 SD3 is known to produce
-    noise, so CPU (and MPS, whose bf16 support depends on the macOS version) use float32."""
+    `_keep_in_fp32_modules`, which the bridge never casts away). bf16 also on CPUs that compute it
+    natively (`cpu_has_native_bf16`: AVX512-BF16 or AMX, Arm BF16), float32 on other CPUs, where bf16
+    is emulated, and on MPS (whose bf16 support depends on the macOS version). The noise once
+    reported for bf16 SD3 on CPU (diffusers issue #8593, torch 2.1.2) did not show on the full-size
+    SD3.5 Medium architecture (random weights) with torch 2.14: docs/bridge-memory.md, "bf16 on the CPU"."""
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
     return precision_for(device) or torch.float32  # the same rule the toy's training uses on CUDA
 
 
@@ -386,7 +403,7 @@ class SD3Bridge(TextToImagePipeline):
         """Load a Hugging Face SD3 model (hub id or folder with model_index.json) once.
 
         device: "auto"/None picks cuda, then mps, then cpu.
-        dtype: bf16 on CUDA cards with native bf16, float16 on older CUDA cards, float32 elsewhere.
+        dtype: bf16 on CUDA cards and CPUs with native bf16, float16 on older CUDA cards, float32 elsewhere.
         drop_t5: leave out the 4.7B-parameter T5 text encoder (prompts then use CLIP alone); a folder
             saved without T5 is loaded that way by itself.
         offload: None, "model" (enable_model_cpu_offload) or "sequential" (enable_sequential_cpu_offload).
@@ -397,8 +414,9 @@ class SD3Bridge(TextToImagePipeline):
             raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
         device = pick_device(device)
         dtype = default_dtype(device) if dtype is None else dtype
-        if dtype == torch.bfloat16 and device.type == "cpu":
-            warnings.warn("bfloat16 on CPU is known to give noise with SD3; float32 is the CPU default", stacklevel=2)
+        if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_native_bf16():
+            warnings.warn("this CPU has no native bf16 (AVX512-BF16, AMX or Arm BF16): bfloat16 is emulated and "
+                          "slower than float32, the default here", stacklevel=2)
         if offload is not None and device.type == "cpu":
             raise ValueError(f"offload={offload!r} moves weights between CPU and a GPU, but the device is the CPU; "
                              "leave offload unset")

@@ -25,6 +25,20 @@ TINY_TRAINING = dict(objective="ddpm", steps=4, batch_size=4, image_size=16, bas
                      log_every=2, device="cpu")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def bridge_cpu_in_float32():
+    """The bridge's tests compare its numbers with diffusers' own pipelines in float32, so the CPU
+    dtype rule is pinned to float32 (as on a CPU without native bf16) for the whole session; the rule
+    itself is tested with the capability patched (test_sd3_full_size). Reading a given cpuinfo file
+    still works."""
+    from bridge import sd3
+
+    real = sd3.cpu_has_native_bf16
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sd3, "cpu_has_native_bf16", lambda cpuinfo=None: real(cpuinfo) if cpuinfo else False)
+        yield
+
+
 def tiny_train_config(out, **overrides):
     """The tiny run as a TrainConfig writing into `out`; `overrides` are TrainConfig fields."""
     from minidiff.training import TrainConfig
