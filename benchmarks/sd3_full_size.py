@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from minidiff.cli import ArgumentParser, UsageError, run
+from minidiff.tools.cli import ArgumentParser, UsageError, run
 
 # --- the published configurations -----------------------------------------------------------------
 # Transformer, stabilityai/stable-diffusion-3.5-medium transformer/config.json (snapshot b940f670f0ed,

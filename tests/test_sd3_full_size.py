@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from benchmarks import sd3_full_size as full
-from minidiff.cli import run
+from minidiff.tools.cli import run
 
 SIZE = 32  # pixels: 4 x 4 latents, 2 x 2 patches
 
