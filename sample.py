@@ -61,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="default: the model's own (ddpm for DDPM models, euler for flow models and SD3)")
     p.add_argument("--height", type=int, default=None, help="default: the model's size (SD3: any multiple of 16)")
     p.add_argument("--width", type=int, default=None, help="default: the model's size (SD3: any multiple of 16)")
-    sd3 = p.add_argument_group("Stable Diffusion 3.5 only (README: memory, quantisation, LoRA)")
+    sd3 = p.add_argument_group("Stable Diffusion 3.5 only (docs/sd3-bridge.md: memory, quantisation, LoRA)")
     sd3.add_argument("--dtype", choices=list(SD3_DTYPES), default=None,
                      help="default: bfloat16 on CUDA cards and CPUs with native bf16, float16 on older CUDA cards, "
                           "float32 elsewhere")
