@@ -63,6 +63,15 @@ def test_equals_diffusers(name, length):
         assert (got - expected).abs().max() <= 1e-5, f"{name}: max |diff| {(got - expected).abs().max():.2e}"
 
 
+@pytest.mark.parametrize("overrides", [{}, dict(sample_size=8, patch_size=1, pos_embed_max_size=20)])
+def test_position_table_equals_diffusers(overrides):
+    """from_diffusers copies diffusers' saved table, so check the one built here on its own."""
+    from diffusers import SD3Transformer2DModel
+
+    expected = SD3Transformer2DModel(**{**TINY, **overrides}).pos_embed.pos_embed  # (1, max^2, D)
+    assert torch.equal(MMDiT(MMDiTConfig(**{**TINY, **overrides})).patch_embed.pos_embed, expected)
+
+
 @torch.no_grad()
 def test_skip_layers_equal_diffusers():
     transformer = diffusers_transformer(**CONFIGS["sd3.5-medium"])
@@ -144,7 +153,8 @@ def test_as_diffusers_transformer():
                     joint_attention_kwargs=None)
     expected = transformer(**keywords).sample
     assert torch.equal(wrapper(**keywords).sample, expected)
-    assert torch.equal(wrapper(**keywords, return_dict=False)[0], expected)
+    as_tuple = wrapper(**keywords, return_dict=False)
+    assert type(as_tuple) is tuple and len(as_tuple) == 1 and torch.equal(as_tuple[0], expected)
     with pytest.raises(ValueError, match="controlnet"):
         wrapper(**keywords, block_controlnet_hidden_states=[x])
 
