@@ -151,7 +151,8 @@ class JointBlock(nn.Module):
             t_scale1, t_shift1 = mod.chunk(2, dim=-1)
         else:
             t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = mod.chunk(6, dim=-1)
-        # one attention over the joined tokens [image; text] (image first, as diffusers and the paper)
+        # ONE attention over the joined tokens [image; text]: diffusers' order (Stability's reference code
+        # puts the text first; without a mask that changes only float rounding, attention ignores order)
         qkv = zip(self.image.qkv(modulate(x, shift1, scale1)),
                   self.text.qkv(modulate(ctx, t_shift1, t_scale1)))
         q, k, v = (torch.cat(pair, dim=2) for pair in qkv)  # (B, heads, N+L, head_dim)
@@ -195,6 +196,7 @@ class MMDiT(nn.Module):
         if pooled is None:  # mean of the real tokens
             keep = (torch.ones_like(context[..., :1]) if context_mask is None else context_mask[..., None]).to(context)
             pooled = (context * keep).sum(1) / keep.sum(1).clamp(min=1)  # (B, T)
+        # conditioning (fig. 2a): c = MLP(sinusoidal(t)) + MLP(pooled text)
         c = self.t_embedder(timestep_embedding(timesteps).to(pooled.dtype)) + self.pooled_embedder(pooled)  # (B, D)
         h, w = x.shape[-2:]
         x, ctx = self.patch_embed(x), self.context_embedder(context)  # (B, N, D), (B, L, D)

@@ -19,7 +19,7 @@ CONFIGS = {  # shaped like the real models, shrunk
     "sd3.5-medium": dict(qk_norm="rms_norm", dual_attention_layers=(0, 1)),
     "patch-1": dict(sample_size=8, patch_size=1, qk_norm="rms_norm", dual_attention_layers=(1,)),
     "no-max-size": dict(pos_embed_max_size=None, qk_norm="rms_norm", dual_attention_layers=(0,)),
-    "one-layer": dict(num_layers=1, pos_embed_max_size=None),
+    "one-layer": dict(num_layers=1, pos_embed_max_size=None, qk_norm="rms_norm", dual_attention_layers=(0,)),  # last = dual
 }
 
 
@@ -90,7 +90,7 @@ def test_to_diffusers_round_trip():
                                ours(x, t, context, pooled=pooled), rtol=0, atol=1e-5)
     again = MMDiT.from_diffusers(transformer).state_dict()
     assert all(torch.equal(value, again[name]) for name, value in ours.state_dict().items())
-    assert dict(transformer.config)["qk_norm"] == "rms_norm" and tuple(transformer.config.dual_attention_layers) == (0, 1)
+    assert transformer.config.qk_norm == "rms_norm" and tuple(transformer.config.dual_attention_layers) == (0, 1)
 
 
 @torch.no_grad()
@@ -106,7 +106,8 @@ def test_context_mask_and_pooled_default():
         alone = model(x[i:i + 1], t[i:i + 1], context[i:i + 1, :n])
         torch.testing.assert_close(padded[i:i + 1], alone, rtol=1e-5, atol=1e-5)  # (another attention kernel)
         real = context[i:i + 1, :n]
-        torch.testing.assert_close(alone, model(x[i:i + 1], t[i:i + 1], real, pooled=real.mean(1)), rtol=1e-5, atol=1e-5)
+        with_pooled = model(x[i:i + 1], t[i:i + 1], real, pooled=real.mean(1))
+        torch.testing.assert_close(alone, with_pooled, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(model(x, t, context, context_mask=torch.ones(2, 6, dtype=torch.bool)),
                                model(x, t, context), rtol=1e-5, atol=1e-5)
 
