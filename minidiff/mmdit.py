@@ -14,7 +14,7 @@ D = heads * head_dim the width of both streams, T joint_attention_dim (the text 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,8 @@ class MMDiTConfig:  # field names as diffusers' SD3Transformer2DModel config
             raise ValueError(f"qk_norm must be None or 'rms_norm', got {self.qk_norm!r}")
         if self.sample_size % self.patch_size:
             raise ValueError(f"sample_size {self.sample_size} must be divisible by patch_size {self.patch_size}")
+        if self.width % 4:  # the position table: sin and cos of the patch's row and of its column
+            raise ValueError(f"num_attention_heads * attention_head_dim must be a multiple of 4, got {self.width}")
         if self.caption_projection_dim != self.width:
             raise ValueError(f"caption_projection_dim must equal num_attention_heads * attention_head_dim "
                              f"= {self.width}, got {self.caption_projection_dim}")
@@ -53,6 +55,11 @@ class MMDiTConfig:  # field names as diffusers' SD3Transformer2DModel config
     image_size = property(lambda self: self.sample_size)
 
     to_dict = asdict  # -> {field: value}
+
+    def with_text_dim(self, text_dim: int) -> MMDiTConfig:
+        """This MMDiT reading text tokens of width `text_dim` whose pooled vector is their mean (minidiff's
+        own text encoder; SD3.5's: T5 + CLIP tokens of 4096, pooled CLIP vectors of 2048)."""
+        return replace(self, joint_attention_dim=text_dim, pooled_projection_dim=text_dim)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256) -> torch.Tensor:
