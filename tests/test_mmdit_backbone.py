@@ -86,6 +86,7 @@ def test_trained_mmdit_saves_loads_and_draws(mmdit_model_dir):
     assert not np.array_equal(np.asarray(out)[~keep], np.asarray(picture)[~keep])
 
 
+@pytest.mark.slow
 def test_mmdit_run_resumes_bitwise_and_keeps_its_backbone(tmp_path):
     """A run resumed from its step-3 checkpoint ends with the weights, EMA, optimizer and generator of
     the same run never stopped; a resumed run refuses another backbone or MMDiT size."""
@@ -122,3 +123,19 @@ def test_mmdit_config_refuses_what_it_cannot_build_naming_the_field():
     cfg = MMDiTConfig(num_attention_heads=3, attention_head_dim=4, caption_projection_dim=12, in_channels=3)
     x = torch.randn(1, 3, 16, 16)
     assert MMDiT(cfg)(x, torch.tensor([5.0]), torch.randn(1, 2, cfg.joint_attention_dim)).shape == x.shape
+
+
+@pytest.mark.slow
+def test_the_tools_take_an_mmdit_model_like_a_unet_one(mmdit_model_dir, tmp_path, capsys):
+    """python -m minidiff.evaluate, python -m minidiff.figures and the app load it and draw with it."""
+    from minidiff.tools import evaluate, figures
+    from minidiff.tools.webapp import AppModel, Result, Settings, generate
+
+    assert evaluate.main(["--model", str(mmdit_model_dir), "--samples-per-prompt", "1", "--steps", "2"]) == 0
+    assert "single-object prompts: colour" in capsys.readouterr().out
+    assert figures.main(["--model", str(mmdit_model_dir), "--out", str(tmp_path / "figures"), "--steps", "2"]) == 0
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == sorted(figures.FIGURES)
+    app = AppModel.load(str(mmdit_model_dir), device="cpu")
+    assert app.backend == "minidiff" and isinstance(app.pipe.model.denoiser, MMDiT)
+    result = list(generate(app, "txt2img", Settings("a red circle", steps=3)))[-1]
+    assert isinstance(result, Result) and result.images[0].size == (16, 16)
