@@ -58,7 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-heads", type=int, help=f"MMDiT attention heads (default {TrainConfig.num_heads})")
     p.add_argument("--head-dim", type=int,
                    help=f"MMDiT width per head; width = heads x head dim (default {TrainConfig.head_dim})")
-    p.add_argument("--patch-size", type=int, help=f"MMDiT pixels per image token, p x p (default {TrainConfig.patch_size})")
+    p.add_argument("--patch-size", type=int,
+                   help=f"MMDiT pixels per image token, p x p (default {TrainConfig.patch_size})")
     p.add_argument("--text-dim", type=int, help="text encoder width")
     p.add_argument("--lr", type=float, help="peak learning rate (Adam)")
     p.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up")
@@ -103,8 +104,9 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     for network, names in NETWORK_SETTINGS.items():
         for name in names:
             if network != backbone and name in given:
+                hint = " or add --backbone mmdit" if network == "mmdit" else ""
                 raise UsageError(f"--{name.replace('_', '-')} sets the {network} network, but this run trains the "
-                                 f"{backbone}; drop the flag" + (" or add --backbone mmdit" if network == "mmdit" else ""))
+                                 f"{backbone}; drop the flag{hint}")
     return TrainConfig(**{**PRESETS[preset], **given})
 
 
@@ -255,7 +257,8 @@ def main(argv=None) -> int:
             say(f"warning: {note}")
         ranks = distributed.get("world_size", 1)
         say(f"training on {trainer.device}{f' x {ranks} processes' if ranks > 1 else ''} "
-            f"({precision_name(trainer.precision)}): {config.objective} objective, {config.image_size} px, "
+            f"({precision_name(trainer.precision)}): {config.objective} objective, {config.backbone}, "
+            f"{config.image_size} px, "
             f"{config.steps} steps of {config.batch_size * ranks} images, data {config.data}, "
             f"{sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f} M parameters")
         try:
