@@ -2,6 +2,7 @@
 
     python train.py                      # preset picked by device (CPU: 16 px, a few minutes)
     python train.py --objective flow --out runs/flow    # rectified flow, the maths of SD3
+    python train.py --backbone mmdit --out runs/mmdit   # SD3.5's transformer (MMDiT) instead of the UNet
     python train.py --out runs/big --image-size 32 --steps 20000
     python train.py --out runs/big --resume                  # after a crash, a kill or Ctrl-C
     python train.py --out runs/mine --data my_pictures/ --image-size 32
@@ -48,9 +49,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="optimizer steps in total")
     p.add_argument("--batch-size", type=int, help="images per step (per process under torchrun)")
     p.add_argument("--image-size", type=int)
+    p.add_argument("--backbone", choices=["unet", "mmdit"],
+                   help="the denoising network: unet, or mmdit (SD3.5's transformer). Default: " + TrainConfig.backbone)
     p.add_argument("--base-channels", type=int, help="UNet width")
     p.add_argument("--channel-mults", type=int, nargs="+", help="UNet width multiplier per resolution level")
     p.add_argument("--attention-levels", type=int, nargs="*", help="UNet levels (0 = full size) with attention")
+    p.add_argument("--num-layers", type=int, help=f"MMDiT joint blocks (default {TrainConfig.num_layers})")
+    p.add_argument("--num-heads", type=int, help=f"MMDiT attention heads (default {TrainConfig.num_heads})")
+    p.add_argument("--head-dim", type=int,
+                   help=f"MMDiT width per head; width = heads x head dim (default {TrainConfig.head_dim})")
+    p.add_argument("--patch-size", type=int,
+                   help=f"MMDiT pixels per image token, p x p (default {TrainConfig.patch_size})")
     p.add_argument("--text-dim", type=int, help="text encoder width")
     p.add_argument("--lr", type=float, help="peak learning rate (Adam)")
     p.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up")
@@ -81,11 +90,24 @@ def given_settings(args: argparse.Namespace) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in names and v is not None}
 
 
+# the flags of one network only: given for the other, they would change nothing
+NETWORK_SETTINGS = {"unet": ("base_channels", "channel_mults", "attention_levels"),
+                    "mmdit": ("num_layers", "num_heads", "head_dim", "patch_size")}
+
+
 def build_config(args: argparse.Namespace) -> TrainConfig:
     """A new run: the device's preset, then the flags."""
     device = pick_device(args.device)
     preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
-    return TrainConfig(**{**PRESETS[preset], **given_settings(args)})
+    given = given_settings(args)
+    backbone = given.get("backbone", TrainConfig.backbone)
+    for network, names in NETWORK_SETTINGS.items():
+        for name in names:
+            if network != backbone and name in given:
+                hint = " or add --backbone mmdit" if network == "mmdit" else ""
+                raise UsageError(f"--{name.replace('_', '-')} sets the {network} network, but this run trains the "
+                                 f"{backbone}; drop the flag{hint}")
+    return TrainConfig(**{**PRESETS[preset], **given})
 
 
 def check_config(config: TrainConfig) -> None:
@@ -103,10 +125,21 @@ def check_config(config: TrainConfig) -> None:
         raise UsageError(f"--max-minutes must be above 0, got {config.max_minutes}")
     if config.image_size < 8:
         raise UsageError(f"--image-size must be at least 8, got {config.image_size}")
+    if config.backbone == "mmdit":
+        for name in NETWORK_SETTINGS["mmdit"]:
+            if getattr(config, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+        if config.num_heads * config.head_dim % 4:  # the 2-D position table: sin and cos of rows and columns
+            raise UsageError(f"--num-heads x --head-dim must be a multiple of 4 (the width holds the sin and cos of a "
+                             f"patch's row and column), got {config.num_heads} x {config.head_dim}")
+        if config.image_size % config.patch_size:
+            raise UsageError(f"--patch-size {config.patch_size} must divide --image-size {config.image_size} "
+                             f"(the image is cut into whole patches)")
     try:  # the network's own rule on sizes, checked before any work
         config.backbone_config()
     except ValueError as error:
-        raise UsageError(f"--image-size: {error} (the UNet halves it {len(config.channel_mults) - 1} times)") from None
+        halves = f" (the UNet halves it {len(config.channel_mults) - 1} times)" if config.backbone == "unet" else ""
+        raise UsageError(f"--image-size: {error}{halves}") from None
 
 
 def start_distributed(config: TrainConfig) -> dict:
@@ -224,7 +257,8 @@ def main(argv=None) -> int:
             say(f"warning: {note}")
         ranks = distributed.get("world_size", 1)
         say(f"training on {trainer.device}{f' x {ranks} processes' if ranks > 1 else ''} "
-            f"({precision_name(trainer.precision)}): {config.objective} objective, {config.image_size} px, "
+            f"({precision_name(trainer.precision)}): {config.objective} objective, {config.backbone}, "
+            f"{config.image_size} px, "
             f"{config.steps} steps of {config.batch_size * ranks} images, data {config.data}, "
             f"{sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f} M parameters")
         try:

@@ -3,6 +3,7 @@
     python -m benchmarks.time_to_quality --minutes 20 --publish  # minidiff vs the diffusers UNet: section 2
     python -m benchmarks.time_to_quality --runs minidiff diffusers-recipe --minutes 12 --name recipe --publish
     python -m benchmarks.time_to_quality --runs minidiff --variant flow:objective=flow --name objective
+    python -m benchmarks.time_to_quality --runs minidiff --variant mmdit:backbone=mmdit --name mmdit  # SD3.5's network
     python -m benchmarks.time_to_quality --minutes 1 --eval-every 0.5 --samples-per-prompt 1   # a quick check
 
 The runs (`--runs`, plus `--variant NAME:key=value,...` for minidiff's defaults with some
@@ -188,7 +189,9 @@ def main(argv=None) -> int:
     for name, (backbone, changes, options) in specs.items():
         run_config = dataclasses.replace(config, **changes)
         runs[name] = Run(name, backbone, run_config, dataset, clock, **options)
-        runs[name].description = (f"{backbone} UNet ({count_parameters(runs[name].state.model.unet):,} parameters)"
+        network = "MMDiT" if run_config.backbone == "mmdit" else "UNet"
+        runs[name].description = (f"{backbone} {network} ({count_parameters(runs[name].state.model.denoiser):,} "
+                                  f"parameters)"
                                   + "".join(f", {k}={v}" for k, v in {**changes, **options}.items()))
     names = list(runs)
     segments = max(1, round(args.minutes / args.eval_every))

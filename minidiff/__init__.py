@@ -3,7 +3,7 @@
 Read in this order (`python -m minidiff.tools.lines` counts them):
   scheduler.py, flow.py   the forward processes, objectives and samplers (DDPM, DDIM; rectified flow, Euler)
   data.py                 the toy images and their captions
-  text.py, unet.py        the text encoder and the denoising network
+  text.py, unet.py        the text encoder and the denoising network (or mmdit.py: SD3.5's, --backbone mmdit)
   model.py                the components under one config
   training.py             the loss, one training step, a short loop
   images.py, contract.py, pipeline.py   sampling, img2img and inpainting through one loop

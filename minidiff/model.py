@@ -1,7 +1,7 @@
 """The whole trainable model, assembled the way a diffusers pipeline assembles SD3.5's parts:
 a tokenizer and text encoder (SD3.5: CLIP-L, CLIP-G and T5), a denoising network (SD3.5: an
-MMDiT; here a UNet), and the objective it was trained with (SD3.5: rectified flow), under one
-config that is saved as config.json beside model.safetensors."""
+MMDiT; here a UNet by default, or the same MMDiT in miniature), and the objective it was trained
+with (SD3.5: rectified flow), under one config that is saved as config.json beside model.safetensors."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .flow import FlowMatchConfig, RectifiedFlow
+from .mmdit import MMDiT, MMDiTConfig
 from .scheduler import DDPM, SchedulerConfig
 from .text import TextEncoder, TextEncoderConfig, Tokenizer
 from .unet import UNet, UNetConfig
@@ -23,8 +24,9 @@ FORMAT = {"format": "minidiff", "format_version": 1}  # what config.json says a 
 # config.json's "objective" -> (its schedule's config, the objective)
 OBJECTIVES = {"ddpm": (SchedulerConfig, DDPM), "flow": (FlowMatchConfig, RectifiedFlow)}
 # denoising networks: config.json key (and the model's attribute, as in diffusers' pipelines) ->
-# (config class, network). Each takes (x_t, t, text tokens, token mask) and returns x_t's shape.
-BACKBONES = {"unet": (UNetConfig, UNet)}
+# (config class, network). Each takes (x_t, t, text tokens, token mask) and returns x_t's shape;
+# each config has `image_size`, `in_channels` and `with_text_dim` (the width of the text tokens it reads).
+BACKBONES = {"unet": (UNetConfig, UNet), "transformer": (MMDiTConfig, MMDiT)}
 
 
 def objective_for(scheduler_config):
@@ -37,7 +39,7 @@ def objective_for(scheduler_config):
 class ModelConfig:
     """Everything needed to rebuild the model."""
 
-    backbone: UNetConfig = field(default_factory=UNetConfig)  # or another network of BACKBONES
+    backbone: UNetConfig | MMDiTConfig = field(default_factory=UNetConfig)  # a network of BACKBONES
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     # the schedule the model was trained with: SchedulerConfig for DDPM, FlowMatchConfig for rectified flow
     scheduler: SchedulerConfig | FlowMatchConfig = field(default_factory=SchedulerConfig)
@@ -79,7 +81,8 @@ def tensors_for_saving(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 class TextToImageModel(nn.Module):
     """The networks trained together: eps_theta(x_t, t, prompt), or v_theta for a flow model.
-    `model.denoiser` is the denoising network (also reachable by its name, `model.unet`)."""
+    `model.denoiser` is the denoising network (also reachable by its name, `model.unet` or
+    `model.transformer`)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -106,12 +109,12 @@ class TextToImageModel(nn.Module):
         return latents
 
     @classmethod
-    def for_captions(cls, captions, backbone: UNetConfig, text_dim: int = 128,
+    def for_captions(cls, captions, backbone: UNetConfig | MMDiTConfig, text_dim: int = 128,
                      scheduler: SchedulerConfig | FlowMatchConfig | None = None):
         """Build a model whose vocabulary covers `captions` (its text width `text_dim`)."""
         tokenizer = Tokenizer.from_captions(captions)
         text = TextEncoderConfig(vocab_size=len(tokenizer.vocab), max_length=tokenizer.max_length, dim=text_dim)
-        backbone.context_dim = text_dim
+        backbone = backbone.with_text_dim(text_dim)  # the network reads text tokens of that width
         return cls(ModelConfig(backbone=backbone, text_encoder=text, scheduler=scheduler or SchedulerConfig(),
                                vocab=tokenizer.vocab))
 

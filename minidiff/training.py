@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from .data import Shapes
 from .flow import FlowMatchConfig
+from .mmdit import MMDiTConfig
 from .model import TextToImageModel
 from .runtime import autocast, pick_device, precision_for
 from .scheduler import SchedulerConfig
@@ -55,9 +56,14 @@ class TrainConfig:
 
     # the model
     image_size: int = 16
-    base_channels: int = 24
-    channel_mults: tuple[int, ...] = (1, 2, 2)
-    attention_levels: tuple[int, ...] = (2,)  # UNet levels (0 = full size) with attention
+    backbone: str = "unet"  # the denoising network: "unet", or "mmdit" (SD3.5's transformer, minidiff/mmdit.py)
+    base_channels: int = 24  # unet: width
+    channel_mults: tuple[int, ...] = (1, 2, 2)  # unet
+    attention_levels: tuple[int, ...] = (2,)  # unet: levels (0 = full size) with attention
+    num_layers: int = 4  # mmdit: joint blocks
+    num_heads: int = 4  # mmdit: attention heads; width = num_heads * head_dim
+    head_dim: int = 16  # mmdit
+    patch_size: int = 2  # mmdit: p x p pixels per image token
     text_dim: int = 128
     objective: str = "flow"  # "flow" (rectified flow: predict the velocity, as SD3) or "ddpm" (predict the noise)
     beta_schedule: str = "cosine"  # ddpm only
@@ -87,14 +93,21 @@ class TrainConfig:
     max_minutes: float | None = None
 
     def __post_init__(self):
+        if self.backbone not in ("unet", "mmdit"):
+            raise ValueError(f"backbone must be one of ('unet', 'mmdit'), got {self.backbone!r}")
         if self.objective not in ("ddpm", "flow"):
             raise ValueError(f"objective must be one of ('ddpm', 'flow'), got {self.objective!r}")
         if self.snr_gamma is not None and (self.objective != "ddpm" or not self.snr_gamma > 0):
             raise ValueError(f"snr_gamma (min-SNR weighting) must be above 0 and needs objective 'ddpm' "
                              f"(it weights the noise-prediction loss), got {self.snr_gamma} with {self.objective!r}")
 
-    def backbone_config(self) -> UNetConfig:
+    def backbone_config(self) -> UNetConfig | MMDiTConfig:
         """The denoising network this run trains (its text width is set from `text_dim`)."""
+        if self.backbone == "mmdit":  # pixels in and out, SD3.5's RMS q/k norm
+            return MMDiTConfig(sample_size=self.image_size, in_channels=3, patch_size=self.patch_size,
+                               num_layers=self.num_layers, num_attention_heads=self.num_heads,
+                               attention_head_dim=self.head_dim, caption_projection_dim=self.num_heads * self.head_dim,
+                               qk_norm="rms_norm").with_text_dim(self.text_dim)
         return UNetConfig(image_size=self.image_size, base_channels=self.base_channels,
                           channel_mults=self.channel_mults, attention_levels=self.attention_levels)
 

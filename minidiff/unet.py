@@ -13,7 +13,7 @@ Shapes in comments: B batch, C channels, H x W spatial, L text tokens, D text di
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,10 @@ class UNetConfig:
         self.attention_levels = tuple(self.attention_levels)
         if self.image_size % self.downsample_factor:
             raise ValueError(f"image_size {self.image_size} must be a multiple of {self.downsample_factor}")
+
+    def with_text_dim(self, text_dim: int) -> "UNetConfig":
+        """This UNet reading text tokens of width `text_dim` (its cross-attention and pooled vector)."""
+        return replace(self, context_dim=text_dim)
 
     @property
     def downsample_factor(self) -> int:
