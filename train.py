@@ -22,7 +22,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: see minidiff/__init__.py
+import torch  # noqa: E402
 
 from minidiff.runtime import pick_device
 from minidiff.tools.cli import ArgumentParser, UsageError, run, writable_folder
