@@ -250,8 +250,10 @@ def main(argv=None) -> int:
             dist.destroy_process_group()
     peak = (f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
             if trainer.device.type == "cuda" else "")
+    finish = (f"; to finish the run ({config.steps} steps): python train.py --out {out} --resume"
+              if result["step"] < config.steps else "")
     say(f"stopped after step {result['step']} ({result['stop_reason']}, {result['seconds'] / 60:.1f} min{peak}); "
-        f"model saved to {out}")
+        f"model saved to {out}{finish}")
     return 0
 
 
