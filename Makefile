@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 RUN ?= runs/shapes
 DEMO_PROMPTS := "a red circle" "a blue square" "a yellow triangle" "a green circle" "a purple square" "an orange triangle"
 
-.PHONY: install demo test clean
+.PHONY: install model demo test clean
 
 $(VENV)/.installed: pyproject.toml
 	@echo "Creating $(VENV) and installing minidiff with torch, torchvision, diffusers, transformers and pytest:"
@@ -17,11 +17,16 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# Train the default model (preset chosen by device) unless $(RUN) already holds one, then sample a grid.
-$(RUN)/model.safetensors: | install
-	$(PY) train.py --out $(RUN)
+# Train the default model (preset chosen by device), then sample a grid. A run stopped early (Ctrl-C)
+# is resumed to its last step first (train.py says when a run is already finished); a model in
+# $(RUN) without checkpoints is used as it is.
+model: install
+	@if [ -n "$$(ls -d $(RUN)/checkpoints/step-* 2>/dev/null)" ]; then \
+		echo "$(PY) train.py --out $(RUN) --resume"; $(PY) train.py --out $(RUN) --resume; \
+	elif [ ! -f $(RUN)/model.safetensors ]; then \
+		echo "$(PY) train.py --out $(RUN)"; $(PY) train.py --out $(RUN); fi
 
-demo: $(RUN)/model.safetensors
+demo: model
 	$(PY) sample.py --model $(RUN) --prompt $(DEMO_PROMPTS) --num-images 4 --out $(RUN)/demo.png --overwrite
 	$(PY) -m minidiff.evaluate --model $(RUN)
 

@@ -21,11 +21,13 @@ Face id or a folder with model_index.json; --backend auto tells them apart.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: see minidiff/__init__.py
+import torch  # noqa: E402
 from tqdm import tqdm
 
 from minidiff.tools.checkpoint import atomic_write

@@ -23,7 +23,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: see minidiff/__init__.py
+import torch  # noqa: E402
 
 from minidiff.runtime import pick_device
 from minidiff.tools.cli import ArgumentParser, UsageError, run, writable_folder
@@ -283,8 +284,10 @@ def main(argv=None) -> int:
             dist.destroy_process_group()
     peak = (f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
             if trainer.device.type == "cuda" else "")
+    finish = (f"; to finish the run ({config.steps} steps): python train.py --out {out} --resume"
+              if result["step"] < config.steps else "")
     say(f"stopped after step {result['step']} ({result['stop_reason']}, {result['seconds'] / 60:.1f} min{peak}); "
-        f"model saved to {out}")
+        f"model saved to {out}{finish}")
     return 0
 
 

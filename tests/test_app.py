@@ -252,3 +252,16 @@ def test_warnings_of_the_call_reach_the_page(model, picture):
                            picture.resize((20, 20))))[-1]
     assert result.warnings == ["image of size 20x20 resized to 16x16"]
     assert result.images[0].size == (16, 16)
+
+
+def test_a_mask_empty_at_the_models_size_is_one_clear_line(model, tmp_path):
+    """Issue 24: a 2 px stroke on a 64x64 upload leaves no white pixel at the model's 16 px; the
+    page says so instead of returning the input unchanged."""
+    app = WebApp(model, tmp_path)
+    upload = Shapes(64, seed=3).pil_and_caption(0)[0]
+    stroke = {"background": upload, "layers": [painted(upload.size, (10, 30, 12, 32))]}
+    size = model.pipe.image_size
+    with pytest.raises(gr.Error, match=f"the mask is empty at the model's {size}x{size}: paint a larger area"):
+        list(app.generate("inpaint", Settings("a red circle", steps=2, strength=0.99), stroke))
+    wide = {"background": upload, "layers": [painted(upload.size, (8, 8, 40, 40))]}
+    assert list(app.generate("inpaint", Settings("a red circle", steps=2, strength=0.99), wide))[-1][3]

@@ -306,3 +306,27 @@ def test_warnings_print_as_one_line_each():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.stderr == "warning: two lines\n"
+
+
+def test_a_warning_during_a_progress_bar_prints_on_its_own_line(capsys):
+    """Issue 24, item 4: not `...3.34image/s]warning: ignoring words ...`."""
+    import warnings
+
+    from tqdm import tqdm
+
+    from minidiff.tools.cli import run as run_cli
+
+    def main(argv):
+        with tqdm(total=2, unit="image", file=sys.stderr) as bar:
+            bar.update(1)
+            warnings.warn("ignoring words the model was not trained on: hexagon")
+            bar.update(1)
+        return 0
+
+    saved = warnings.showwarning, warnings.formatwarning
+    try:
+        assert run_cli(main, []) == 0
+    finally:
+        warnings.showwarning, warnings.formatwarning = saved
+    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert "warning: ignoring words the model was not trained on: hexagon" in lines

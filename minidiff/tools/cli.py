@@ -48,10 +48,20 @@ def one_line_warning(message, category, filename, lineno, line=None) -> str:
     return "warning: " + " ".join(str(message).split()) + "\n"
 
 
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """`warnings.showwarning` for the command line: the one line on stderr through tqdm.write,
+    which lifts an open progress bar out of the way (not `...3.34image/s]warning: ...`)."""
+    from tqdm import tqdm
+
+    tqdm.write(one_line_warning(message, category, filename, lineno).rstrip("\n"), file=file or sys.stderr)
+
+
 def run(main, argv=None) -> int:
     """Call main(argv); a user error prints `error: ...` on stderr and returns 2, no traceback.
-    Warnings print as one `warning: ...` line each. Every script's `__main__` goes through here."""
+    Warnings print as one `warning: ...` line each, on their own line even while a progress bar
+    is open. Every script's `__main__` goes through here."""
     warnings.formatwarning = one_line_warning
+    warnings.showwarning = show_warning
     try:
         return main(argv) or 0
     except USER_ERRORS as error:

@@ -186,6 +186,10 @@ def generate(model: AppModel, mode: str, settings: Settings, image=None, mask=No
     settings = model.resolve(settings, mode)
     if mode != "txt2img" and image is None:
         raise ValueError("upload a picture to start from first")
+    if mask is not None:  # a thin stroke on a big upload can vanish when the mask shrinks to the model's size
+        size = model.pipe.image_size
+        if not np.asarray(load_mask(mask, size)).any():
+            raise ValueError(f"the mask is empty at the model's {size}x{size}: paint a larger area")
     total = model.steps_run(settings)
     shown = [k for k in preview_steps(total, frames) if k > 0]
     recorder = StepRecorder(shown, total, decode=model.pipe.decode)  # the same records capture_steps makes
@@ -465,6 +469,7 @@ def _panel(gr, app: WebApp, mode: str, label: str) -> dict:
                                                                  default_size=max(2, m.pipe.image_size // 10)),
                                                   elem_id=f"{mode}-picture", elem_classes=["pixels"])
                 c["prompt"] = gr.Textbox(label="Prompt", lines=2, elem_id=f"{mode}-prompt")
+                c["run"] = gr.Button("Generate", variant="primary", elem_id=f"{mode}-run")  # above the fold
                 c["negative"] = gr.Textbox(label="Negative prompt", elem_id=f"{mode}-negative")
                 if mode != "txt2img":
                     c["strength"] = gr.Slider(0, 1, value=0.7 if mode == "img2img" else 0.99, step=0.01,
@@ -484,7 +489,6 @@ def _panel(gr, app: WebApp, mode: str, label: str) -> dict:
                     resizable = m.pipe.size_multiple is not None
                     c["height"] = gr.Number(m.pipe.image_size, label="Height", precision=0, visible=resizable)
                     c["width"] = gr.Number(m.pipe.image_size, label="Width", precision=0, visible=resizable)
-                c["run"] = gr.Button("Generate", variant="primary", elem_id=f"{mode}-run")
             with gr.Column(scale=1):
                 c["gallery"] = gr.Gallery(label="Result (PNG with its settings)", columns=4, format="png",
                                           height=320, fit_columns=False, elem_id=f"{mode}-gallery",
