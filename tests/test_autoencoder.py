@@ -17,8 +17,9 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import S
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3_img2img import StableDiffusion3Img2ImgPipeline
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3_inpaint import StableDiffusion3InpaintPipeline
 
-from minidiff.autoencoder import (Autoencoder, AutoencoderConfig, DiagonalGaussian, fit_latent_factors, from_latents,
-                                  load_autoencoder, save_autoencoder, to_latents, train_autoencoder)
+from minidiff.autoencoder import (Autoencoder, AutoencoderConfig, DiagonalGaussian, autoencoder_train_step,
+                                  fit_latent_factors, from_latents, load_autoencoder, save_autoencoder, to_latents,
+                                  train_autoencoder)
 from minidiff.checkpoint import CheckpointError
 from minidiff.data import Shapes
 
@@ -136,6 +137,22 @@ def test_fit_latent_factors_standardises_the_latents_it_was_fitted_on():
 
 
 # ---- training ----------------------------------------------------------------------------
+def test_train_step_loss_is_summed_squared_error_plus_weighted_kl():
+    autoencoder, images = Autoencoder(tiny_config()), pictures(4)
+    with torch.no_grad():  # by hand, with the same latent sample (the same generator seed)
+        posterior = autoencoder.encode(images).latent_dist
+        reconstruction = autoencoder.decode(posterior.sample(generator(3))).sample
+        squared_error = (reconstruction - images).pow(2).sum(dim=[1, 2, 3]).mean().item()
+        kl = posterior.kl().mean().item()
+    before = autoencoder.decoder[-1].weight.clone()
+    optimizer = torch.optim.Adam(autoencoder.parameters(), lr=1e-3)
+    losses = autoencoder_train_step(autoencoder, optimizer, images, generator(3), kl_weight=0.5)
+    assert losses["loss"] == pytest.approx(squared_error + 0.5 * kl, rel=1e-6)
+    assert losses["mse"] == pytest.approx(squared_error / (3 * 16 * 16), rel=1e-6)
+    assert losses["kl"] == pytest.approx(kl, rel=1e-6) and kl > 1
+    assert not torch.equal(before, autoencoder.decoder[-1].weight)  # the optimizer stepped
+
+
 def train(steps, seed=5, **resume):
     return train_autoencoder(tiny_config(), Shapes(image_size=16, seed=0), steps, batch_size=4, lr=1e-3,
                              kl_weight=1e-3, generator=resume.pop("generator", None) or generator(seed), **resume)
