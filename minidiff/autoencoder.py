@@ -1,28 +1,28 @@
 """A small variational autoencoder: latent diffusion's latent space, in miniature.
 
-Stable Diffusion denoises not pixels but the latents of an autoencoder (Rombach et al. 2022, "High-
-Resolution Image Synthesis with Latent Diffusion Models", sec. 3 and appendix G): SD3.5's VAE makes
-a 1024 x 1024 x 3 picture 128 x 128 x 16 numbers (f = 8 smaller each side). This one makes a
-32 x 32 x 3 Shapes picture 8 x 8 x 4 numbers (f = 4, C = 4 latent channels by default).
+Stable Diffusion denoises not pixels but an autoencoder's latents (Rombach et al. 2022, "High-Resolution
+Image Synthesis with Latent Diffusion Models", sec. 3, appendix G): SD3.5's VAE makes a 1024 x 1024 x 3
+picture 128 x 128 x 16 numbers (f = 8). This one makes a 32 x 32 x 3 Shapes picture 8 x 8 x 4 (f = 4).
 
-- The encoder (conv stem, residual blocks with GroupNorm and SiLU, a stride-2 conv per halving)
-  gives the mean and log-variance of a diagonal Gaussian q(z|x); the decoder (residual blocks,
-  nearest-neighbour upsampling + conv) turns a latent back into a picture.
-- The loss is the SD autoencoder's without its extras: squared error summed over each picture's
-  pixels + kl_weight * KL(q(z|x) || N(0, I)), averaged over the batch. The tiny KL weight (1e-6 in
-  LDM) only keeps the latents from drifting to huge values. LDM adds a perceptual (LPIPS) loss and
-  a patch discriminator: they need downloaded weights and make training slow and fickle. Without
-  them fine detail and texture come out blurry (squared error is least for the average of the
-  plausible pictures); Shapes are flat colours on black, so here only edges soften a little.
-- The diffusion model should see latents of mean 0, std 1: `fit_latent_factors` measures
-  shift_factor (mean) and scaling_factor (1 / std) once, after training; `to_latents` and
-  `from_latents` apply them where SD3's pipelines do, through diffusers' AutoencoderKL interface
-  (`encode(x).latent_dist.sample(generator)`, `decode(z).sample`, `config`), so on either VAE.
+- The encoder (conv stem, residual blocks with GroupNorm and SiLU, a stride-2 conv per halving) gives
+  the mean and log-variance of a diagonal Gaussian q(z|x); the decoder (residual blocks, nearest-
+  neighbour upsampling + conv) turns a latent back into a picture.
+- The loss is the SD autoencoder's without its extras: squared error summed over each picture's pixels
+  + kl_weight * KL(q(z|x) || N(0, I)). The tiny KL weight (1e-6 in LDM) only keeps the latents from
+  drifting to huge values. LDM adds a perceptual (LPIPS) loss and a patch discriminator; they need
+  downloaded weights and make training slow and fickle. Without them fine detail and texture come out
+  blurry (squared error is least for the average of the plausible pictures); on flat-coloured Shapes
+  only the edges soften a little.
+- Diffusion should see latents of mean 0, std 1: `fit_latent_factors` measures shift_factor (mean) and
+  scaling_factor (1 / std) after training; `to_latents` / `from_latents` apply them where SD3's
+  pipelines do, through diffusers' AutoencoderKL interface (`encode(x).latent_dist.sample(generator)`,
+  `decode(z).sample`, `config`), so on either VAE.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import namedtuple
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,26 +75,6 @@ class ResBlock(nn.Module):
         return x + self.layers(x)
 
 
-def encoder(c: AutoencoderConfig) -> nn.Sequential:
-    w, layers = c.block_out_channels, [nn.Conv2d(c.in_channels, c.block_out_channels[0], 3, padding=1)]
-    for i, width in enumerate(w):
-        layers += [ResBlock(width, c.norm_groups) for _ in range(c.layers_per_block)]
-        if i < len(w) - 1:  # halve the size with a stride-2 convolution
-            layers.append(nn.Conv2d(width, w[i + 1], 3, stride=2, padding=1))
-    return nn.Sequential(*layers, ResBlock(w[-1], c.norm_groups), nn.GroupNorm(c.norm_groups, w[-1]), nn.SiLU(),
-                         nn.Conv2d(w[-1], 2 * c.latent_channels, 3, padding=1))  # mean and log-variance
-
-
-def decoder(c: AutoencoderConfig) -> nn.Sequential:
-    w = c.block_out_channels
-    layers = [nn.Conv2d(c.latent_channels, w[-1], 3, padding=1), ResBlock(w[-1], c.norm_groups)]
-    for i in reversed(range(len(w))):
-        layers += [ResBlock(w[i], c.norm_groups) for _ in range(c.layers_per_block)]
-        if i > 0:  # double the size: repeat each pixel, then a convolution smooths
-            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(w[i], w[i - 1], 3, padding=1)]
-    return nn.Sequential(*layers, nn.GroupNorm(c.norm_groups, w[0]), nn.SiLU(), nn.Conv2d(w[0], c.in_channels, 3, padding=1))
-
-
 class DiagonalGaussian:
     """q(z|x) = N(mean, diag(exp(logvar))), computed as diffusers' DiagonalGaussianDistribution."""
 
@@ -123,7 +103,21 @@ DecoderOutput = namedtuple("DecoderOutput", "sample")
 class Autoencoder(nn.Module):
     def __init__(self, config: AutoencoderConfig):
         super().__init__()
-        self.config, self.encoder, self.decoder = config, encoder(config), decoder(config)
+        c, w, groups, self.config = config, config.block_out_channels, config.norm_groups, config
+        down = [nn.Conv2d(c.in_channels, w[0], 3, padding=1)]
+        for i, width in enumerate(w):
+            down += [ResBlock(width, groups) for _ in range(c.layers_per_block)]
+            if i < len(w) - 1:  # halve the size with a stride-2 convolution
+                down.append(nn.Conv2d(width, w[i + 1], 3, stride=2, padding=1))
+        self.encoder = nn.Sequential(*down, ResBlock(w[-1], groups), nn.GroupNorm(groups, w[-1]), nn.SiLU(),
+                                     nn.Conv2d(w[-1], 2 * c.latent_channels, 3, padding=1))  # mean, log-variance
+        up = [nn.Conv2d(c.latent_channels, w[-1], 3, padding=1), ResBlock(w[-1], groups)]
+        for i in reversed(range(len(w))):
+            up += [ResBlock(w[i], groups) for _ in range(c.layers_per_block)]
+            if i > 0:  # double the size: repeat each pixel, then a convolution smooths
+                up += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(w[i], w[i - 1], 3, padding=1)]
+        self.decoder = nn.Sequential(*up, nn.GroupNorm(groups, w[0]), nn.SiLU(),
+                                     nn.Conv2d(w[0], c.in_channels, 3, padding=1))
 
     def encode(self, x: torch.Tensor, return_dict: bool = True):
         f = self.config.down_factor
@@ -179,12 +173,12 @@ def autoencoder_train_step(autoencoder: Autoencoder, optimizer, images: torch.Te
 
 
 def train_autoencoder(config: AutoencoderConfig, dataset, steps: int, batch_size: int = 32, lr: float = 2e-3,
-                      kl_weight: float = 1e-6, generator: torch.Generator | None = None,
-                      autoencoder: Autoencoder | None = None, optimizer=None, start_step: int = 0):
-    """Train for `steps` steps (Adam, constant lr); returns (autoencoder, optimizer). Step s reads pictures
-    s * batch_size ... of `dataset` (pictures, captions); all randomness (the initial weights, the latent
-    samples) comes from `generator`. To resume, pass the autoencoder, optimizer, generator (states restored)
-    and `start_step` of the run so far: the result is bit for bit the unbroken run's."""
+                      kl_weight: float = 1e-6, generator: torch.Generator | None = None, autoencoder=None,
+                      optimizer=None, start_step: int = 0, stop_step: int | None = None):
+    """Adam, the learning rate falling from `lr` to 0 along a half cosine; returns (autoencoder, optimizer).
+    Step s reads pictures s * batch_size ... of `dataset`; all randomness comes from `generator`. To resume,
+    pass the run's autoencoder, optimizer, generator (states restored) and `start_step`: the result is the
+    unbroken run's, bit for bit. `stop_step` pauses early (the schedule still spans `steps`)."""
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     if autoencoder is None:
         with torch.random.fork_rng():  # initial weights from the generator; the global RNG is left alone
@@ -192,7 +186,9 @@ def train_autoencoder(config: AutoencoderConfig, dataset, steps: int, batch_size
             autoencoder = Autoencoder(config)
     optimizer = optimizer if optimizer is not None else torch.optim.Adam(autoencoder.parameters(), lr=lr)
     autoencoder.train()
-    for step in range(start_step, steps):
+    for step in range(start_step, steps if stop_step is None else stop_step):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         images = torch.stack([dataset[i][0] for i in range(step * batch_size, (step + 1) * batch_size)])
         autoencoder_train_step(autoencoder, optimizer, images, generator, kl_weight)
     return autoencoder.eval(), optimizer
@@ -218,5 +214,5 @@ def load_autoencoder(folder) -> Autoencoder:
         autoencoder.load_state_dict(weights)  # strict: every tensor, each of the right shape
     except (TypeError, ValueError, RuntimeError) as error:
         reason = " ".join(str(error).split())[:300]
-        raise CheckpointError(f"{folder} does not hold a valid autoencoder ({reason}); it is corrupt or partial") from None
+        raise CheckpointError(f"{folder} does not hold a valid autoencoder ({reason}); corrupt or partial") from None
     return autoencoder.eval()

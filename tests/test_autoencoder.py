@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -166,15 +167,16 @@ def test_training_is_deterministic_and_resumes_bit_for_bit(tmp_path):
     torch.manual_seed(1)  # the global RNG plays no part
     unbroken, _ = train(4)
     torch.manual_seed(2)
-    again, _ = train(4)
+    again, optimizer = train(4)
     assert_same_weights(unbroken.state_dict(), again.state_dict())
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))  # cosine
     initial, _ = train(0)
     assert not torch.equal(initial.decoder[-1].weight, unbroken.decoder[-1].weight)  # it did train
     other_seed, _ = train(4, seed=6)
     assert not torch.equal(other_seed.decoder[-1].weight, unbroken.decoder[-1].weight)
 
     run_generator = generator(5)
-    first_half, optimizer = train(2, generator=run_generator)
+    first_half, optimizer = train(4, generator=run_generator, stop_step=2)  # paused half-way
     save_autoencoder(tmp_path / "half", first_half)
     optimizer_state, generator_state = copy.deepcopy(optimizer.state_dict()), run_generator.get_state()
     del first_half, optimizer, run_generator  # a later process starts from what was saved
