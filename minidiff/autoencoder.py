@@ -39,7 +39,7 @@ FORMAT_NAME, FORMAT_VERSION = "minidiff-autoencoder", 1
 class AutoencoderConfig:
     in_channels: int = 3
     latent_channels: int = 4
-    block_out_channels: tuple[int, ...] = (32, 64, 64)  # widths, one level per entry; each level after
+    block_out_channels: tuple[int, ...] = (16, 32, 32)  # widths, one level per entry; each level after
     layers_per_block: int = 1  # the first halves the size, so down_factor = 2 ** (levels - 1), as diffusers
     norm_groups: int = 8
     image_size: int = 32
@@ -150,7 +150,7 @@ def from_latents(vae, latents: torch.Tensor) -> torch.Tensor:
 def fit_latent_factors(autoencoder: Autoencoder, images: torch.Tensor, generator: torch.Generator | None = None,
                        batch_size: int = 256) -> tuple[float, float]:
     """Set (and return) config.shift_factor = mean and scaling_factor = 1 / std of the sampled latents of
-    `images` (N, 3, H, W), so that to_latents gives mean 0, std 1 on them (LDM sec. 4.3.2 rescales so)."""
+    `images` (N, 3, H, W), so that to_latents gives mean 0, std 1 on them (as LDM rescales its KL latents)."""
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     z = torch.cat([autoencoder.encode(batch).latent_dist.sample(generator) for batch in images.split(batch_size)])
     autoencoder.config.shift_factor, autoencoder.config.scaling_factor = z.mean().item(), 1.0 / z.std().item()
