@@ -22,17 +22,19 @@ picture 128 x 128 x 16 numbers (f = 8). This one makes a 32 x 32 x 3 Shapes pict
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 from collections import namedtuple
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checkpoint import CheckpointError, read_json, read_safetensors, write_json, write_safetensors
-
-FORMAT_NAME, FORMAT_VERSION = "minidiff-autoencoder", 1
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+FORMAT = {"format": "minidiff-autoencoder", "format_version": 1}  # what config.json says an autoencoder folder is
 
 
 @dataclass
@@ -195,24 +197,31 @@ def train_autoencoder(config: AutoencoderConfig, dataset, steps: int, batch_size
 
 
 def save_autoencoder(folder, autoencoder: Autoencoder) -> None:
-    """Write `folder`/model.safetensors and config.json (with "format": "minidiff-autoencoder")."""
-    write_safetensors(Path(folder) / "model.safetensors", autoencoder.state_dict())
-    write_json(Path(folder) / "config.json",
-               {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **autoencoder.config.to_dict()})
-
-
-def load_autoencoder(folder) -> Autoencoder:
-    """Rebuild what save_autoencoder wrote; anything else is one CheckpointError, nothing half-loaded."""
+    """Write `folder`/model.safetensors and config.json (with "format": "minidiff-autoencoder"), as
+    TextToImageModel.save_pretrained does. (`minidiff.tools.checkpoint.save_autoencoder` writes atomically.)"""
     folder = Path(folder)
-    raw = read_json(folder / "config.json")
-    if raw.get("format") != FORMAT_NAME or raw.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{folder} is not a minidiff autoencoder (config.json has format {raw.get('format')!r} "
-                              f"version {raw.get('format_version')!r}, not {FORMAT_NAME!r} version {FORMAT_VERSION})")
-    weights = read_safetensors(folder / "model.safetensors")
-    try:
-        autoencoder = Autoencoder(AutoencoderConfig.from_dict(raw))
-        autoencoder.load_state_dict(weights)  # strict: every tensor, each of the right shape
-    except (TypeError, ValueError, RuntimeError) as error:
-        reason = " ".join(str(error).split())[:300]
-        raise CheckpointError(f"{folder} does not hold a valid autoencoder ({reason}); corrupt or partial") from None
-    return autoencoder.eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in autoencoder.state_dict().items()}, folder / WEIGHTS_NAME)
+    (folder / CONFIG_NAME).write_text(json.dumps({**FORMAT, **autoencoder.config.to_dict()}, indent=2) + "\n")
+
+
+def load_autoencoder(folder, device="cpu") -> Autoencoder:
+    """What save_autoencoder wrote. (`minidiff.tools.checkpoint.load_autoencoder` does the same and
+    explains each way a folder can be broken.)"""
+    config = json.loads((Path(folder) / CONFIG_NAME).read_text())
+    if {key: config.get(key) for key in FORMAT} != FORMAT:
+        raise ValueError(f"{folder} is not a minidiff autoencoder of format {FORMAT['format_version']}")
+    autoencoder = Autoencoder(AutoencoderConfig.from_dict(config))
+    autoencoder.load_state_dict(load_file(Path(folder) / WEIGHTS_NAME))
+    return autoencoder.to(device).eval()
+
+
+def fingerprint(autoencoder: Autoencoder) -> str:
+    """sha256 of the weights and the config (latent factors included): a latent model records the
+    fingerprint of the autoencoder it was trained on, whose latents are the only ones it knows."""
+    digest = hashlib.sha256(json.dumps(autoencoder.config.to_dict(), sort_keys=True).encode())
+    for name, tensor in sorted(autoencoder.state_dict().items()):
+        tensor = tensor.detach().contiguous().cpu()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -1,6 +1,7 @@
 """minidiff.autoencoder: shapes; SD3's latent conventions, checked against diffusers' own pipeline code on
 a tiny diffusers AutoencoderKL and on minidiff's autoencoder; the Gaussian against diffusers'; the
-fitted latent factors; deterministic training that resumes bit for bit; save/load and its errors."""
+fitted latent factors; deterministic training that resumes bit for bit; save/load (the lesson's, and
+minidiff.tools.checkpoint's atomic writes and explained errors); the fingerprint."""
 
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3_img2img 
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3_inpaint import StableDiffusion3InpaintPipeline
 
 from minidiff.autoencoder import (Autoencoder, AutoencoderConfig, DiagonalGaussian, autoencoder_train_step,
-                                  fit_latent_factors, from_latents, load_autoencoder, save_autoencoder, to_latents,
-                                  train_autoencoder)
-from minidiff.checkpoint import CheckpointError
+                                  fingerprint, fit_latent_factors, from_latents, load_autoencoder, save_autoencoder,
+                                  to_latents, train_autoencoder)
 from minidiff.data import Shapes
+from minidiff.tools import checkpoint
+from minidiff.tools.checkpoint import CheckpointError
 
 
 def tiny_config(**overrides) -> AutoencoderConfig:
@@ -190,36 +192,60 @@ def test_training_is_deterministic_and_resumes_bit_for_bit(tmp_path):
 
 
 # ---- save and load ---------------------------------------------------------------------------
-def test_save_load_round_trip(tmp_path):
+@pytest.mark.parametrize("save", [save_autoencoder, checkpoint.save_autoencoder], ids=["lesson", "tools"])
+@pytest.mark.parametrize("load", [load_autoencoder, checkpoint.load_autoencoder], ids=["lesson", "tools"])
+def test_save_load_round_trip(tmp_path, save, load):
     autoencoder = Autoencoder(tiny_config())
     fit_latent_factors(autoencoder, pictures(8))
-    save_autoencoder(tmp_path / "ae", autoencoder)
+    save(tmp_path / "ae", autoencoder)
     assert sorted(p.name for p in (tmp_path / "ae").iterdir()) == ["config.json", "model.safetensors"]
     assert json.loads((tmp_path / "ae" / "config.json").read_text())["format"] == "minidiff-autoencoder"
-    loaded = load_autoencoder(tmp_path / "ae")
+    loaded = load(tmp_path / "ae")
     assert loaded.config == autoencoder.config and loaded.config.scaling_factor != 1.0
     assert_same_weights(autoencoder.state_dict(), loaded.state_dict())
+    assert fingerprint(loaded) == fingerprint(autoencoder)
+
+
+def test_fingerprint_names_the_weights_and_the_latent_factors():
+    autoencoder = Autoencoder(tiny_config())
+    before = fingerprint(autoencoder)
+    assert len(before) == 64 and fingerprint(copy.deepcopy(autoencoder)) == before
+    autoencoder.config.scaling_factor = 2.0  # the same weights, other latents
+    assert fingerprint(autoencoder) != before
+    autoencoder.config.scaling_factor = 1.0
+    with torch.no_grad():
+        autoencoder.decoder[-1].bias[0] += 1e-6
+    assert fingerprint(autoencoder) != before
+
+
+def test_lesson_load_refuses_a_folder_of_another_format(tmp_path):
+    save_autoencoder(tmp_path / "ae", Autoencoder(tiny_config()))
+    config = json.loads((tmp_path / "ae" / "config.json").read_text())
+    (tmp_path / "ae" / "config.json").write_text(json.dumps({**config, "format": "minidiff"}))
+    with pytest.raises(ValueError, match="is not a minidiff autoencoder"):
+        load_autoencoder(tmp_path / "ae")
 
 
 def test_corrupt_or_foreign_folders_are_one_clear_error(tmp_path):
+    load = checkpoint.load_autoencoder  # the tools' loader explains every broken folder
     folder = tmp_path / "ae"
     save_autoencoder(folder, Autoencoder(tiny_config()))
     weights = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(weights[: len(weights) // 2])  # a truncated download
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
-        load_autoencoder(folder)
+        load(folder)
 
     save_autoencoder(tmp_path / "wider", Autoencoder(tiny_config(block_out_channels=(8, 8, 32))))
     (folder / "model.safetensors").write_bytes((tmp_path / "wider" / "model.safetensors").read_bytes())
     with pytest.raises(CheckpointError, match="does not hold a valid autoencoder .*size mismatch"):
-        load_autoencoder(folder)
+        load(folder)
 
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "format": "minidiff"}))  # a diffusion model's
     with pytest.raises(CheckpointError, match="is not a minidiff autoencoder"):
-        load_autoencoder(folder)
+        load(folder)
     (folder / "config.json").write_text(json.dumps({**config, "image_size": 18}))
     with pytest.raises(CheckpointError, match="does not hold a valid autoencoder .*not divisible"):
-        load_autoencoder(folder)
+        load(folder)
     with pytest.raises(CheckpointError, match="missing"):
-        load_autoencoder(tmp_path / "nothing-here")
+        load(tmp_path / "nothing-here")
