@@ -142,6 +142,16 @@ def stop_requests():
             signal.signal(s, h)
 
 
+def train_run_autoencoder(config: TrainConfig, dataset) -> Autoencoder:
+    """A latent run's autoencoder, trained on its data (the generator seeded with `config.seed`), its
+    latent factors fitted on the first pictures."""
+    autoencoder, _ = train_autoencoder(AutoencoderConfig(image_size=config.image_size), dataset,
+                                       config.autoencoder_steps, AUTOENCODER_BATCH_SIZE, AUTOENCODER_LR,
+                                       generator=torch.Generator().manual_seed(config.seed))
+    fit_latent_factors(autoencoder, torch.stack([dataset[i][0] for i in range(AUTOENCODER_FIT_PICTURES)]))
+    return autoencoder
+
+
 def prepare_autoencoder(config: TrainConfig, dataset, say=lambda text: None) -> Autoencoder | None:
     """The first phase of a latent run (None for a pixel run): the autoencoder already in
     `out`/autoencoder (a resumed run), else the folder `config.autoencoder` names, else one trained
@@ -160,10 +170,7 @@ def prepare_autoencoder(config: TrainConfig, dataset, say=lambda text: None) -> 
         say(f"training the autoencoder first: {config.autoencoder_steps} steps of {AUTOENCODER_BATCH_SIZE} "
             f"{config.image_size} px pictures")
         start = time.monotonic()
-        autoencoder, _ = train_autoencoder(AutoencoderConfig(image_size=config.image_size), dataset,
-                                           config.autoencoder_steps, AUTOENCODER_BATCH_SIZE, AUTOENCODER_LR,
-                                           generator=torch.Generator().manual_seed(config.seed))
-        fit_latent_factors(autoencoder, torch.stack([dataset[i][0] for i in range(AUTOENCODER_FIT_PICTURES)]))
+        autoencoder = train_run_autoencoder(config, dataset)
         say(f"autoencoder trained in {(time.monotonic() - start) / 60:.1f} min")
     tmp = final.with_name(f".tmp-{AUTOENCODER_FOLDER}")
     shutil.rmtree(tmp, ignore_errors=True)
