@@ -8,8 +8,10 @@
 All three calls run one sampling loop (`denoise`) from one start (`generate_batch`): text to
 image starts from pure noise; img2img from the input image noised part of the way (SDEdit,
 Meng et al. 2022); inpainting likewise, putting the kept region back after every step (RePaint,
-Lugmayr et al. 2022). The model's objective (DDPM or rectified flow) chooses the sampler and
-how many steps an edit runs; the sampler's `step`, `add_noise` and `signal_and_noise` mean the
+Lugmayr et al. 2022). A latent model runs the same loop on its autoencoder's latents: the input
+is encoded, the mask brought to the latents' size, the result decoded and the kept pixels pasted
+back (as SD3's pipelines and bridge/sd3.py). The model's objective (DDPM or rectified flow)
+chooses the sampler and how many steps an edit runs; the sampler's `step`, `add_noise` and `signal_and_noise` mean the
 same for every sampler, so the loop never asks which one it has.
 """
 
