@@ -79,8 +79,8 @@ class DiffusersUNet(nn.Module):
 class BaselineModel(TextToImageModel):
     """minidiff's tokenizer and text encoder with diffusers' UNet in place of minidiff's."""
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, autoencoder=None):
+        super().__init__(config, autoencoder)
         self.unet = DiffusersUNet(config.backbone)
 
 

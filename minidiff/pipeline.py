@@ -131,8 +131,9 @@ class MiniDiffusionPipeline(TextToImagePipeline):
         init, replace = self.load_inputs(call)
         scheduler = self.model.objective.make_sampler(call.sampler, steps)
         timesteps = scheduler.timesteps[steps - self.steps_run(steps, call.strength):]
-        # the model's output as pictures: a pixel model's noise or velocity (a latent model's is no picture)
-        decode_noise = noise_to_pil if self.model.vae is None else None
+        # the model's output as pictures where the denoiser works on pixels (a latent model's is no picture)
+        pixels = self.model.sample_shape == (3, self.image_size, self.image_size)
+        decode_noise = noise_to_pil if pixels else None
         recorder = StepRecorder(call.capture_steps, len(timesteps), call.callback, self.decode, decode_noise)
         batch = len(call.prompts()[0]) * call.num_images_per_prompt
         kept = None if replace is None else (init.to(self.device), replace.to(self.device))  # pixels, for the paste-back
