@@ -4,6 +4,7 @@
     python train.py --objective flow --out runs/flow    # rectified flow, the maths of SD3
     python train.py --backbone mmdit --out runs/mmdit   # SD3.5's transformer (MMDiT) instead of the UNet
     python train.py --out runs/big --image-size 32 --steps 20000
+    python train.py --latent --image-size 32 --out runs/latent    # an autoencoder first, then diffusion on its latents
     python train.py --out runs/big --resume                  # after a crash, a kill or Ctrl-C
     python train.py --out runs/mine --data my_pictures/ --image-size 32
     python train.py --out runs/digits --data mnist --image-size 28
@@ -26,10 +27,12 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: see minidiff/__init__.py
 import torch  # noqa: E402
 
+from minidiff.autoencoder import AutoencoderConfig
 from minidiff.runtime import pick_device
+from minidiff.tools.checkpoint import load_autoencoder
 from minidiff.tools.cli import ArgumentParser, UsageError, run, writable_folder
 from minidiff.tools.datasets import DATA_NAMES, METADATA_NAME, ImageFolder, load_dataset
-from minidiff.tools.trainer import Trainer, config_for_resume, latest_checkpoint
+from minidiff.tools.trainer import Trainer, config_for_resume, latest_checkpoint, prepare_autoencoder
 from minidiff.training import PRESETS, TrainConfig
 
 
@@ -47,6 +50,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="ddpm only: min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the paper's); "
                         "default: off (Ho et al.'s L_simple)")
     p.add_argument("--shift", type=float, help="flow only: timestep shift, trained and sampled (SD3 eq. 23; SD3.5: 3)")
+    p.add_argument("--latent", action="store_true", default=None,
+                   help="a latent model: train an autoencoder first (or take --autoencoder), then denoise its latents")
+    p.add_argument("--autoencoder", help="latent: the autoencoder folder to use instead of training one "
+                                         "(implies --latent)")
+    p.add_argument("--autoencoder-steps", type=int, help="latent: steps of the autoencoder trained first "
+                                                         f"(default {TrainConfig.autoencoder_steps})")
     p.add_argument("--steps", type=int, help="optimizer steps in total")
     p.add_argument("--batch-size", type=int, help="images per step (per process under torchrun)")
     p.add_argument("--image-size", type=int)
@@ -87,6 +96,8 @@ def given_settings(args: argparse.Namespace) -> dict:
     path, so that a run resumed from elsewhere still finds it)."""
     if args.data is not None and args.data not in DATA_NAMES and Path(args.data).is_dir():
         args.data = str(Path(args.data).resolve())
+    if args.autoencoder is not None:
+        args.autoencoder, args.latent = str(Path(args.autoencoder).resolve()), True
     names = {f.name for f in fields(TrainConfig)}
     return {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in names and v is not None}
 
@@ -111,8 +122,9 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{**PRESETS[preset], **given})
 
 
-def check_config(config: TrainConfig) -> None:
-    for name in ("steps", "batch_size", "keep", "log_every"):
+def check_config(config: TrainConfig, autoencoder: AutoencoderConfig | None = None) -> None:
+    """A new or resumed run's settings, before any work; `autoencoder`: a latent run's (given or to train)."""
+    for name in ("steps", "batch_size", "keep", "log_every", "autoencoder_steps"):
         if getattr(config, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
     for name in ("sample_every", "checkpoint_every", "warmup_steps"):
@@ -136,11 +148,15 @@ def check_config(config: TrainConfig) -> None:
         if config.image_size % config.patch_size:
             raise UsageError(f"--patch-size {config.patch_size} must divide --image-size {config.image_size} "
                              f"(the image is cut into whole patches)")
+    if autoencoder is not None and config.image_size % autoencoder.down_factor:
+        raise UsageError(f"--image-size {config.image_size} is not divisible by the autoencoder's down factor "
+                         f"{autoencoder.down_factor}: a latent model needs a whole number of latents a side")
     try:  # the network's own rule on sizes, checked before any work
-        config.backbone_config()
+        config.backbone_config(autoencoder)
     except ValueError as error:
         halves = f" (the UNet halves it {len(config.channel_mults) - 1} times)" if config.backbone == "unet" else ""
-        raise UsageError(f"--image-size: {error}{halves}") from None
+        latent = f" on {config.image_size // autoencoder.down_factor} px latents" if autoencoder else ""
+        raise UsageError(f"--image-size: {error}{latent}{halves}") from None
 
 
 def start_distributed(config: TrainConfig) -> dict:
@@ -192,6 +208,30 @@ def open_dataset(config: TrainConfig, distributed: dict):
     return dataset if dataset is not None else build()
 
 
+def latent_autoencoder_config(config: TrainConfig) -> AutoencoderConfig | None:
+    """A latent run's autoencoder config, read before anything is written: the run's own autoencoder
+    (resumed), the --autoencoder folder (checked whole: a broken one is one clear error), or the
+    default one it will train; None for a pixel run."""
+    if not config.latent:
+        return None
+    own = Path(config.out) / "autoencoder"
+    if own.is_dir() or config.autoencoder is not None:
+        return load_autoencoder(own if own.is_dir() else config.autoencoder).config
+    return AutoencoderConfig()  # its image_size is only where it was trained; the factor is what counts
+
+
+def open_autoencoder(config: TrainConfig, dataset, distributed: dict, say):
+    """The first phase of a latent run (minidiff.tools.trainer.prepare_autoencoder); under torchrun
+    rank 0 trains and writes it, the other ranks then read what it wrote."""
+    if not distributed:
+        return prepare_autoencoder(config, dataset, say)
+    import torch.distributed as dist
+
+    autoencoder = prepare_autoencoder(config, dataset, say) if distributed["rank"] == 0 else None
+    dist.barrier()
+    return autoencoder if autoencoder is not None else prepare_autoencoder(config, dataset)
+
+
 def saved_state(out: Path) -> str:
     """Which step the last checkpoint and model.safetensors hold, and how to bring them level."""
     last = latest_checkpoint(out)
@@ -239,13 +279,15 @@ def main(argv=None) -> int:
         if latest_checkpoint(out) is not None or (out / "model.safetensors").exists():
             raise UsageError(f"{out} already holds a training run; pass --resume to continue it, or choose another --out")
     config.out = str(out)
-    check_config(config)
+    check_config(config, latent_autoencoder_config(config))
     writable_folder(out, "--out")
     distributed = start_distributed(config)
     is_main = distributed.get("rank", 0) == 0
     say = (lambda text: print(text, file=sys.stderr)) if is_main else (lambda text: None)
     try:
-        trainer = Trainer(config, open_dataset(config, distributed), **distributed)
+        dataset = open_dataset(config, distributed)
+        trainer = Trainer(config, dataset, autoencoder=open_autoencoder(config, dataset, distributed, say),
+                          **distributed)
         if checkpoint is not None:
             trainer.load_checkpoint(checkpoint)
             changed = "".join(f", {k} {old} -> {new}" for k, (old, new) in changes.items() if k != "out")
@@ -259,7 +301,7 @@ def main(argv=None) -> int:
         ranks = distributed.get("world_size", 1)
         say(f"training on {trainer.device}{f' x {ranks} processes' if ranks > 1 else ''} "
             f"({precision_name(trainer.precision)}): {config.objective} objective, {config.backbone}, "
-            f"{config.image_size} px, "
+            f"{config.image_size} px{' as latents of %dx%dx%d' % trainer.model.sample_shape if config.latent else ''}, "
             f"{config.steps} steps of {config.batch_size * ranks} images, data {config.data}, "
             f"{sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f} M parameters")
         try:

@@ -79,8 +79,8 @@ class DiffusersUNet(nn.Module):
 class BaselineModel(TextToImageModel):
     """minidiff's tokenizer and text encoder with diffusers' UNet in place of minidiff's."""
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, autoencoder=None):
+        super().__init__(config, autoencoder)
         self.unet = DiffusersUNet(config.backbone)
 
 
@@ -109,6 +109,8 @@ def parse_variant(text: str, levers: dict[str, type] | None = None) -> tuple[str
         elif key not in types:
             known = f"a TrainConfig field or one of {sorted(levers)}" if levers else "a TrainConfig field"
             raise SystemExit(f"error: --variant {text}: {key!r} is not {known}")
+        elif types[key] == "bool":
+            changes[key] = value.lower() in ("1", "true", "yes")
         elif "tuple" in types[key]:
             changes[key] = tuple(int(v) for v in value.split("/") if v)
         elif "int" in types[key]:
@@ -124,11 +126,11 @@ def make_dataset(config: TrainConfig) -> Shapes:
     return Shapes(config.image_size, seed=config.seed, two_object_fraction=config.two_object_fraction)
 
 
-def build_model(config: TrainConfig, backbone: str, device="cpu") -> TextToImageModel:
-    """The model Trainer builds for `config` ("minidiff"), or the same with diffusers' UNet
-    ("diffusers"); the text encoder gets the same initial weights in both."""
+def build_model(config: TrainConfig, backbone: str, device="cpu", autoencoder=None) -> TextToImageModel:
+    """The model Trainer builds for `config` ("minidiff"; a latent one on `autoencoder`), or the same
+    with diffusers' UNet ("diffusers"); the text encoder gets the same initial weights in both."""
     if backbone == "minidiff":
-        return training.build_model(config, make_dataset(config).captions()).to(device)
+        return training.build_model(config, make_dataset(config).captions(), autoencoder).to(device)
     torch.manual_seed(config.seed)
     return BaselineModel.for_captions(make_dataset(config).captions(), config.backbone_config(), config.text_dim,
                                       config.scheduler_config()).to(device)

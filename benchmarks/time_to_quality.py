@@ -38,6 +38,7 @@ import time
 
 from minidiff.tools.evaluate import evaluate
 from minidiff.pipeline import MiniDiffusionPipeline
+from minidiff.tools.trainer import train_run_autoencoder
 from minidiff.training import batch_indices, load_batch
 
 from .common import (Report, TrainState, add_publish_flag, build_model, count_parameters, make_dataset,
@@ -57,8 +58,14 @@ class Run:
 
     def __init__(self, name: str, backbone: str, config, dataset, clock=time.perf_counter, **state_options):
         self.backbone, self.dataset, self.clock = name, dataset, clock
-        self.state = TrainState(build_model(config, backbone), config, **state_options)
         self.seconds = 0.0  # training clock
+        autoencoder = None
+        if config.latent:  # the autoencoder is trained first, on the same clock: its time is in the budget
+            start = self.clock()
+            autoencoder = train_run_autoencoder(config, dataset)
+            self.seconds = self.autoencoder_seconds = self.clock() - start
+            print(f"{name:16s} autoencoder: {config.autoencoder_steps} steps in {self.seconds / 60:.2f} min", flush=True)
+        self.state = TrainState(build_model(config, backbone, autoencoder=autoencoder), config, **state_options)
         self.losses: list[float] = []
         self.points: list[dict] = []
 
@@ -79,12 +86,14 @@ class Run:
                            else None)
         recent = self.losses[-50:]
         point = {"minutes": self.seconds / 60, "step": self.state.step, "accuracy": summary["single"]["both"],
+                 "two_object": summary["two"]["both"] if summary["two"] else None,
                  "colour": summary["single"]["colour"], "shape": summary["single"]["shape"],
                  "loss": statistics.mean(recent) if recent else float("nan"),
                  "eval_seconds": time.perf_counter() - start}
         self.points.append(point)
+        two = f"  two-object {point['two_object']:.1%}" if point["two_object"] is not None else ""
         print(f"{self.backbone:16s} {point['minutes']:6.2f} min  step {point['step']:5d}  loss {point['loss']:.4f}  "
-              f"accuracy {point['accuracy']:.1%}  (eval {point['eval_seconds']:.0f} s)", flush=True)
+              f"accuracy {point['accuracy']:.1%}{two}  (eval {point['eval_seconds']:.0f} s)", flush=True)
         return point
 
     def minutes_to(self, target: float) -> float | None:
@@ -108,13 +117,18 @@ def plot(runs: dict[str, Run], target: float, path) -> None:
 
 def body(runs: dict[str, Run], args, config) -> str:
     names = list(runs)
-    header = ["point"] + [f"{n} {what}" for n in names for what in ("minutes", "step", "accuracy", "loss")]
+    two = any(p["two_object"] is not None for r in runs.values() for p in r.points)  # 32 px and up
+    columns = ("minutes", "step", "accuracy", *(("two-object",) if two else ()), "loss")
+    header = ["point"] + [f"{n} {what}" for n in names for what in columns]
     rows = []
     for k in range(max(len(r.points) for r in runs.values())):
         row = [k + 1]
         for run in runs.values():
             p = run.points[k] if k < len(run.points) else None
-            row += [f"{p['minutes']:.2f}", p["step"], f"{p['accuracy']:.1%}", f"{p['loss']:.4f}"] if p else ["", "", "", ""]
+            cells = [f"{p['minutes']:.2f}", p["step"], f"{p['accuracy']:.1%}"] + (
+                ["" if p["two_object"] is None else f"{p['two_object']:.1%}"] if two else []) + [f"{p['loss']:.4f}"] \
+                if p else [""] * len(columns)
+            row += cells
         rows.append(row)
 
     def minutes(run):
@@ -179,7 +193,7 @@ def main(argv=None) -> int:
     titles = {"time_to_quality": "2. Time to quality"}
     report = Report(args.name, titles.get(args.name, f"Time to quality: {args.name}"), threads, "time_to_quality")
     config = preset_config(args.preset)
-    dataset = make_dataset(config)
+    datasets = {}  # one Shapes per (size, seed, two-object fraction): runs may differ in size
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     specs = {name: RECIPES[name] for name in args.runs}
     for text in args.variant:
@@ -188,6 +202,8 @@ def main(argv=None) -> int:
     runs = {}
     for name, (backbone, changes, options) in specs.items():
         run_config = dataclasses.replace(config, **changes)
+        key = (run_config.image_size, run_config.seed, run_config.two_object_fraction)
+        dataset = datasets.setdefault(key, make_dataset(run_config))
         runs[name] = Run(name, backbone, run_config, dataset, clock, **options)
         network = "MMDiT" if run_config.backbone == "mmdit" else "UNet"
         runs[name].description = (f"{backbone} {network} ({count_parameters(runs[name].state.model.denoiser):,} "

@@ -6,6 +6,7 @@ Read in this order (`python -m minidiff.tools.lines` counts them):
   text.py, unet.py        the text encoder and the denoising network (or mmdit.py: SD3.5's, --backbone mmdit)
   model.py                the components under one config
   training.py             the loss, one training step, a short loop
+  autoencoder.py          latents: a small VAE, and SD3's (z - shift) * scale (latent models, docs/latent.ipynb)
   images.py, contract.py, pipeline.py   sampling, img2img and inpainting through one loop
   runtime.py, checkpoint.py             devices; saving and loading (safetensors + JSON)
 Everything around the lesson (the full trainer, data folders, the app, evaluation, figures) is in

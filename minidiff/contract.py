@@ -12,7 +12,8 @@
 - `mask_image` (inpaint): grayscale, white is replaced, black is kept.
 - `callback`: called after every step with a plain dict (k-diffusion style): "i" (step index),
   "t" (the timestep the model was given), "x" (the sample after the step), "denoised" (predicted
-  x_0), "noise_pred" (the model's output). Pixels in [-1, 1] for minidiff, latents for SD3.
+  x_0), "noise_pred" (the model's output). Pixels in [-1, 1] for a minidiff pixel model; latents
+  for a minidiff latent model and for SD3.
 - `capture_steps`: steps k to record in `ImageOutput.trace` (k = 0 the start, k = n after n
   steps), each {"step", "timestep", "x_t", "pred_x0", "noise_pred"} as PIL images.
 - `sampler`, `height`, `width`: what `samplers` and `size` allow (minidiff: its trained size).

@@ -1,7 +1,9 @@
 """The whole trainable model, assembled the way a diffusers pipeline assembles SD3.5's parts:
 a tokenizer and text encoder (SD3.5: CLIP-L, CLIP-G and T5), a denoising network (SD3.5: an
 MMDiT; here a UNet by default, or the same MMDiT in miniature), and the objective it was trained
-with (SD3.5: rectified flow), under one config that is saved as config.json beside model.safetensors."""
+with (SD3.5: rectified flow), under one config that is saved as config.json beside model.safetensors.
+A latent model also holds the autoencoder whose latents it denoises (SD3.5: its VAE), saved beside
+it in autoencoder/."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .autoencoder import Autoencoder, fingerprint, from_latents, load_autoencoder, save_autoencoder, to_latents
 from .flow import FlowMatchConfig, RectifiedFlow
 from .mmdit import MMDiT, MMDiTConfig
 from .scheduler import DDPM, SchedulerConfig
@@ -20,6 +23,7 @@ from .text import TextEncoder, TextEncoderConfig, Tokenizer
 from .unet import UNet, UNetConfig
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+AUTOENCODER_FOLDER = "autoencoder"  # a latent model's autoencoder, inside the model folder (diffusers: vae/)
 FORMAT = {"format": "minidiff", "format_version": 1}  # what config.json says a model folder is
 # config.json's "objective" -> (its schedule's config, the objective)
 OBJECTIVES = {"ddpm": (SchedulerConfig, DDPM), "flow": (FlowMatchConfig, RectifiedFlow)}
@@ -36,6 +40,15 @@ def objective_for(scheduler_config):
 
 
 @dataclass
+class LatentSpace:
+    """Which autoencoder's latents a latent model denoises: its fingerprint (sha256 of weights and
+    config, `autoencoder.fingerprint`) and how much smaller than the picture a latent is."""
+
+    sha256: str
+    down_factor: int
+
+
+@dataclass
 class ModelConfig:
     """Everything needed to rebuild the model."""
 
@@ -44,6 +57,7 @@ class ModelConfig:
     # the schedule the model was trained with: SchedulerConfig for DDPM, FlowMatchConfig for rectified flow
     scheduler: SchedulerConfig | FlowMatchConfig = field(default_factory=SchedulerConfig)
     vocab: list[str] = field(default_factory=list)
+    autoencoder: LatentSpace | None = None  # None: the denoiser works on pixels
 
     @property
     def objective(self) -> str:
@@ -56,11 +70,14 @@ class ModelConfig:
 
     @property
     def image_size(self) -> int:
-        return self.backbone.image_size
+        """The pictures' size in pixels (the denoiser's, times the autoencoder's down factor)."""
+        return self.backbone.image_size * (self.autoencoder.down_factor if self.autoencoder else 1)
 
     def to_dict(self) -> dict:
+        latent = {"autoencoder": asdict(self.autoencoder)} if self.autoencoder else {}
         return {"objective": self.objective, self.backbone_name: asdict(self.backbone),
-                "text_encoder": asdict(self.text_encoder), "scheduler": asdict(self.scheduler), "vocab": self.vocab}
+                "text_encoder": asdict(self.text_encoder), "scheduler": asdict(self.scheduler), "vocab": self.vocab,
+                **latent}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -72,7 +89,8 @@ class ModelConfig:
             raise ValueError(f"the config must describe one denoising network, one of {list(BACKBONES)}")
         return cls(backbone=BACKBONES[backbones[0]][0](**d[backbones[0]]),
                    text_encoder=TextEncoderConfig(**d["text_encoder"]),
-                   scheduler=OBJECTIVES[objective][0](**d["scheduler"]), vocab=list(d["vocab"]))
+                   scheduler=OBJECTIVES[objective][0](**d["scheduler"]), vocab=list(d["vocab"]),
+                   autoencoder=LatentSpace(**d["autoencoder"]) if d.get("autoencoder") else None)
 
 
 def tensors_for_saving(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -82,11 +100,23 @@ def tensors_for_saving(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 class TextToImageModel(nn.Module):
     """The networks trained together: eps_theta(x_t, t, prompt), or v_theta for a flow model.
     `model.denoiser` is the denoising network (also reachable by its name, `model.unet` or
-    `model.transformer`)."""
+    `model.transformer`); `model.vae` the autoencoder of a latent model (None for a pixel model)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, autoencoder: Autoencoder | None = None):
         super().__init__()
         self.config = config
+        if (config.autoencoder is None) != (autoencoder is None):
+            raise ValueError("this latent model needs the autoencoder it was trained with; none was given"
+                             if autoencoder is None else "this is a pixel model (its config names no autoencoder)")
+        if autoencoder is not None and fingerprint(autoencoder) != config.autoencoder.sha256:
+            raise ValueError("this autoencoder is not the one the model was trained with (its fingerprint differs)")
+        if autoencoder is not None and autoencoder.config.latent_channels != config.backbone.in_channels:
+            raise ValueError(f"the denoiser takes {config.backbone.in_channels} channels, the autoencoder's latents "
+                             f"have {autoencoder.config.latent_channels}")
+        # The autoencoder was trained before the denoiser and stays frozen: like SD3.5's VAE beside its
+        # transformer, it is kept out of this module's parameters() and state_dict(), so the optimizer,
+        # the EMA and model.safetensors hold only what is trained here (`_apply` still moves it).
+        object.__setattr__(self, "vae", autoencoder.requires_grad_(False).eval() if autoencoder else None)
         self.tokenizer = Tokenizer(config.vocab, config.text_encoder.max_length)
         self.text_encoder = TextEncoder(config.text_encoder)
         setattr(self, config.backbone_name, BACKBONES[config.backbone_name][1](config.backbone))
@@ -96,27 +126,40 @@ class TextToImageModel(nn.Module):
     def denoiser(self) -> nn.Module:
         return getattr(self, self.config.backbone_name)
 
-    # What the denoiser sees. SD3.5 denoises the latents of a VAE; this model denoises pixels, so
-    # the two conversions are the identity (a latent model overrides them with its autoencoder).
+    # What the denoiser sees. SD3.5 denoises the latents of a VAE, and so does a latent model: the
+    # conversions are the autoencoder's, at the places SD3's pipelines put them (autoencoder.py);
+    # for a pixel model they are the identity.
     @property
-    def sample_shape(self) -> tuple[int, int, int]:
+    def sample_shape(self) -> tuple[int, int, int]:  # (C, h, w): latent channels and size, or (3, H, W)
         return self.config.backbone.in_channels, self.config.backbone.image_size, self.config.backbone.image_size
 
+    @torch.no_grad()
     def to_latents(self, images: torch.Tensor, generator=None) -> torch.Tensor:
-        return images
+        """(B, 3, H, W) pixels -> (B, C, h, w): (z - shift) * scale, z sampled from q(z|x) with `generator`."""
+        return images if self.vae is None else to_latents(self.vae, images, generator)
 
+    @torch.no_grad()
     def from_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents
+        """(B, C, h, w) -> (B, 3, H, W) pixels: decode(latents / scale + shift)."""
+        return latents if self.vae is None else from_latents(self.vae, latents)
+
+    def _apply(self, fn, recurse=True):  # .to(device), .float(), ...: the autoencoder goes along
+        super()._apply(fn, recurse)
+        if self.vae is not None:
+            self.vae._apply(fn, recurse)
+        return self
 
     @classmethod
     def for_captions(cls, captions, backbone: UNetConfig | MMDiTConfig, text_dim: int = 128,
-                     scheduler: SchedulerConfig | FlowMatchConfig | None = None):
-        """Build a model whose vocabulary covers `captions` (its text width `text_dim`)."""
+                     scheduler: SchedulerConfig | FlowMatchConfig | None = None, autoencoder: Autoencoder | None = None):
+        """Build a model whose vocabulary covers `captions` (its text width `text_dim`); with an
+        `autoencoder`, a latent model (`backbone` then sized for its latents)."""
         tokenizer = Tokenizer.from_captions(captions)
         text = TextEncoderConfig(vocab_size=len(tokenizer.vocab), max_length=tokenizer.max_length, dim=text_dim)
         backbone = backbone.with_text_dim(text_dim)  # the network reads text tokens of that width
+        latent = LatentSpace(fingerprint(autoencoder), autoencoder.config.down_factor) if autoencoder else None
         return cls(ModelConfig(backbone=backbone, text_encoder=text, scheduler=scheduler or SchedulerConfig(),
-                               vocab=tokenizer.vocab))
+                               vocab=tokenizer.vocab, autoencoder=latent), autoencoder)
 
     def save_pretrained(self, folder, state_dict: dict | None = None, **extra) -> None:
         """config.json + model.safetensors in `folder` (by default the model's own weights).
@@ -125,6 +168,8 @@ class TextToImageModel(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         save_file(tensors_for_saving(state_dict if state_dict is not None else self.state_dict()),
                   folder / WEIGHTS_NAME)
+        if self.vae is not None:  # the autoencoder beside it, as diffusers' vae/ folder
+            save_autoencoder(folder / AUTOENCODER_FOLDER, self.vae)
         (folder / CONFIG_NAME).write_text(json.dumps({**FORMAT, **self.config.to_dict(), **extra}, indent=2) + "\n")
 
     @classmethod
@@ -134,7 +179,8 @@ class TextToImageModel(nn.Module):
         config = json.loads((Path(folder) / CONFIG_NAME).read_text())
         if {key: config.get(key) for key in FORMAT} != FORMAT:
             raise ValueError(f"{folder} is not a minidiff model of format {FORMAT['format_version']}")
-        model = cls(ModelConfig.from_dict(config))
+        config = ModelConfig.from_dict(config)
+        model = cls(config, load_autoencoder(Path(folder) / AUTOENCODER_FOLDER) if config.autoencoder else None)
         model.load_state_dict(load_file(Path(folder) / WEIGHTS_NAME))
         return model.to(device).eval()
 

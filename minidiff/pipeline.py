@@ -8,8 +8,10 @@
 All three calls run one sampling loop (`denoise`) from one start (`generate_batch`): text to
 image starts from pure noise; img2img from the input image noised part of the way (SDEdit,
 Meng et al. 2022); inpainting likewise, putting the kept region back after every step (RePaint,
-Lugmayr et al. 2022). The model's objective (DDPM or rectified flow) chooses the sampler and
-how many steps an edit runs; the sampler's `step`, `add_noise` and `signal_and_noise` mean the
+Lugmayr et al. 2022). A latent model runs the same loop on its autoencoder's latents: the input
+is encoded, the mask brought to the latents' size, the result decoded and the kept pixels pasted
+back (as SD3's pipelines and bridge/sd3.py). The model's objective (DDPM or rectified flow)
+chooses the sampler and how many steps an edit runs; the sampler's `step`, `add_noise` and `signal_and_noise` mean the
 same for every sampler, so the loop never asks which one it has.
 """
 
@@ -18,9 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .contract import Call, ImageOutput, StepRecorder, TextToImagePipeline
-from .images import load_image, load_mask, mask_to_tensor, noise_to_pil, pil_to_tensor, tensor_to_pil
+from .images import load_image, load_mask, mask_to_tensor, noise_to_pil, paste_kept, pil_to_tensor, tensor_to_pil
 from .model import TextToImageModel
 from .runtime import autocast, pick_device
 from .scheduler import DDIMScheduler, randn
@@ -130,13 +133,19 @@ class MiniDiffusionPipeline(TextToImagePipeline):
         init, replace = self.load_inputs(call)
         scheduler = self.model.objective.make_sampler(call.sampler, steps)
         timesteps = scheduler.timesteps[steps - self.steps_run(steps, call.strength):]
-        recorder = StepRecorder(call.capture_steps, len(timesteps), call.callback, self.decode, noise_to_pil)
+        # the model's output as pictures where the denoiser works on pixels (a latent model's is no picture)
+        pixels = self.model.sample_shape == (3, self.image_size, self.image_size)
+        decode_noise = noise_to_pil if pixels else None
+        recorder = StepRecorder(call.capture_steps, len(timesteps), call.callback, self.decode, decode_noise)
         batch = len(call.prompts()[0]) * call.num_images_per_prompt
+        kept = None if replace is None else (init.to(self.device), replace.to(self.device))  # pixels, for the paste-back
         if init is not None:  # (B, C, h, w): the input as the denoiser sees it
             init = self.model.to_latents(init.to(self.device), call.generator).expand(batch, -1, -1, -1)
+        if replace is not None:  # the mask at the denoiser's size, as SD3's inpaint pipeline (prepare_mask_latents):
+            replace = F.interpolate(replace.float(), size=self.model.sample_shape[1:]) > 0.5  # nearest; pixels: as is
         if len(timesteps) == 0:  # strength 0 (or no step left for this strength): nothing to denoise
             recorder.start(init, None)
-            return self.output(init, call, recorder)
+            return self.output(init, call, recorder, kept)
         context, mask = self.encode_prompts(call.prompt, call.negative_prompt, call.num_images_per_prompt, guidance)
         # 1. the start: pure noise x_T, or the input noised to the first timestep that runs:
         #    DDPM x_t = sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) eps (Ho et al. 2020 eq. 4);
@@ -153,10 +162,14 @@ class MiniDiffusionPipeline(TextToImagePipeline):
         step_options = {"eta": call.eta, "use_clipped_model_output": True} if isinstance(scheduler, DDIMScheduler) else {}
         x = self.denoise(x, scheduler, timesteps, context, mask, guidance, call.generator, step_callback, after_step,
                          **step_options)
-        return self.output(x, call, recorder)
+        return self.output(x, call, recorder, kept)
 
-    def output(self, x, call: MiniCall, recorder) -> ImageOutput:
+    def output(self, x, call: MiniCall, recorder, kept=None) -> ImageOutput:
+        """Decode x; with `kept` = (input pixels, mask), inpainting's paste-back: the kept pixels exactly
+        as given (a latent model's decoder only approximates them; a pixel model's are equal already)."""
         x = self.model.from_latents(x)
+        if kept is not None:
+            x = paste_kept(x, *kept)
         if call.output_type == "pt":  # like diffusers: values in [0, 1]
             return ImageOutput(images=list(((x.float().cpu() + 1) / 2).clamp(0, 1)), trace=recorder.trace)
         return ImageOutput(images=tensor_to_pil(x), trace=recorder.trace)

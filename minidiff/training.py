@@ -20,6 +20,10 @@ bound as t -> 0, so the low-noise steps dominate (there the noise is a faint res
 noise MSE is largest); the weight min(SNR_t, gamma) / SNR_t makes it the x_0 loss weighted by
 min(SNR_t, gamma), capped at gamma.
 
+A latent model (`latent=True`; Rombach et al. 2022, as SD3) learns the same loss on x_0 = (z - shift) * scale,
+z ~ q(z|x) its frozen autoencoder's sampled latent of the picture (SD3's training scripts:
+`vae.encode(pixels).latent_dist.sample()`); `TrainState.train_step` encodes each batch first.
+
 Both are one function, `diffusion_loss`: the model's objective says how t is drawn
 (`sample_training_timesteps`), how x_0 is noised (`add_noise`) and what the network must
 predict (`training_target`). In both, the caption is replaced by the empty prompt 10% of
@@ -40,6 +44,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 
+from .autoencoder import Autoencoder, AutoencoderConfig
 from .data import Shapes
 from .flow import FlowMatchConfig
 from .mmdit import MMDiTConfig
@@ -68,6 +73,9 @@ class TrainConfig:
     objective: str = "flow"  # "flow" (rectified flow: predict the velocity, as SD3) or "ddpm" (predict the noise)
     beta_schedule: str = "cosine"  # ddpm only
     shift: float = 1.0  # flow only: the timestep shift of Esser et al. eq. 23, trained and sampled (SD3.5: 3.0)
+    latent: bool = False  # denoise an autoencoder's latents (image_size / its down factor a side), not pixels
+    autoencoder: str | None = None  # latent: the autoencoder folder to use; None: train one first (tools.trainer)
+    autoencoder_steps: int = 2400  # latent: the autoencoder's training steps, when it is trained first
     # the optimization
     steps: int = 1150
     batch_size: int = 64
@@ -101,14 +109,22 @@ class TrainConfig:
             raise ValueError(f"snr_gamma (min-SNR weighting) must be above 0 and needs objective 'ddpm' "
                              f"(it weights the noise-prediction loss), got {self.snr_gamma} with {self.objective!r}")
 
-    def backbone_config(self) -> UNetConfig | MMDiTConfig:
-        """The denoising network this run trains (its text width is set from `text_dim`)."""
-        if self.backbone == "mmdit":  # pixels in and out, SD3.5's RMS q/k norm
-            return MMDiTConfig(sample_size=self.image_size, in_channels=3, patch_size=self.patch_size,
+    def backbone_config(self, autoencoder: AutoencoderConfig | None = None) -> UNetConfig | MMDiTConfig:
+        """The denoising network this run trains (its text width is set from `text_dim`); for a
+        latent model, sized for the latents of an autoencoder of config `autoencoder`: image_size / f
+        a side, its latent channels."""
+        size, channels = self.image_size, 3
+        if autoencoder is not None:
+            f = autoencoder.down_factor
+            if self.image_size % f:
+                raise ValueError(f"image size {self.image_size} is not divisible by the autoencoder's down factor {f}")
+            size, channels = self.image_size // f, autoencoder.latent_channels
+        if self.backbone == "mmdit":  # SD3.5's RMS q/k norm
+            return MMDiTConfig(sample_size=size, in_channels=channels, patch_size=self.patch_size,
                                num_layers=self.num_layers, num_attention_heads=self.num_heads,
                                attention_head_dim=self.head_dim, caption_projection_dim=self.num_heads * self.head_dim,
                                qk_norm="rms_norm").with_text_dim(self.text_dim)
-        return UNetConfig(image_size=self.image_size, base_channels=self.base_channels,
+        return UNetConfig(image_size=size, in_channels=channels, base_channels=self.base_channels,
                           channel_mults=self.channel_mults, attention_levels=self.attention_levels)
 
     def scheduler_config(self) -> SchedulerConfig | FlowMatchConfig:
@@ -133,10 +149,14 @@ PRESETS = {  # train.py --preset: what each run changes of TrainConfig's default
 }
 
 
-def build_model(config: TrainConfig, captions) -> TextToImageModel:
-    """The model a run starts from: weights drawn from `config.seed`, vocabulary from `captions`."""
+def build_model(config: TrainConfig, captions, autoencoder: Autoencoder | None = None) -> TextToImageModel:
+    """The model a run starts from: weights drawn from `config.seed`, vocabulary from `captions`;
+    a latent model on `autoencoder` (trained before, frozen)."""
+    if config.latent != (autoencoder is not None):
+        raise ValueError("a latent run (latent=True) needs its trained autoencoder, and a pixel run takes none")
     torch.manual_seed(config.seed)
-    return TextToImageModel.for_captions(captions, config.backbone_config(), config.text_dim, config.scheduler_config())
+    backbone = config.backbone_config(autoencoder.config if autoencoder is not None else None)
+    return TextToImageModel.for_captions(captions, backbone, config.text_dim, config.scheduler_config(), autoencoder)
 
 
 class EMA:
@@ -255,10 +275,11 @@ class TrainState:
     """Everything a run changes as it trains: the model, its EMA, the optimizer, the generator,
     the step. `train_step` is one step of Algorithm 1 (or its flow twin)."""
 
-    def __init__(self, config: TrainConfig, captions=(), model: TextToImageModel | None = None, optimizer=None):
+    def __init__(self, config: TrainConfig, captions=(), model: TextToImageModel | None = None, optimizer=None,
+                 autoencoder: Autoencoder | None = None):
         self.config = config
         self.device = pick_device(config.device)
-        self.model = (model if model is not None else build_model(config, captions)).to(self.device)
+        self.model = (model if model is not None else build_model(config, captions, autoencoder)).to(self.device)
         self.model.to(memory_format=torch.channels_last)  # convolutions run a few % faster
         self.objective = self.model.objective
         self.ema = EMA(self.model, config.ema_decay)
@@ -280,6 +301,7 @@ class TrainState:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
         self.model.train()
+        images = self.encode(images, shard)
         per_sample, t = diffusion_loss(self.train_model, self.model.tokenizer, self.objective, images, captions,
                                        self.generator, self.config.caption_dropout, self.device, shard=shard,
                                        precision=self.precision, snr_gamma=self.config.snr_gamma)
@@ -290,19 +312,34 @@ class TrainState:
         self.step += 1
         return per_sample, t
 
+    def encode(self, images: torch.Tensor, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+        """x_0 of this step: the pictures, or a latent model's `to_latents` of them with a latent sampled
+        from the run's generator (as SD3's training scripts sample `latent_dist.sample()`: the latent
+        the decoder learnt to decode, and the one img2img encodes). Under torchrun each rank samples
+        with its own generator seeded from the run's (rank r takes the r-th of world_size seeds)."""
+        if self.model.vae is None:
+            return images
+        generator = self.generator
+        rank, world_size = shard
+        if world_size > 1:
+            seed = torch.randint(2**62, (world_size,), generator=self.generator)[rank].item()
+            generator = torch.Generator().manual_seed(seed)
+        return self.model.to_latents(images.to(self.device), generator).to(images.device)
+
     def ema_model(self) -> TextToImageModel:
         return self.ema.averaged_model(self.model)
 
 
-def train(config: TrainConfig, dataset=None):
+def train(config: TrainConfig, dataset=None, autoencoder: Autoencoder | None = None):
     """The whole loop, without checkpoints, logs or signals (`python train.py` adds them):
     yields the state after every step; `state.ema_model()` is the model to sample from.
+    A latent run (`latent=True`) needs its trained `autoencoder` (minidiff.autoencoder.train_autoencoder).
 
         for state in train(TrainConfig(steps=300)):
             pass
         pipe = MiniDiffusionPipeline(state.ema_model())"""
     dataset = dataset or Shapes(config.image_size, seed=config.seed, two_object_fraction=config.two_object_fraction)
-    state = TrainState(config, dataset.captions())
+    state = TrainState(config, dataset.captions(), autoencoder=autoencoder)
     while state.step < config.steps:
         state.train_step(*load_batch(dataset, batch_indices(state.step, config.batch_size)))
         yield state

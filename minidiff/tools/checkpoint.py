@@ -19,7 +19,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..model import CONFIG_NAME, FORMAT, WEIGHTS_NAME, ModelConfig, TextToImageModel, tensors_for_saving
+from .. import autoencoder as ae
+from ..model import AUTOENCODER_FOLDER, CONFIG_NAME, FORMAT, WEIGHTS_NAME, ModelConfig, TextToImageModel, tensors_for_saving
 
 FORMAT_NAME, FORMAT_VERSION = FORMAT["format"], FORMAT["format_version"]
 
@@ -95,11 +96,40 @@ def read_safetensors(path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a readable safetensors file ({reason}); the checkpoint is corrupt") from None
 
 
+def save_autoencoder(folder, autoencoder: ae.Autoencoder) -> None:
+    """`minidiff.autoencoder.save_autoencoder`'s two files, each written atomically."""
+    write_safetensors(Path(folder) / ae.WEIGHTS_NAME, autoencoder.state_dict())
+    write_json(Path(folder) / ae.CONFIG_NAME, {**ae.FORMAT, **autoencoder.config.to_dict()})
+
+
+def load_autoencoder(folder, device: torch.device | str = "cpu") -> ae.Autoencoder:
+    """`minidiff.autoencoder.load_autoencoder`, with every way the folder can be broken explained in one
+    CheckpointError; nothing half-loaded."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"autoencoder folder {folder} is missing; train one with `python train.py --latent`")
+    raw = read_json(folder / ae.CONFIG_NAME)
+    if {key: raw.get(key) for key in ae.FORMAT} != ae.FORMAT:
+        raise CheckpointError(f"{folder} is not a minidiff autoencoder (config.json has format {raw.get('format')!r} "
+                              f"version {raw.get('format_version')!r}, not {ae.FORMAT['format']!r} version "
+                              f"{ae.FORMAT['format_version']})")
+    weights = read_safetensors(folder / ae.WEIGHTS_NAME)
+    try:
+        autoencoder = ae.Autoencoder(ae.AutoencoderConfig.from_dict(raw))
+        autoencoder.load_state_dict(weights)  # strict: every tensor, each of the right shape
+    except (TypeError, ValueError, RuntimeError) as error:
+        reason = " ".join(str(error).split())[:300]
+        raise CheckpointError(f"{folder} does not hold a valid autoencoder ({reason}); corrupt or partial") from None
+    return autoencoder.to(device).eval()
+
+
 def save_model(directory, model: TextToImageModel, state_dict: dict[str, torch.Tensor] | None = None,
                trained_steps: int | None = None) -> None:
     """Write `directory`/config.json and model.safetensors (by default, the model's own weights).
     `trained_steps`, when given, is recorded in config.json (train.py's messages read it back)."""
     directory = Path(directory)
+    if model.vae is not None:  # a latent model: its autoencoder first, then the config that names it
+        save_autoencoder(directory / AUTOENCODER_FOLDER, model.vae)
     write_safetensors(directory / WEIGHTS_NAME, state_dict if state_dict is not None else model.state_dict())
     config = {**FORMAT, **model.config.to_dict()}
     if trained_steps is not None:
@@ -133,7 +163,7 @@ def load_model(directory, device: torch.device | str = "cpu") -> TextToImageMode
         config = ModelConfig.from_dict(raw)
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{directory / CONFIG_NAME} does not describe a valid model ({error})") from None
-    model = TextToImageModel(config)
+    model = TextToImageModel(config, latent_autoencoder(directory, config))
     weights = read_safetensors(directory / WEIGHTS_NAME)
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -145,3 +175,21 @@ def load_model(directory, device: torch.device | str = "cpu") -> TextToImageMode
             f"({len(missing)} missing, {len(unexpected)} unexpected tensors); the checkpoint is partial or corrupt"
         )
     return model.to(device).eval()
+
+
+def latent_autoencoder(directory: Path, config: ModelConfig) -> ae.Autoencoder | None:
+    """A latent model's autoencoder, from `directory`/autoencoder, checked against the fingerprint its
+    config.json records (None for a pixel model)."""
+    if config.autoencoder is None:
+        return None
+    folder = directory / AUTOENCODER_FOLDER
+    if not folder.is_dir():
+        raise CheckpointError(f"{directory} is a latent model but {folder} is missing: the model cannot turn its "
+                              f"latents into pictures without the autoencoder it was trained with")
+    autoencoder = load_autoencoder(folder)
+    found = ae.fingerprint(autoencoder)
+    if found != config.autoencoder.sha256:
+        raise CheckpointError(f"{folder} is not the autoencoder {directory} was trained with (sha256 {found[:12]}..., "
+                              f"config.json names {config.autoencoder.sha256[:12]}...); put its own autoencoder back "
+                              f"or retrain")
+    return autoencoder

@@ -29,10 +29,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .checkpoint import (CheckpointError, atomic_write, read_json, read_safetensors, save_model, write_json,
-                         write_safetensors)
+from .checkpoint import (CheckpointError, atomic_write, load_autoencoder, read_json, read_safetensors, save_autoencoder,
+                         save_model, write_json, write_safetensors)
+from ..autoencoder import Autoencoder, AutoencoderConfig, fit_latent_factors, train_autoencoder
 from ..data import Shapes
-from ..model import TextToImageModel
+from ..model import AUTOENCODER_FOLDER, TextToImageModel
 from ..pipeline import MiniDiffusionPipeline
 from ..training import TrainConfig, TrainState, batch_indices, load_batch
 from .datasets import load_dataset
@@ -42,6 +43,9 @@ LOSS_BINS = 4  # the loss is also logged per quarter of the timestep range
 TRAIN_STATE_FORMAT, TRAIN_STATE_VERSION = "minidiff-train-state", 1  # state.json of a resumable checkpoint
 # what the ranks agree on after every forward pass (the largest code wins)
 GO_ON, TIME_LIMIT, INTERRUPTED, NOT_FINITE, FAILED = 0, 1, 2, 3, 4
+
+# A latent run's autoencoder, when trained first: benchmarks/autoencoder_quality.py's fastest recipe to 30 dB
+AUTOENCODER_BATCH_SIZE, AUTOENCODER_LR, AUTOENCODER_FIT_PICTURES = 16, 3e-3, 1024
 
 # Settings a resumed run may change (`train.py --resume --steps 20000`); the others define the
 # run (model, data, batch, seed, ...) and must stay what the checkpoint says. A longer --steps
@@ -138,21 +142,61 @@ def stop_requests():
             signal.signal(s, h)
 
 
+def train_run_autoencoder(config: TrainConfig, dataset) -> Autoencoder:
+    """A latent run's autoencoder, trained on its data (the generator seeded with `config.seed`), its
+    latent factors fitted on the first pictures."""
+    autoencoder, _ = train_autoencoder(AutoencoderConfig(image_size=config.image_size), dataset,
+                                       config.autoencoder_steps, AUTOENCODER_BATCH_SIZE, AUTOENCODER_LR,
+                                       generator=torch.Generator().manual_seed(config.seed))
+    fit_latent_factors(autoencoder, torch.stack([dataset[i][0] for i in range(AUTOENCODER_FIT_PICTURES)]))
+    return autoencoder
+
+
+def prepare_autoencoder(config: TrainConfig, dataset, say=lambda text: None) -> Autoencoder | None:
+    """The first phase of a latent run (None for a pixel run): the autoencoder already in
+    `out`/autoencoder (a resumed run), else the folder `config.autoencoder` names, else one trained
+    here on the run's data for `config.autoencoder_steps` steps and its latent factors fitted.
+    It is written to `out`/autoencoder whole (a temporary folder renamed into place), before the
+    diffusion phase starts: a run killed while training it has saved nothing, and starts it again."""
+    if not config.latent:
+        return None
+    final = Path(config.out) / AUTOENCODER_FOLDER
+    if final.is_dir():
+        return load_autoencoder(final)
+    if config.autoencoder is not None:
+        autoencoder = load_autoencoder(config.autoencoder)
+        say(f"autoencoder from {config.autoencoder}")
+    else:
+        say(f"training the autoencoder first: {config.autoencoder_steps} steps of {AUTOENCODER_BATCH_SIZE} "
+            f"{config.image_size} px pictures")
+        start = time.monotonic()
+        autoencoder = train_run_autoencoder(config, dataset)
+        say(f"autoencoder trained in {(time.monotonic() - start) / 60:.1f} min")
+    tmp = final.with_name(f".tmp-{AUTOENCODER_FOLDER}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_autoencoder(tmp, autoencoder)
+    tmp.rename(final)
+    return autoencoder
+
+
 class Trainer(TrainState):
-    """Trains a TextToImageModel on `dataset` (default: the one config.data names).
+    """Trains a TextToImageModel on `dataset` (default: the one config.data names); a latent run
+    (`config.latent`) on the latents of `autoencoder` (default: `prepare_autoencoder`'s).
 
     For data parallelism: `rank` and `world_size`, `wrap(model)` -> the module forward and
     backward run through (DDP), and `sync_stop(code)` -> the code every rank acts on (an
     all-reduce max); train.py builds them. Only rank 0 logs, samples and saves."""
 
     def __init__(self, config: TrainConfig, dataset=None, rank: int = 0, world_size: int = 1, wrap=None,
-                 sync_stop=None):
+                 sync_stop=None, autoencoder: Autoencoder | None = None):
         self.rank, self.world_size = rank, world_size
         self.sync_stop = sync_stop or (lambda code: code)
         self.out = Path(config.out)
         self.dataset = dataset if dataset is not None else load_dataset(
             config.data, config.image_size, config.seed, config.data_root, config.two_object_fraction)
-        super().__init__(config, self.dataset.captions())
+        if config.latent and autoencoder is None:  # the first phase of a latent run (train.py says so as it goes)
+            autoencoder = prepare_autoencoder(config, self.dataset)
+        super().__init__(config, self.dataset.captions(), autoencoder=autoencoder)
         # what forward/backward runs through: compiled and/or DDP-wrapped, same parameters
         if wrap is not None:
             self.train_model = wrap(self.model)
