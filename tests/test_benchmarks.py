@@ -111,7 +111,7 @@ def test_results_go_to_scratch_unless_published(tmp_path, monkeypatch):
     assert "published" in paths["BENCHMARKS_MD"].read_text()
 
 
-@pytest.mark.parametrize("name", ["train_speed", "time_to_quality", "steps_quality", "profile_step"])
+@pytest.mark.parametrize("name", ["train_speed", "time_to_quality", "steps_quality", "profile_step", "renderer"])
 def test_every_benchmark_publishes_only_when_asked(name):
     import importlib
 
