@@ -176,9 +176,13 @@ def batch_indices(step: int, batch_size: int, rank: int = 0, world_size: int = 1
     return range(start, start + batch_size)
 
 
-def load_batch(dataset, indices) -> tuple[torch.Tensor, list[str]]:
+def load_batch(dataset, indices, device=None) -> tuple[torch.Tensor, list[str]]:
+    """(images (B, 3, H, W), captions): drawn at once on `device` by a set with `batch` (Shapes),
+    else read one by one and stacked."""
+    if hasattr(dataset, "batch"):
+        return dataset.batch(indices, device)
     items = [dataset[i] for i in indices]
-    return torch.stack([image for image, _ in items]), [caption for _, caption in items]
+    return torch.stack([image for image, _ in items]).to(device), [caption for _, caption in items]
 
 
 def diffusion_loss(model, tokenizer, objective, images, captions, generator, caption_dropout, device,
@@ -195,8 +199,8 @@ def diffusion_loss(model, tokenizer, objective, images, captions, generator, cap
     drop = (torch.rand(world_size * b, generator=generator) < caption_dropout)[mine]
     captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
     t = objective.sample_training_timesteps(world_size * b, generator)[mine]  # DDPM: integer t; flow: sigma * T
-    noise = torch.randn((world_size * b, *images.shape[1:]), generator=generator)[mine]
-    x_t = objective.add_noise(images, noise, t)  # DDPM: Ho eq. 4; flow: (1 - sigma) x_0 + sigma eps
+    noise = torch.randn((world_size * b, *images.shape[1:]), generator=generator)[mine].to(images.device)
+    x_t = objective.add_noise(images, noise, t.to(images.device))  # DDPM: Ho eq. 4; flow: (1 - sigma) x_0 + sigma eps
     target = objective.training_target(images, noise)  # DDPM: eps; flow: eps - x_0
     ids, mask = tokenizer(captions)
     with autocast(device, precision):
@@ -281,5 +285,5 @@ def train(config: TrainConfig, dataset=None):
     dataset = dataset or Shapes(config.image_size, seed=config.seed, two_object_fraction=config.two_object_fraction)
     state = TrainState(config, dataset.captions())
     while state.step < config.steps:
-        state.train_step(*load_batch(dataset, batch_indices(state.step, config.batch_size)))
+        state.train_step(*load_batch(dataset, batch_indices(state.step, config.batch_size), state.device))
         yield state

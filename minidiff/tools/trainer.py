@@ -282,7 +282,7 @@ class Trainer(TrainState):
                     # checkpoint must then hold the state that draws this step's numbers again
                     rng_at_step = self.generator.get_state()
                     images, captions = load_batch(self.dataset, batch_indices(self.step, c.batch_size, self.rank,
-                                                                              self.world_size))
+                                                                              self.world_size), self.device)
                     stops = []
 
                     def should_stop(loss):  # every rank acts on the same decision: all stop after the same step
