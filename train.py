@@ -61,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint-every", type=int, help="save a resumable checkpoint every N steps")
     p.add_argument("--keep", type=int, help="resumable checkpoints kept (oldest deleted)")
     p.add_argument("--log-every", type=int, help="a row of loss.csv every N steps")
+    p.add_argument("--precision", choices=["auto", "float32", "bf16"],
+                   help="bf16: bf16 autocast of the forward pass; auto (default): bf16 (or fp16) where the GPU "
+                        "computes it natively, float32 on the CPU")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint, with its own settings "

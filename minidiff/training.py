@@ -68,6 +68,7 @@ class TrainConfig:
     caption_dropout: float = 0.1
     ema_decay: float = 0.999  # the cap of the EMA's warm-up (see EMA)
     grad_clip: float = 1.0
+    precision: str = "auto"  # "float32", "bf16" (autocast), or "auto": `training_precision`
     # the data
     data: str = "shapes"  # or mnist, fashion-mnist, cifar10, or an image folder (tools.datasets.load_dataset)
     data_root: str | None = None  # torchvision download cache (default ~/.cache/minidiff)
@@ -85,6 +86,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.objective not in ("ddpm", "flow"):
             raise ValueError(f"objective must be one of ('ddpm', 'flow'), got {self.objective!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.snr_gamma is not None and (self.objective != "ddpm" or not self.snr_gamma > 0):
             raise ValueError(f"snr_gamma (min-SNR weighting) must be above 0 and needs objective 'ddpm' "
                              f"(it weights the noise-prediction loss), got {self.snr_gamma} with {self.objective!r}")
@@ -108,6 +111,18 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training settings {', '.join(unknown)}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+PRECISIONS = ("auto", "float32", "bf16")
+
+
+def training_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a run: None for "float32", bf16 for "bf16"; for "auto" what the device
+    computes natively (`runtime.precision_for`) on a GPU, and float32 on the CPU (bf16 autocast
+    there is opt-in, `--precision bf16`: BENCHMARKS.md)."""
+    if precision == "auto":
+        return precision_for(device) if device.type != "cpu" else None
+    return torch.bfloat16 if precision == "bf16" else None
 
 
 PRESETS = {  # train.py --preset: what each run changes of TrainConfig's defaults (BENCHMARKS.md measures them)
@@ -244,8 +259,8 @@ class TrainState:
         self.objective = self.model.objective
         self.ema = EMA(self.model, config.ema_decay)
         self.optimizer = optimizer or make_optimizer(self.model, config.lr, self.device)
-        # bf16 autocast where the GPU has bf16, fp16 + a gradient scaler on older CUDA cards, else float32
-        self.precision = precision_for(self.device)
+        # "auto": bf16 autocast where the GPU has bf16, fp16 + a gradient scaler on older CUDA cards, else float32
+        self.precision = training_precision(config.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == torch.float16 else None
         self.generator = torch.Generator().manual_seed(config.seed)
         self.train_model = self.model  # what forward/backward runs through (the trainer may compile or wrap it)
