@@ -22,11 +22,11 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
 
 
 @functools.cache
-def cpu_computes_bf16() -> bool:
-    """True on x86 CPUs with AVX512-BF16 or AMX-BF16 (/proc/cpuinfo's flags), where oneDNN runs bf16
+def cpu_computes_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True on x86 CPUs with AVX512-BF16 or AMX-BF16 (flags of `cpuinfo`), where oneDNN runs bf16
     matrix products natively; elsewhere bf16 on the CPU is emulated, slower than float32."""
     try:
-        flags = Path("/proc/cpuinfo").read_text().split()
+        flags = Path(cpuinfo).read_text().split()
     except OSError:  # not Linux
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags

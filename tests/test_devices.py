@@ -36,9 +36,39 @@ def turing(including_emulation=True):
 @pytest.mark.parametrize("card,expected", [(ampere, torch.bfloat16), (turing, torch.float16)])
 def test_precision_is_bf16_where_native_else_fp16(monkeypatch, card, expected):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", card)
+    monkeypatch.setattr(runtime, "cpu_computes_bf16", lambda: False)
     assert precision_for(torch.device("cuda")) == expected
     assert precision_for(torch.device("cuda", 1)) == expected
     assert precision_for(torch.device("cpu")) is None and precision_for(torch.device("mps")) is None
+
+
+@pytest.mark.parametrize("flags,native", [("fpu avx512f avx512_bf16 avx512_vnni", True), ("fpu amx_bf16 amx_tile", True),
+                                          ("fpu avx2 avx512f avx512_vnni", False), (None, False)])
+def test_a_cpu_computes_bf16_when_its_flags_say_avx512_bf16_or_amx_bf16(tmp_path, flags, native):
+    cpuinfo = tmp_path / "cpuinfo"
+    if flags is not None:  # None: no such file (not Linux)
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert runtime.cpu_computes_bf16(str(cpuinfo)) is native
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_bf16_cpu_offers_bf16_but_samples_and_trains_in_float32_unless_asked(monkeypatch, native):
+    monkeypatch.setattr(runtime, "cpu_computes_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert precision_for(cpu) == (torch.bfloat16 if native else None)
+    with runtime.autocast(cpu):  # what the pipeline's predict runs under: float32 on the CPU
+        assert not torch.is_autocast_enabled("cpu")
+    with runtime.autocast(cpu, torch.bfloat16):  # what training runs under with --precision bf16
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert training.training_precision("auto", cpu) is None  # bf16 on the CPU is opt-in
+    assert training.training_precision("bf16", cpu) == torch.bfloat16
+    assert training.training_precision("float32", torch.device("cuda")) is None
+
+
+def test_precision_bf16_flag_trains_under_bf16_autocast_on_the_cpu(tmp_path, capsys, no_training):
+    assert run(train.main, ["--out", str(tmp_path / "run"), *TINY_FLAGS, "--precision", "bf16"]) == 0
+    assert capsys.readouterr().err.splitlines()[0].startswith("training on cpu (bf16 autocast)")
+    assert no_training[0].precision == torch.bfloat16 and no_training[0].scaler is None
 
 
 @pytest.fixture
@@ -60,7 +90,8 @@ def test_first_log_line_names_the_precision_and_fp16_gets_a_gradient_scaler(tmp_
                                                                              no_training, card, named, scaler):
     if card is not None:  # the trainer asks the real rule what a CUDA card with this capability gets
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", card)
-        monkeypatch.setattr(training, "precision_for", lambda device: runtime.precision_for(torch.device("cuda")))
+        monkeypatch.setattr(training, "training_precision",
+                            lambda precision, device: runtime.precision_for(torch.device("cuda")))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # GradScaler("cuda") without CUDA disables itself, with a warning
         assert run(train.main, ["--out", str(tmp_path / "run"), *TINY_FLAGS]) == 0
