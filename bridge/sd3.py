@@ -108,7 +108,8 @@ def default_dtype(device: torch.device) -> torch.dtype:
     and slow; T5 stays finite there because its `wo` layers are kept in float32 (transformers'
     `_keep_in_fp32_modules`, which the bridge never casts away). On CPU, bf16 SD3 is known to produce
     noise, so CPU (and MPS, whose bf16 support depends on the macOS version) use float32."""
-    return precision_for(device) or torch.float32  # the same rule the toy's training uses on CUDA
+    # the same rule the toy's training uses on CUDA; float32 on CPUs, even those that compute bf16 natively
+    return precision_for(device) if device.type == "cuda" else torch.float32
 
 
 def velocity_to_x0(x_t: torch.Tensor, v: torch.Tensor, sigma) -> torch.Tensor:

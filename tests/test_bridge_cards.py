@@ -88,6 +88,14 @@ def test_default_dtype_is_float16_on_cuda_cards_without_bf16(monkeypatch, device
     assert default_dtype(torch.device(device)) == expected
 
 
+def test_default_dtype_is_float32_on_a_cpu_that_computes_bf16(monkeypatch):
+    from minidiff import runtime
+
+    monkeypatch.setattr(runtime, "cpu_computes_bf16", lambda: True)  # the toy may train in bf16 there; SD3 may not
+    assert runtime.precision_for(torch.device("cpu")) == torch.bfloat16
+    assert default_dtype(torch.device("cpu")) == torch.float32
+
+
 # --- the per-model defaults reach diffusers ---
 
 class _Stop(Exception):
