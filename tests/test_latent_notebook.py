@@ -3,21 +3,16 @@ each "check" cell asserts that its by-hand computation equals the library, then 
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
-import nbclient
 import nbformat
 import pytest
+from notebooks import code_cells, execute, stdout_of
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "docs" / "latent.ipynb"
 CHECKS = {"encode-decode", "latent-scaling", "step-cost"}
-
-
-def code_cells(notebook):
-    return [cell for cell in notebook.cells if cell.cell_type == "code"]
 
 
 def test_latent_notebook_is_stored_without_outputs_and_names_its_checks():
@@ -37,14 +32,8 @@ def test_latent_notebook_is_stored_without_outputs_and_names_its_checks():
 
 @pytest.mark.slow
 def test_latent_notebook_runs_and_its_checks_pass():
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    env = dict(os.environ, MINIDIFF_FAST="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    env.pop("PYTHONPATH", None)  # the notebook's first cell finds this checkout by itself
-    client = nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
-                                     resources={"metadata": {"path": str(NOTEBOOK.parent)}})
-    client.execute(env=env)  # raises CellExecutionError, naming the cell, if any cell (or assertion) fails
-    out = "".join(o.get("text", "") for cell in code_cells(notebook) for o in cell.outputs
-                  if o.output_type == "stream" and o.name == "stdout")
+    notebook = execute(NOTEBOOK)  # raises CellExecutionError, naming the cell, if any cell (or assertion) fails
+    out = "".join(stdout_of(cell) for cell in code_cells(notebook))
     assert f"minidiff from {ROOT / 'minidiff'};" in out and "FAST = True" in out
     assert set(re.findall(r"^check passed: ([\w-]+)", out, re.MULTILINE)) == CHECKS
     images = [o for cell in code_cells(notebook) for o in cell.outputs if "image/png" in o.get("data", {})]

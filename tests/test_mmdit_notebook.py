@@ -5,26 +5,17 @@ each prints "check passed: NAME (...)" after its assertions, so a broken equalit
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
-import nbclient
 import nbformat
 import pytest
+from notebooks import code_cells, execute, stdout_of
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "docs" / "mmdit.ipynb"
 CHECKS = {"joint-attention", "mmdit-forward", "adaln-zero", "from-diffusers"}
 PASSED = re.compile(r"check passed: ([\w-]+)")
-
-
-def code_cells(notebook):
-    return [cell for cell in notebook.cells if cell.cell_type == "code"]
-
-
-def stdout_of(cell) -> str:
-    return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream" and o.name == "stdout")
 
 
 def test_notebook_is_stored_without_outputs_and_names_its_checks():
@@ -45,13 +36,7 @@ def test_notebook_is_stored_without_outputs_and_names_its_checks():
 @pytest.fixture(scope="module")
 def executed():
     """Run top to bottom in a fresh kernel with FAST settings, from docs/ (as a learner opens it)."""
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    env = dict(os.environ, MINIDIFF_FAST="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    env.pop("PYTHONPATH", None)  # the first cell must find this checkout by itself
-    client = nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
-                                     resources={"metadata": {"path": str(NOTEBOOK.parent)}})
-    client.execute(env=env)  # raises CellExecutionError, naming the cell, if any cell fails
-    return notebook
+    return execute(NOTEBOOK)
 
 
 @pytest.mark.slow

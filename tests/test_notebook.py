@@ -8,13 +8,12 @@ assertions. The run fails if any cell raises, so a broken equality fails the sui
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
-import nbclient
 import nbformat
 import pytest
+from notebooks import code_cells, execute, stdout_of
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "docs" / "walkthrough.ipynb"
@@ -26,14 +25,6 @@ CHECKS = {"forward-process", "noise-score", "cfg-bayes", "cfg", "negative-prompt
 
 def read_notebook():
     return nbformat.read(NOTEBOOK, as_version=4)
-
-
-def code_cells(notebook):
-    return [cell for cell in notebook.cells if cell.cell_type == "code"]
-
-
-def stdout_of(cell) -> str:
-    return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream" and o.name == "stdout")
 
 
 def test_notebook_is_stored_without_outputs():
@@ -99,14 +90,7 @@ def test_setup_cell_finds_this_checkout_and_the_parameters_cell_reads_fast_from_
 @pytest.fixture(scope="module")
 def executed():
     """The notebook run top to bottom in a fresh kernel with FAST settings, from docs/ (as a learner opens it)."""
-    notebook = read_notebook()
-    # no PYTHONPATH: the notebook's first cell must find this checkout by itself
-    env = dict(os.environ, MINIDIFF_FAST="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    env.pop("PYTHONPATH", None)
-    client = nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
-                                     resources={"metadata": {"path": str(NOTEBOOK.parent)}})
-    client.execute(env=env)  # raises CellExecutionError, naming the cell, if any cell fails
-    return notebook
+    return execute(NOTEBOOK)
 
 
 @pytest.mark.slow
