@@ -21,13 +21,12 @@ Face id or a folder with model_index.json; --backend auto tells them apart.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: see minidiff/__init__.py
-import torch  # noqa: E402
+import minidiff  # noqa: F401  first: it sets OpenMP's wait policy before torch loads (minidiff/__init__.py)
+import torch
 from tqdm import tqdm
 
 from minidiff.tools.checkpoint import atomic_write

@@ -24,8 +24,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: see minidiff/__init__.py
-import torch  # noqa: E402
+import minidiff  # noqa: F401  first: it sets OpenMP's wait policy before torch loads (minidiff/__init__.py)
+import torch
 
 from minidiff.autoencoder import AutoencoderConfig
 from minidiff.runtime import pick_device

@@ -5,7 +5,6 @@ train.py's stop line names the command that resumes."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
