@@ -15,7 +15,7 @@ with the held-out latents' mean and std after to_latents (about 0 and 1).
 Reports wall and CPU seconds (time.process_time: the machine may be shared, CPU time is what this
 process used), training only, evaluation excluded; and writes 16 originals (top row) above their
 reconstructions to --out (a PNG, and the numbers as JSON beside it); --publish also writes the
-picture to docs/figures/autoencoder-reconstructions.png. Needs only minidiff.data and
+picture to docs/figures/autoencoder-reconstructions.png. Needs only minidiff.tools.shapes and
 minidiff.autoencoder.
 
 Measured with the defaults (widths 16,32,32, batch 16, lr 3e-3 cosine, kl_weight 1e-6, 2400 steps,
@@ -40,7 +40,7 @@ from PIL import Image
 
 from minidiff.autoencoder import (AutoencoderConfig, fit_latent_factors, from_latents, save_autoencoder, to_latents,
                                   train_autoencoder)
-from minidiff.data import Shapes
+from minidiff.tools.shapes import Shapes
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLISHED = ROOT / "docs" / "figures" / "autoencoder-reconstructions.png"

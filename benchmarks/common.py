@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from minidiff.data import Shapes
+from minidiff.tools.shapes import Shapes
 from minidiff.model import TextToImageModel
 from minidiff import training
 from minidiff.training import PRESETS, TrainConfig, make_optimizer

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from minidiff import MiniDiffusionPipeline, Shapes
-from minidiff.data import COLOURS, SHAPES, caption_for
+from minidiff import MiniDiffusionPipeline
+from minidiff.tools.shapes import Shapes
+from minidiff.tools.shapes import COLOURS, SHAPES, caption_for
 from minidiff.tools.evaluate import analyse_object, object_centre
 from minidiff.tools.figures import box_mask, shapes_example
 

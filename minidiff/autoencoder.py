@@ -225,3 +225,28 @@ def fingerprint(autoencoder: Autoencoder) -> str:
         digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
         digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+@dataclass
+class LatentSpace:
+    """Which autoencoder's latents a latent model denoises (saved in its config.json): its fingerprint
+    and how much smaller than the picture a latent is."""
+
+    sha256: str
+    down_factor: int
+
+    @classmethod
+    def of(cls, autoencoder: Autoencoder) -> "LatentSpace":
+        return cls(fingerprint(autoencoder), autoencoder.config.down_factor)
+
+    @staticmethod
+    def check(latent: "LatentSpace | None", autoencoder: Autoencoder | None, in_channels: int) -> None:
+        """A model's config (`latent`, None for a pixel model) and the autoencoder given with it agree."""
+        if (latent is None) != (autoencoder is None):
+            raise ValueError("this latent model needs the autoencoder it was trained with; none was given"
+                             if autoencoder is None else "this is a pixel model (its config names no autoencoder)")
+        if autoencoder is not None and fingerprint(autoencoder) != latent.sha256:
+            raise ValueError("this autoencoder is not the one the model was trained with (its fingerprint differs)")
+        if autoencoder is not None and autoencoder.config.latent_channels != in_channels:
+            raise ValueError(f"the denoiser takes {in_channels} channels, the autoencoder's latents "
+                             f"have {autoencoder.config.latent_channels}")

@@ -1,24 +1,11 @@
 """The calls every backend answers, minidiff's toy model and the Stable Diffusion 3.5 bridge alike:
-`sample`, `img2img` and `inpaint`, with diffusers' keywords (the fields of `Call`):
-
-- `prompt`, `negative_prompt`: a string or a list; the negative prompt replaces the empty prompt
-  in classifier-free guidance, out = out_uncond + w (out_cond - out_uncond), w = `guidance_scale`
-  (at w <= 1 only the conditional prediction is used). This w is Ho & Salimans' 1 + w (their eq. 6,
-  (1 + w) out_cond - w out_uncond, has no guidance at w = 0), as in Imagen and diffusers.
-- `num_inference_steps`: steps of a full run; `generator`: the same seed gives the same images;
-  `num_images_per_prompt`: images per prompt, listed prompt by prompt in `ImageOutput.images`.
-- `strength` (img2img, inpaint): 0 returns the input, 1 ignores it; the last `steps_run(N, strength)`
-  of the N steps run (int(N * strength) for DDPM models, N - int(N - N * strength) for flow models and SD3).
-- `mask_image` (inpaint): grayscale, white is replaced, black is kept.
-- `callback`: called after every step with a plain dict (k-diffusion style): "i" (step index),
-  "t" (the timestep the model was given), "x" (the sample after the step), "denoised" (predicted
-  x_0), "noise_pred" (the model's output). Pixels in [-1, 1] for a minidiff pixel model; latents
-  for a minidiff latent model and for SD3.
-- `capture_steps`: steps k to record in `ImageOutput.trace` (k = 0 the start, k = n after n
-  steps), each {"step", "timestep", "x_t", "pred_x0", "noise_pred"} as PIL images.
-- `sampler`, `height`, `width`: what `samplers` and `size` allow (minidiff: its trained size).
-- `batch_size`: images denoised together; more run one batch after the other, each drawing its
-  noise from `generator` in turn (the same seed and batch_size give the same images).
+`sample`, `img2img` and `inpaint`, with diffusers' keywords, the fields of `Call` (docs/sampling.md).
+Classifier-free guidance is out = out_uncond + w (out_cond - out_uncond), w = `guidance_scale`, the
+negative prompt standing in for the unconditional one (Ho & Salimans' eq. 6 with their w = our w - 1, as
+in Imagen and diffusers). An edit of strength s runs the last `steps_run(N, s)` of N steps. `callback`
+gets a plain dict after every step (k-diffusion style): "i", "t" (the timestep the model was given), "x"
+(the sample after the step), "denoised" (x_0 predicted) and "noise_pred" (the model's output);
+`capture_steps` keeps some of them as pictures in `ImageOutput.trace`.
 """
 
 from __future__ import annotations
@@ -41,23 +28,23 @@ class ImageOutput:
 
 @dataclass
 class Call:
-    """One call's arguments (module doc); `None` means the backend's default."""
+    """One call's arguments; `None` means the backend's default."""
 
     prompt: str | list[str]
-    negative_prompt: str | list[str] | None = None
+    negative_prompt: str | list[str] | None = None  # replaces the empty prompt in guidance
     num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    generator: object = None
+    guidance_scale: float | None = None  # w above; at w <= 1 only the conditional prediction is used
+    generator: object = None  # the same seed gives the same images
     num_images_per_prompt: int = 1
     callback: Callable[[dict], None] | None = None
-    capture_steps: list[int] | None = None
-    image: object = None  # a PIL image or a path
-    mask_image: object = None
-    strength: float | None = None
-    sampler: str | None = None
+    capture_steps: list[int] | None = None  # k = 0 the start, k = n after n steps
+    image: object = None  # img2img, inpaint: a PIL image or a path
+    mask_image: object = None  # inpaint: white is replaced, black is kept
+    strength: float | None = None  # 0 returns the input, 1 ignores it
+    sampler: str | None = None  # one of the backend's `samplers`
     height: int | None = None
     width: int | None = None
-    batch_size: int | None = None
+    batch_size: int | None = None  # images denoised together, each batch drawing from `generator` in turn
 
     def prompts(self) -> tuple[list[str], list[str]]:
         """(prompts, negative prompts): two lists of equal length."""
@@ -72,17 +59,16 @@ class Call:
 
 
 class StepRecorder:
-    """`capture_steps` built on `callback`, for both backends: `start(x, t)` records k = 0, and
-    `callback` (for the sampling loop) records k = i + 1 after step i, passing every step on to
-    the user's callback. `decode` turns x and denoised into PIL images (pixels, or latents through
-    a VAE), `decode_noise` the model's output (None: left out). Tensors are copied when recorded
-    and decoded when `trace` is read (a reader mid-loop, such as the web app, gets those so far)."""
+    """`capture_steps` built on `callback`: `start(x, t)` records k = 0, `callback` records k = i + 1
+    after step i and passes every step on to the user's callback. `decode` turns x and denoised into
+    pictures, `decode_noise` the model's output (None: left out). Tensors are copied when recorded and
+    decoded when `trace` is read (a reader mid-loop, such as the web app, gets those so far)."""
 
     def __init__(self, capture_steps, num_steps: int, callback=None, decode=None, decode_noise=None):
         steps = set()
         for k in capture_steps or ():
             try:
-                steps.add(operator.index(k) if not isinstance(k, bool) else None)
+                steps.add(None if isinstance(k, bool) else operator.index(k))
             except TypeError:
                 steps.add(None)
             if None in steps:
@@ -91,12 +77,11 @@ class StepRecorder:
             raise ValueError(f"capture_steps asks for step {min(steps) if min(steps) < 0 else max(steps)}, but this "
                              f"call runs {num_steps} denoising steps (steps 0..{num_steps} can be captured)")
         self.steps, self.user_callback, self.decode, self.decode_noise = steps, callback, decode, decode_noise
-        self._records: list[tuple] = []  # (k, timestep, x_t, pred_x0, noise_pred), not yet decoded
-        self._trace: list[dict] = []
+        self.records, self._trace = [], []  # (k, timestep, x_t, pred_x0, noise_pred), then decoded
 
     def start(self, x, timestep) -> None:  # k = 0: the noise, or the noised input image
         if 0 in self.steps:
-            self._records.append((0, timestep, _copy(x), None, None))
+            self.records.append((0, timestep, _copy(x), None, None))
 
     @property
     def callback(self):  # None when there is nothing to record or pass on
@@ -105,21 +90,20 @@ class StepRecorder:
     def _on_step(self, step: dict) -> None:
         if self.user_callback is not None:
             self.user_callback(step)
-        if step["i"] + 1 in self.steps:  # after step i, i + 1 steps have run
+        if step["i"] + 1 in self.steps:
             noise = _copy(step["noise_pred"]) if self.decode_noise is not None else None
-            self._records.append((step["i"] + 1, step["t"], _copy(step["x"]), _copy(step["denoised"]), noise))
+            self.records.append((step["i"] + 1, step["t"], _copy(step["x"]), _copy(step["denoised"]), noise))
 
     @property
     def trace(self) -> list[dict]:
-        for k, t, x, x0, noise in self._records[len(self._trace):]:
+        for k, t, x, x0, noise in self.records[len(self._trace):]:
             self._trace.append({"step": k, "timestep": t, "x_t": self.decode(x),
                                 "pred_x0": None if x0 is None else self.decode(x0),
                                 "noise_pred": None if noise is None else self.decode_noise(noise)})
         return self._trace
 
 
-def _copy(x):
-    """A tensor's values as they are now (the loop may reuse its buffers); anything else as it is."""
+def _copy(x):  # a tensor's values as they are now (the loop may reuse its buffers)
     return x.detach().clone() if hasattr(x, "detach") else x
 
 
@@ -142,7 +126,7 @@ class TextToImagePipeline(ABC):
     image_size: int  # the default height and width
     size_multiple: int | None  # height and width are multiples of it; None: `image_size` only
     samplers: tuple[str, ...]  # what `sampler` may name, the default first
-    progress: dict = {}  # tqdm options of the bar over batches (`set_progress_bar_config`)
+    progress: dict = {}  # tqdm options of the bar over batches
 
     def sample(self, prompt, **options) -> ImageOutput:
         """Text to image, starting from pure noise."""
@@ -176,7 +160,7 @@ class TextToImagePipeline(ABC):
                                                                            for i in range(0, len(rows), size))]
 
     def set_progress_bar_config(self, **kwargs) -> None:
-        """tqdm options of the bar over batches (diffusers' method of the same name); `disable=True` hides it."""
+        """tqdm options of the bar over batches (diffusers' method of the same name)."""
         self.progress = kwargs
 
     def resolve(self, call: Call) -> tuple[int, float]:
@@ -203,20 +187,16 @@ class TextToImagePipeline(ABC):
         return sampler or self.samplers[0]
 
     @abstractmethod
-    def generate(self, call: Call) -> ImageOutput:  # one batch; `call.image` None: text to image
-        ...
+    def generate(self, call: Call) -> ImageOutput: ...  # one batch; `call.image` None: text to image
 
     @abstractmethod
-    def size(self, height=None, width=None) -> tuple[int, int]:  # None: the default; ValueError if impossible
-        ...
+    def size(self, height=None, width=None) -> tuple[int, int]: ...  # None: the default; ValueError if impossible
 
     @abstractmethod
-    def steps_run(self, num_inference_steps: int, strength: float | None = None) -> int:  # steps a call runs
-        ...
+    def steps_run(self, num_inference_steps: int, strength: float | None = None) -> int: ...  # steps a call runs
 
     @abstractmethod
-    def decode(self, x) -> list[Image.Image]:  # the callback's "x" or "denoised" as pictures
-        ...
+    def decode(self, x) -> list[Image.Image]: ...  # the callback's "x" or "denoised" as pictures
 
 
 def _edit_strength(strength):

@@ -1,9 +1,4 @@
-"""`python -m minidiff.figures --model runs/shapes --out figures-out`: the command lives here, its code in minidiff/tools/figures.py."""
-
+"""`python -m minidiff.figures`: runs the command in minidiff/tools/figures.py."""
 if __name__ == "__main__":
-    import sys
-
-    from minidiff.tools.cli import run
-    from minidiff.tools.figures import main
-
-    sys.exit(run(main))
+    import runpy
+    runpy.run_module("minidiff.tools.figures", run_name="__main__")

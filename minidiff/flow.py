@@ -65,8 +65,7 @@ class FlowMatchEulerScheduler:
     def __init__(self, config: FlowMatchConfig | None = None, **kwargs):
         self.config = config if config is not None else FlowMatchConfig(**kwargs)
         T = self.config.num_train_timesteps
-        # the training grid, as diffusers builds it: sigma = T/T, ..., 1/T, shifted. Its ends bound the
-        # inference grid.
+        # the training grid, as diffusers builds it: sigma = T/T, ..., 1/T, shifted; its ends bound inference's
         train_sigmas = shift_sigmas(torch.from_numpy(np.linspace(1, T, T, dtype=np.float32)[::-1].copy()) / T,
                                     self.config.shift)
         self.sigma_max, self.sigma_min = train_sigmas[0].item(), train_sigmas[-1].item()
@@ -121,8 +120,7 @@ class FlowMatchEulerScheduler:
         return sigma * noise + (1.0 - sigma) * sample
 
     def add_noise(self, original_samples, noise, timesteps) -> torch.Tensor:
-        """`scale_noise` under the DDPM schedulers' name, so that the pipeline noises the input of
-        img2img and inpainting the same way with every sampler."""
+        """`scale_noise` under the DDPM schedulers' name: the pipeline noises inputs alike with every sampler."""
         return self.scale_noise(original_samples, timesteps, noise)
 
     def signal_and_noise(self, timestep) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,18 +145,12 @@ class RectifiedFlow(Objective):
         return self.config.num_train_timesteps
 
     def sample_training_timesteps(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """sigma for each of n training samples, returned as t = sigma * T (float), drawn as diffusers'
-        SD3 training scripts draw it (train_dreambooth_sd3.py): u logit-normal, u = 1 / (1 + exp(-z)),
-        z ~ N(0, 1), which puts most samples at middle noise levels (Esser et al. 2024 sec. 3.1, eq. 19,
-        m = 0, s = 1, their best choice), or u uniform on [0, 1]; then, with a shift, the timestep grid
-        of the scheduler built with that shift at index floor(u * T), whose sigma is
-        shift_sigmas((T - floor(u * T)) / T): the model trains at the noise levels it samples at.
-
-        Without a shift (shift = 1, the default) sigma = u itself. That keeps the numbers the default
-        run has always drawn, and it is diffusers' distribution up to the grid's 1/T steps: diffusers'
-        1 - floor(u * T) / T rounds 1 - u up to the grid, and 1 - u is distributed as u (logit-normal
-        with m = 0 and uniform are both symmetric about 1/2). tests/test_flow.py checks both against
-        diffusers' compute_density_for_timestep_sampling."""
+        """sigma for each of n training samples, returned as t = sigma * T (float), as diffusers' SD3
+        training scripts draw it: u logit-normal (u = 1 / (1 + exp(-z)), z ~ N(0, 1): Esser et al. 2024
+        sec. 3.1, eq. 19, m = 0, s = 1, which favours middle noise levels) or uniform; with a shift, the
+        sigma of the shifted training grid at index floor(u * T), so the model trains at the noise levels
+        it samples at. Without one, sigma = u: diffusers' distribution up to the grid's 1/T steps
+        (tests/test_flow.py checks both against diffusers' compute_density_for_timestep_sampling)."""
         if self.config.sigma_sampling == "logit_normal":
             u = torch.sigmoid(torch.randn(n, generator=generator))
         else:

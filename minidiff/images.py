@@ -76,12 +76,6 @@ def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(mask.convert("L")) >= 128)[None]
 
 
-def paste_kept(generated: torch.Tensor, original: torch.Tensor, replace: torch.Tensor) -> torch.Tensor:
-    """Inpainting's paste-back: `generated` where `replace` is True, `original` exactly where it is
-    False (`minidiff.tools.pictures.paste_kept` does the same on PIL images)."""
-    return torch.where(replace, generated, original)
-
-
 def noise_to_pil(noise: torch.Tensor, std_range: float = 2.0) -> list[Image.Image]:
     """Noise-like tensors (B, 3, H, W), roughly N(0, 1) -> PIL images, +-`std_range` mapped to white/black."""
     return tensor_to_pil(noise / std_range)

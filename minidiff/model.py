@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .autoencoder import Autoencoder, fingerprint, from_latents, load_autoencoder, save_autoencoder, to_latents
+from .autoencoder import Autoencoder, LatentSpace, from_latents, load_autoencoder, save_autoencoder, to_latents
 from .flow import FlowMatchConfig, RectifiedFlow
 from .mmdit import MMDiT, MMDiTConfig
 from .scheduler import DDPM, SchedulerConfig
@@ -37,15 +37,6 @@ def objective_for(scheduler_config):
     """The objective (DDPM or RectifiedFlow) a schedule's config belongs to."""
     return next(objective(scheduler_config) for config, objective in OBJECTIVES.values()
                 if isinstance(scheduler_config, config))
-
-
-@dataclass
-class LatentSpace:
-    """Which autoencoder's latents a latent model denoises: its fingerprint (sha256 of weights and
-    config, `autoencoder.fingerprint`) and how much smaller than the picture a latent is."""
-
-    sha256: str
-    down_factor: int
 
 
 @dataclass
@@ -105,14 +96,7 @@ class TextToImageModel(nn.Module):
     def __init__(self, config: ModelConfig, autoencoder: Autoencoder | None = None):
         super().__init__()
         self.config = config
-        if (config.autoencoder is None) != (autoencoder is None):
-            raise ValueError("this latent model needs the autoencoder it was trained with; none was given"
-                             if autoencoder is None else "this is a pixel model (its config names no autoencoder)")
-        if autoencoder is not None and fingerprint(autoencoder) != config.autoencoder.sha256:
-            raise ValueError("this autoencoder is not the one the model was trained with (its fingerprint differs)")
-        if autoencoder is not None and autoencoder.config.latent_channels != config.backbone.in_channels:
-            raise ValueError(f"the denoiser takes {config.backbone.in_channels} channels, the autoencoder's latents "
-                             f"have {autoencoder.config.latent_channels}")
+        LatentSpace.check(config.autoencoder, autoencoder, config.backbone.in_channels)
         # The autoencoder was trained before the denoiser and stays frozen: like SD3.5's VAE beside its
         # transformer, it is kept out of this module's parameters() and state_dict(), so the optimizer,
         # the EMA and model.safetensors hold only what is trained here (`_apply` still moves it).
@@ -157,7 +141,7 @@ class TextToImageModel(nn.Module):
         tokenizer = Tokenizer.from_captions(captions)
         text = TextEncoderConfig(vocab_size=len(tokenizer.vocab), max_length=tokenizer.max_length, dim=text_dim)
         backbone = backbone.with_text_dim(text_dim)  # the network reads text tokens of that width
-        latent = LatentSpace(fingerprint(autoencoder), autoencoder.config.down_factor) if autoencoder else None
+        latent = LatentSpace.of(autoencoder) if autoencoder else None
         return cls(ModelConfig(backbone=backbone, text_encoder=text, scheduler=scheduler or SchedulerConfig(),
                                vocab=tokenizer.vocab, autoencoder=latent), autoencoder)
 

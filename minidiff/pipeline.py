@@ -5,14 +5,13 @@
     blue = pipe.img2img("a blue circle", out.images[0], strength=0.7).images[0]
     patched = pipe.inpaint("a green square", out.images[0], "mask.png").images[0]
 
-All three calls run one sampling loop (`denoise`) from one start (`generate_batch`): text to
-image starts from pure noise; img2img from the input image noised part of the way (SDEdit,
-Meng et al. 2022); inpainting likewise, putting the kept region back after every step (RePaint,
-Lugmayr et al. 2022). A latent model runs the same loop on its autoencoder's latents: the input
-is encoded, the mask brought to the latents' size, the result decoded and the kept pixels pasted
-back (as SD3's pipelines and bridge/sd3.py). The model's objective (DDPM or rectified flow)
-chooses the sampler and how many steps an edit runs; the sampler's `step`, `add_noise` and `signal_and_noise` mean the
-same for every sampler, so the loop never asks which one it has.
+All three calls run one sampling loop (`denoise`): text to image starts from pure noise; img2img from
+the input noised part of the way (SDEdit, Meng et al. 2022); inpainting likewise, putting the kept
+region back after every step (RePaint, Lugmayr et al. 2022). A latent model runs the same loop on its
+autoencoder's latents, as SD3's pipelines do: the input is encoded, the mask brought to the latents'
+size, the result decoded and the kept pixels pasted back. The model's objective chooses the sampler
+and the steps an edit runs; every sampler's `step`, `add_noise` and `signal_and_noise` mean the same,
+so the loop never asks which one it has.
 """
 
 from __future__ import annotations
@@ -23,12 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from .contract import Call, ImageOutput, StepRecorder, TextToImagePipeline
-from .images import load_image, load_mask, mask_to_tensor, noise_to_pil, paste_kept, pil_to_tensor, tensor_to_pil
+from .images import load_image, load_mask, mask_to_tensor, noise_to_pil, pil_to_tensor, tensor_to_pil
 from .model import TextToImageModel
 from .runtime import autocast, pick_device
 from .scheduler import DDIMScheduler, randn
-
-DEFAULT_BATCH_SIZE = 64  # images per forward pass (twice that many rows with guidance)
 
 
 @dataclass
@@ -42,9 +39,8 @@ class MiniCall(Call):
 
 class MiniDiffusionPipeline(TextToImagePipeline):
     call_type = MiniCall
-    default_batch_size = DEFAULT_BATCH_SIZE
-    default_num_inference_steps = 50
-    default_guidance_scale = 3.0
+    default_batch_size = 64  # images per forward pass (twice that many rows with guidance)
+    default_num_inference_steps, default_guidance_scale = 50, 3.0
     size_multiple = None  # a minidiff model renders at its trained size only
 
     def __init__(self, model: TextToImageModel, device=None):
@@ -70,8 +66,8 @@ class MiniDiffusionPipeline(TextToImagePipeline):
         return self.image_size, self.image_size
 
     def steps_run(self, num_inference_steps: int, strength: float | None = None) -> int:
-        return num_inference_steps if strength is None else self.model.objective.steps_run(num_inference_steps,
-                                                                                           strength)
+        objective = self.model.objective
+        return num_inference_steps if strength is None else objective.steps_run(num_inference_steps, strength)
 
     def decode(self, x) -> list:
         return tensor_to_pil(self.model.from_latents(x))
@@ -81,27 +77,24 @@ class MiniDiffusionPipeline(TextToImagePipeline):
 
     @torch.no_grad()
     def encode_prompts(self, prompt, negative_prompt=None, num_images_per_prompt: int = 1, guidance_scale: float = 1.0):
-        """-> (context, mask) for a batch: the prompts' rows first, then (with guidance) the negative
-        prompts' rows as the unconditional ones (the empty prompt where none is given)."""
+        """-> (context, mask): the prompts' rows first, then (with guidance) the negative prompts' rows
+        as the unconditional ones (the empty prompt where none is given)."""
         prompts, negatives = Call(prompt, negative_prompt).prompts()
         repeat = lambda texts: [t for t in texts for _ in range(num_images_per_prompt)]  # noqa: E731
         return self.model.encode_prompt(repeat(prompts) + (repeat(negatives) if guidance_scale > 1 else []))
 
     @torch.no_grad()
     def predict(self, x, t, context, mask, guidance_scale: float) -> torch.Tensor:
-        """The model's output for the batch x at timestep t (epsilon for a DDPM model, the velocity
-        for a flow model), with classifier-free guidance: out = out_uncond + w * (out_cond - out_uncond),
-        w = `guidance_scale`, the negative prompt standing in for uncond. That is Ho & Salimans 2022
-        eq. 6, (1 + w') out_cond - w' out_uncond, with their w' = w - 1 (their w' = 0, no guidance, is
-        our w = 1): the form of Imagen (Saharia et al. 2022) and diffusers. (Guidance is linear, so
-        it reads the same for noise and for velocity, as in SD3.)"""
+        """The model's output (eps, or the velocity of a flow model) for x at timestep t, with
+        classifier-free guidance out_uncond + w (out_cond - out_uncond) (contract.py): linear, so it
+        reads the same for noise and for velocity, as in SD3."""
         use_cfg = guidance_scale > 1
         x_in = torch.cat([x, x]) if use_cfg else x
         timesteps = torch.full((x_in.shape[0],), t, device=self.device, dtype=self.model.objective.timestep_dtype)
         with autocast(self.device):
             out = self.model.denoiser(x_in, timesteps, context, mask).float()
         if use_cfg:
-            out_cond, out_uncond = out.chunk(2)  # conditional rows first (see generate_batch)
+            out_cond, out_uncond = out.chunk(2)  # conditional rows first (encode_prompts)
             out = out_uncond + guidance_scale * (out_cond - out_uncond)
         return out
 
@@ -122,9 +115,8 @@ class MiniDiffusionPipeline(TextToImagePipeline):
 
     @torch.no_grad()
     def generate(self, call: MiniCall) -> ImageOutput:
-        """One batch: the start, then `denoise`. DDPM models run DDPM's ancestral sampler by default
-        (or "ddim"), flow models Euler. At strength 1 the start is pure noise, as diffusers' inpaint
-        pipelines (`is_strength_max`); at strength 0 the input is the answer."""
+        """One batch: the start, then `denoise`. At strength 1 the start is pure noise, as in diffusers'
+        inpaint pipelines (`is_strength_max`); at strength 0 the input is the answer."""
         steps, guidance = self.resolve(call)
         if call.output_type not in ("pil", "pt"):
             raise ValueError(f"output_type must be 'pil' or 'pt', got {call.output_type!r}")
@@ -133,16 +125,15 @@ class MiniDiffusionPipeline(TextToImagePipeline):
         init, replace = self.load_inputs(call)
         scheduler = self.model.objective.make_sampler(call.sampler, steps)
         timesteps = scheduler.timesteps[steps - self.steps_run(steps, call.strength):]
-        # the model's output as pictures where the denoiser works on pixels (a latent model's is no picture)
-        pixels = self.model.sample_shape == (3, self.image_size, self.image_size)
-        decode_noise = noise_to_pil if pixels else None
+        # the model's output is a picture only where the denoiser works on pixels
+        decode_noise = noise_to_pil if self.model.sample_shape == (3, self.image_size, self.image_size) else None
         recorder = StepRecorder(call.capture_steps, len(timesteps), call.callback, self.decode, decode_noise)
         batch = len(call.prompts()[0]) * call.num_images_per_prompt
         kept = None if replace is None else (init.to(self.device), replace.to(self.device))  # pixels, for the paste-back
         if init is not None:  # (B, C, h, w): the input as the denoiser sees it
             init = self.model.to_latents(init.to(self.device), call.generator).expand(batch, -1, -1, -1)
-        if replace is not None:  # the mask at the denoiser's size, as SD3's inpaint pipeline (prepare_mask_latents):
-            replace = F.interpolate(replace.float(), size=self.model.sample_shape[1:]) > 0.5  # nearest; pixels: as is
+        if replace is not None:  # the mask at the denoiser's size (nearest), as SD3's prepare_mask_latents
+            replace = F.interpolate(replace.float(), size=self.model.sample_shape[1:]) > 0.5
         if len(timesteps) == 0:  # strength 0 (or no step left for this strength): nothing to denoise
             recorder.start(init, None)
             return self.output(init, call, recorder, kept)
@@ -166,16 +157,16 @@ class MiniDiffusionPipeline(TextToImagePipeline):
 
     def output(self, x, call: MiniCall, recorder, kept=None) -> ImageOutput:
         """Decode x; with `kept` = (input pixels, mask), inpainting's paste-back: the kept pixels exactly
-        as given (a latent model's decoder only approximates them; a pixel model's are equal already)."""
+        as given (a latent model's decoder only approximates them)."""
         x = self.model.from_latents(x)
         if kept is not None:
-            x = paste_kept(x, *kept)
+            x = torch.where(kept[1], x, kept[0])
         if call.output_type == "pt":  # like diffusers: values in [0, 1]
             return ImageOutput(images=list(((x.float().cpu() + 1) / 2).clamp(0, 1)), trace=recorder.trace)
         return ImageOutput(images=tensor_to_pil(x), trace=recorder.trace)
 
     def load_inputs(self, call: MiniCall):
-        """-> (input image (1, 3, H, W) or None, mask (1, 1, H, W) bool, True where replaced, or None),
+        """-> (input image (1, 3, H, W) or None, mask (1, 1, H, W), True where replaced, or None),
         resized to the model's size (with a warning); the mask thresholded at 0.5."""
         if call.image is None:
             return None, None
@@ -187,12 +178,12 @@ class MiniDiffusionPipeline(TextToImagePipeline):
 
     def repaint(self, scheduler, timesteps, init, noise, replace, call: MiniCall, callback):
         """The RePaint blend (Lugmayr et al. 2022, Algorithm 1) as inputs to `denoise`:
-        -> (timesteps to visit, after_step, callback). After every step the kept region is the
-        input noised to the level the sample has reached, with the one noise tensor of the start
-        (RePaint draws fresh noise each step; we keep one, as diffusers' SD3 inpaint pipeline does);
-        after the last step it is the input itself, so black-mask pixels equal the input's exactly.
-        With `resample_jumps` r, each step but the last is visited 1 + r times (Algorithm 1, lines
-        3 and 9-11: jump back by re-noising one step, denoise again); the callback sees its last visit."""
+        -> (timesteps to visit, after_step, callback). After every step the kept region is the input
+        noised to the level the sample has reached, with the one noise tensor of the start (RePaint
+        draws fresh noise each step; we keep one, as diffusers' SD3 inpaint pipeline does); after the
+        last step it is the input itself, so black-mask pixels equal the input's exactly. With
+        `resample_jumps` r, each step but the last is visited 1 + r times (Algorithm 1, lines 3 and
+        9-11: jump back by re-noising one step, denoise again); the callback sees its last visit."""
         n, batch = len(timesteps), init.shape[0]
         visits = []  # (step index, is this its last visit?)
         for i in range(n):
@@ -205,10 +196,9 @@ class MiniDiffusionPipeline(TextToImagePipeline):
             known = scheduler.add_noise(init, noise, timesteps[i + 1].expand(batch)) if i + 1 < n else init
             x = torch.where(replace, x, known)  # Alg. 1 line 8: (1 - m) * unknown + m * known
             if not last_visit:
-                # 2. jump back from t_{i+1} to t_i (Alg. 1 line 10): the forward process from one noise
-                #    level to a higher one. With x_t = a_t x_0 + s_t eps at both ends,
-                #    x_{t_i} = (a_i / a_{i+1}) x + sqrt(s_i^2 - (a_i / a_{i+1})^2 s_{i+1}^2) z;
-                #    for DDPM a = sqrt(alpha-bar), s^2 = 1 - alpha-bar, which is Ho's strided q(x_t | x_s).
+                # 2. jump back from t_{i+1} to t_i (Alg. 1 line 10): with x_t = a_t x_0 + s_t eps at both
+                #    ends, x_{t_i} = (a_i / a_{i+1}) x + sqrt(s_i^2 - (a_i / a_{i+1})^2 s_{i+1}^2) z
+                #    (for DDPM, a = sqrt(alpha-bar), s^2 = 1 - alpha-bar: Ho's strided q(x_t | x_s)).
                 a_i, s_i = scheduler.signal_and_noise(timesteps[i])
                 a_next, s_next = scheduler.signal_and_noise(timesteps[i + 1])
                 ratio = a_i / a_next

@@ -20,9 +20,8 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def precision_for(device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `device`: bf16 on CUDA GPUs that compute it natively (Ampere and
-    newer), fp16 on older CUDA cards (Turing, Volta), where bf16 is only emulated and slow (fp16
-    then needs a gradient scaler when training); None (float32) on CPU and MPS."""
+    """The autocast dtype: bf16 on CUDA GPUs that compute it natively (Ampere and newer), fp16 on
+    older CUDA cards (training then needs a gradient scaler); None (float32) on CPU and MPS."""
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16

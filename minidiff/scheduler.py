@@ -1,4 +1,4 @@
-"""DDPM: the noise schedule, its objective and its two samplers (DDPM and DDIM), from scratch.
+"""DDPM: the noise schedule, its objective and its samplers (DDPM and DDIM), from scratch.
 
 Conventions (Ho et al. 2020, "Denoising Diffusion Probabilistic Models"):
 t = 0 is (almost) clean data, t = T - 1 is (almost) pure Gaussian noise. The model
@@ -14,9 +14,8 @@ model_output         epsilon_theta(x_t, t)
 pred_original_sample x_0 predicted from x_t and epsilon       (Ho eq. 15)
 eta                  eta of Song et al. 2021 (DDIM), 0 = deterministic
 
-The names mirror diffusers' schedulers (`num_train_timesteps`, `beta_schedule`,
-`set_timesteps`, `timesteps`, `step`, `add_noise`) so that a reader can hold the two side
-by side; tests check every step against diffusers' DDPMScheduler and DDIMScheduler.
+The names mirror diffusers' schedulers, so that a reader can hold the two side by side; tests
+check every step against diffusers' DDPMScheduler and DDIMScheduler.
 """
 
 from __future__ import annotations
@@ -127,34 +126,25 @@ class NoiseSchedule:
         return alpha_bar**0.5, (1 - alpha_bar) ** 0.5
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
-        """Choose the `num_inference_steps` timesteps the sampler visits, from noisy to clean.
-
-        The three spacings are those of Lin et al. 2024 ("Common Diffusion Noise Schedules and
-        Sample Steps are Flawed", table 2): "leading" 0, k, 2k, ... (+ steps_offset);
-        "trailing" counts back from T - 1; "linspace" spreads evenly over [0, T - 1].
-
-        One difference from diffusers, on purpose: diffusers builds "trailing" with a float `arange`
-        that for some n yields one element more, which rounds to timestep -1 (T = 200, n = 62: 63
-        timesteps ending at -1; T = 1000: n = 61, 103, 121, ...), and then its DDPM and DDIM schedulers
-        take one more step "from t = -1" with alphas_cumprod[-1], i.e. alpha-bar_{T-1}: the nearly
-        clean sample treated as pure noise. minidiff drops that element: n timesteps, none below 0
-        (it would otherwise give NaN, alpha-bar_{-1} being 1). The other spacings never go below 0.
-        """
+        """Choose the `num_inference_steps` timesteps the sampler visits, from noisy to clean, with the
+        spacings of Lin et al. 2024 (table 2): "leading" 0, k, 2k, ... (+ steps_offset); "trailing"
+        counts back from T - 1; "linspace" spreads evenly over [0, T - 1]. One difference from
+        diffusers, on purpose: its "trailing" grid can end in an (n + 1)-th timestep, -1 (T = 1000,
+        n = 61, 103, ...), one more step "from t = -1"; minidiff keeps n timesteps, none below 0."""
         T = self.config.num_train_timesteps
         n = int(num_inference_steps)
         if not 1 <= n <= T:
             raise ValueError(f"num_inference_steps must be between 1 and {T}, got {num_inference_steps}")
         self.num_inference_steps = n
         spacing = self.config.timestep_spacing
-        # built with numpy exactly as diffusers builds them: rounding the same float64 values the
-        # same way matters, e.g. trailing with n = 48 lands on 936 or 937 depending on how.
+        # numpy, as diffusers: rounding the same float64 values matters (trailing, n = 48: 936 or 937)
         if spacing == "leading":
             stride = T // n
             timesteps = (np.arange(0, n) * stride).round()[::-1] + self.config.steps_offset
         elif spacing == "trailing":
             stride = T / n
             timesteps = np.round(np.arange(T, 0, -stride)) - 1
-            timesteps = timesteps[timesteps >= 0]  # the n timesteps; diffusers may keep an (n + 1)-th, -1 (above)
+            timesteps = timesteps[timesteps >= 0]  # the n timesteps (docstring)
         else:  # linspace
             timesteps = np.linspace(0, T - 1, n).round()[::-1]
         timesteps = torch.from_numpy(timesteps.astype(np.int64))

@@ -13,26 +13,18 @@ Rectified flow (`objective="flow"`; Liu et al. 2022, Lipman et al. 2023; as SD3,
     loss = || (eps - x_0) - v_theta(x_sigma, sigma * T, caption) ||^2  (the velocity along the line)
 
 DDPM may weight each sample's loss by min(SNR_t, gamma) / SNR_t, SNR_t = alpha-bar_t / (1 - alpha-bar_t)
-(min-SNR-gamma, Hang et al. 2023 sec. 3.4, `snr_gamma`; diffusers' train_text_to_image.py --snr_gamma).
-Why: eq. 15 gives x_0 - x0_theta = (eps_theta - eps) / sqrt(SNR_t), so the noise loss is the x_0
-loss weighted by SNR_t, ||eps - eps_theta||^2 = SNR_t ||x_0 - x0_theta||^2. SNR_t grows without
-bound as t -> 0, so the low-noise steps dominate (there the noise is a faint residue of x_t and the
-noise MSE is largest); the weight min(SNR_t, gamma) / SNR_t makes it the x_0 loss weighted by
-min(SNR_t, gamma), capped at gamma.
+(min-SNR-gamma, Hang et al. 2023 sec. 3.4, `snr_gamma`). Why: eq. 15 gives x_0 - x0_theta =
+(eps_theta - eps) / sqrt(SNR_t), so ||eps - eps_theta||^2 = SNR_t ||x_0 - x0_theta||^2: the noise loss
+is the x_0 loss weighted by SNR_t, which grows without bound as t -> 0; the weight caps it at gamma.
 
-A latent model (`latent=True`; Rombach et al. 2022, as SD3) learns the same loss on x_0 = (z - shift) * scale,
-z ~ q(z|x) its frozen autoencoder's sampled latent of the picture (SD3's training scripts:
-`vae.encode(pixels).latent_dist.sample()`); `TrainState.train_step` encodes each batch first.
+A latent model (Rombach et al. 2022, as SD3) learns the same loss on x_0 = (z - shift) * scale, z ~ q(z|x)
+its frozen autoencoder's latent of the picture (SD3's scripts: `vae.encode(pixels).latent_dist.sample()`).
 
-Both are one function, `diffusion_loss`: the model's objective says how t is drawn
-(`sample_training_timesteps`), how x_0 is noised (`add_noise`) and what the network must
-predict (`training_target`). In both, the caption is replaced by the empty prompt 10% of
-the time, so that the same network also learns the unconditional prediction that
-classifier-free guidance needs.
-
-All randomness of a run (caption dropout, timesteps, noise) comes from one `torch.Generator` and
-the data is indexed by step, so `TrainState` is the whole state of a run: `minidiff.tools.trainer`
-saves it, resumes it bit for bit, and runs the same `train_step` under torchrun.
+The model's objective says how t is drawn, how x_0 is noised and what the network must predict;
+`diffusion_loss` asks it. The caption is replaced by the empty prompt 10% of the time, so that the
+network also learns the unconditional prediction that classifier-free guidance needs. All randomness
+of a run comes from one `torch.Generator` and the data is indexed by step, so `TrainState` is the
+whole state of a run: `minidiff.tools.trainer` saves it and resumes it bit for bit.
 """
 
 from __future__ import annotations
@@ -45,7 +37,6 @@ import torch
 import torch.nn.functional as F
 
 from .autoencoder import Autoencoder, AutoencoderConfig
-from .data import Shapes
 from .flow import FlowMatchConfig
 from .mmdit import MMDiTConfig
 from .model import TextToImageModel
@@ -56,40 +47,40 @@ from .unet import UNetConfig
 
 @dataclass
 class TrainConfig:
-    """A training run. The defaults are the CPU preset, the run `python train.py` makes on a
-    laptop; `PRESETS["gpu"]` lists what the GPU run changes."""
+    """A training run. The defaults are the CPU preset (`python train.py`); `PRESETS["gpu"]` lists
+    what the GPU run changes."""
 
     # the model
     image_size: int = 16
-    backbone: str = "unet"  # the denoising network: "unet", or "mmdit" (SD3.5's transformer, minidiff/mmdit.py)
+    backbone: str = "unet"  # "unet", or "mmdit" (SD3.5's transformer, minidiff/mmdit.py)
     base_channels: int = 24  # unet: width
     channel_mults: tuple[int, ...] = (1, 2, 2)  # unet
     attention_levels: tuple[int, ...] = (2,)  # unet: levels (0 = full size) with attention
     num_layers: int = 4  # mmdit: joint blocks
-    num_heads: int = 4  # mmdit: attention heads; width = num_heads * head_dim
+    num_heads: int = 4  # mmdit: width = num_heads * head_dim
     head_dim: int = 16  # mmdit
     patch_size: int = 2  # mmdit: p x p pixels per image token
     text_dim: int = 128
-    objective: str = "flow"  # "flow" (rectified flow: predict the velocity, as SD3) or "ddpm" (predict the noise)
-    beta_schedule: str = "cosine"  # ddpm only
-    shift: float = 1.0  # flow only: the timestep shift of Esser et al. eq. 23, trained and sampled (SD3.5: 3.0)
-    latent: bool = False  # denoise an autoencoder's latents (image_size / its down factor a side), not pixels
-    autoencoder: str | None = None  # latent: the autoencoder folder to use; None: train one first (tools.trainer)
-    autoencoder_steps: int = 2400  # latent: the autoencoder's training steps, when it is trained first
+    objective: str = "flow"  # "flow" (predict the velocity, as SD3) or "ddpm" (predict the noise)
+    beta_schedule: str = "cosine"  # ddpm
+    shift: float = 1.0  # flow: the timestep shift of Esser et al. eq. 23 (SD3.5: 3.0)
+    latent: bool = False  # denoise an autoencoder's latents, not pixels
+    autoencoder: str | None = None  # latent: the autoencoder folder; None: train one first (tools.trainer)
+    autoencoder_steps: int = 2400  # latent: the autoencoder's training steps, when trained first
     # the optimization
     steps: int = 1150
     batch_size: int = 64
     lr: float = 2e-3  # peak learning rate
     warmup_steps: int = 100
     seed: int = 0
-    snr_gamma: float | None = None  # ddpm only: min-SNR-gamma loss weighting (5 is the paper's); None: L_simple
+    snr_gamma: float | None = None  # ddpm: min-SNR-gamma weighting (the paper's: 5); None: L_simple
     caption_dropout: float = 0.1
     ema_decay: float = 0.999  # the cap of the EMA's warm-up (see EMA)
     grad_clip: float = 1.0
-    # the data
-    data: str = "shapes"  # or mnist, fashion-mnist, cifar10, or an image folder (tools.datasets.load_dataset)
+    # the data: shapes, mnist, fashion-mnist, cifar10 or an image folder (tools.datasets.load_dataset)
+    data: str = "shapes"
     data_root: str | None = None  # torchvision download cache (default ~/.cache/minidiff)
-    two_object_fraction: float = 0.0  # Shapes only
+    two_object_fraction: float = 0.0  # Shapes
     # the run (tools.trainer)
     out: str = "runs/shapes"
     device: str | None = None
@@ -110,9 +101,8 @@ class TrainConfig:
                              f"(it weights the noise-prediction loss), got {self.snr_gamma} with {self.objective!r}")
 
     def backbone_config(self, autoencoder: AutoencoderConfig | None = None) -> UNetConfig | MMDiTConfig:
-        """The denoising network this run trains (its text width is set from `text_dim`); for a
-        latent model, sized for the latents of an autoencoder of config `autoencoder`: image_size / f
-        a side, its latent channels."""
+        """The denoising network; for a latent model sized for the latents of an autoencoder of
+        config `autoencoder` (image_size / f a side, its latent channels)."""
         size, channels = self.image_size, 3
         if autoencoder is not None:
             f = autoencoder.down_factor
@@ -128,7 +118,6 @@ class TrainConfig:
                           channel_mults=self.channel_mults, attention_levels=self.attention_levels)
 
     def scheduler_config(self) -> SchedulerConfig | FlowMatchConfig:
-        """The noise schedule the model is trained with (saved in its config.json)."""
         return FlowMatchConfig(shift=self.shift) if self.objective == "flow" else SchedulerConfig(
             beta_schedule=self.beta_schedule)
 
@@ -151,7 +140,7 @@ PRESETS = {  # train.py --preset: what each run changes of TrainConfig's default
 
 def build_model(config: TrainConfig, captions, autoencoder: Autoencoder | None = None) -> TextToImageModel:
     """The model a run starts from: weights drawn from `config.seed`, vocabulary from `captions`;
-    a latent model on `autoencoder` (trained before, frozen)."""
+    a latent model on its trained, frozen `autoencoder`."""
     if config.latent != (autoencoder is not None):
         raise ValueError("a latent run (latent=True) needs its trained autoencoder, and a pixel run takes none")
     torch.manual_seed(config.seed)
@@ -161,25 +150,18 @@ def build_model(config: TrainConfig, captions, autoencoder: Autoencoder | None =
 
 class EMA:
     """Exponential moving average of the weights, shadow <- decay * shadow + (1 - decay) * weights,
-    with diffusers' EMAModel warm-up of the decay: 0 at the first update, then
-    decay_k = min(max_decay, (1 + k) / (10 + k)) at update k + 1 (EMAModel.get_decay(k + 1)); the
-    cap is reached only after about 9 / (1 - max_decay) updates. (An update is one foreach lerp
-    over the model's tensors, listed once: `state_dict` hands out views of their storage.)
-
-    So it is not a fixed-horizon average (1 / (1 - 0.999) = 1,000 steps) until the cap: before it,
-    the products telescope and after n updates the weights of step j >= 1 are
-    9 (j + 2)(j + 3)...(j + 9) / ((n + 1)(n + 2)...(n + 9)) ~ 9 j^8 / n^9, a window that grows with
-    the run. At the preset's 1,150 steps (last decay 0.9922) the last 86 steps hold half the weight,
-    the last 261 90%, and the mean age is n / 10 = 115 steps (tests/test_training.py checks this)."""
+    with diffusers' EMAModel warm-up: decay_k = min(max_decay, (1 + k) / (10 + k)) at update k + 1
+    (0 at the first). Before the cap the window grows with the run: after n updates step j's weight is
+    9 (j + 2)(j + 3)...(j + 9) / ((n + 1)(n + 2)...(n + 9)) ~ 9 j^8 / n^9, a mean age of n / 10 steps."""
 
     def __init__(self, model: torch.nn.Module, max_decay: float):
         self.max_decay = max_decay
         self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
-        self._sources: list[torch.Tensor] | None = None
+        self._sources: list[torch.Tensor] | None = None  # views of the model's tensors, listed once
 
     @staticmethod
     def decay_at(step: int, max_decay: float) -> float:
-        """The decay of the update after optimizer step `step` (0-based), as diffusers' EMAModel.get_decay."""
+        """The decay of the update after optimizer step `step` (0-based), as EMAModel.get_decay."""
         return 0.0 if step == 0 else min(max_decay, (1 + step) / (10 + step))
 
     @torch.no_grad()
@@ -210,7 +192,7 @@ def make_optimizer(model: torch.nn.Module, lr: float, device: torch.device, weig
     fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
     if weight_decay > 0:
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, **fused)
-    return torch.optim.Adam(model.parameters(), lr=lr, **fused)  # no weight decay: small models, short runs
+    return torch.optim.Adam(model.parameters(), lr=lr, **fused)
 
 
 def batch_indices(step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> range:
@@ -227,11 +209,9 @@ def load_batch(dataset, indices) -> tuple[torch.Tensor, list[str]]:
 def diffusion_loss(model, tokenizer, objective, images, captions, generator, caption_dropout, device,
                    shard: tuple[int, int] = (0, 1), precision: torch.dtype | None = None,
                    snr_gamma: float | None = None):
-    """The training loss per sample, and the timesteps drawn (module doc). `model` may be the
-    TextToImageModel or a wrapper of it (compiled, DDP); `precision` the autocast dtype.
-    `shard` = (rank, world_size): `images` is this rank's slice of a global batch; the dropout,
-    timesteps and noise are drawn for the whole global batch and sliced, so every sample gets
-    the numbers it would get in one process (the ranks share one generator, in step)."""
+    """The loss per sample, and the timesteps drawn (module doc). `model` is the TextToImageModel or
+    a wrapper of it (compiled, DDP). With `shard` = (rank, world_size), `images` is this rank's slice
+    of a global batch: dropout, timesteps and noise are drawn for the whole batch and sliced."""
     rank, world_size = shard
     b = images.shape[0]
     mine = slice(rank * b, (rank + 1) * b)
@@ -253,8 +233,7 @@ def diffusion_loss(model, tokenizer, objective, images, captions, generator, cap
 def apply_gradients(model, optimizer, ema: EMA, loss: torch.Tensor, step: int, grad_clip: float,
                     scaler: torch.amp.GradScaler | None = None) -> None:
     """Backward, clip the gradient norm, one Adam step, then the EMA; a non-finite gradient norm
-    raises before anything is applied. With fp16 (CUDA cards without bf16) a `GradScaler` scales
-    the loss so that small gradients survive, and skips its own non-finite steps."""
+    raises first. With fp16 a `GradScaler` scales the loss so that small gradients survive."""
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()
@@ -284,8 +263,7 @@ class TrainState:
         self.objective = self.model.objective
         self.ema = EMA(self.model, config.ema_decay)
         self.optimizer = optimizer or make_optimizer(self.model, config.lr, self.device)
-        # bf16 autocast where the GPU has bf16, fp16 + a gradient scaler on older CUDA cards, else float32
-        self.precision = precision_for(self.device)
+        self.precision = precision_for(self.device)  # bf16 or fp16 (+ a gradient scaler) autocast on CUDA
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == torch.float16 else None
         self.generator = torch.Generator().manual_seed(config.seed)
         self.train_model = self.model  # what forward/backward runs through (the trainer may compile or wrap it)
@@ -295,7 +273,7 @@ class TrainState:
         return learning_rate(self.config, self.step)
 
     def train_step(self, images, captions, shard: tuple[int, int] = (0, 1), should_stop=None):
-        """Loss, then (unless `should_stop(loss)` says so) gradients, optimizer and EMA.
+        """Loss, then (unless `should_stop(loss)`) gradients, optimizer and EMA.
         -> (loss per sample, timesteps drawn), or None when stopped before any update."""
         self.lr = self.learning_rate()
         for group in self.optimizer.param_groups:
@@ -313,10 +291,8 @@ class TrainState:
         return per_sample, t
 
     def encode(self, images: torch.Tensor, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
-        """x_0 of this step: the pictures, or a latent model's `to_latents` of them with a latent sampled
-        from the run's generator (as SD3's training scripts sample `latent_dist.sample()`: the latent
-        the decoder learnt to decode, and the one img2img encodes). Under torchrun each rank samples
-        with its own generator seeded from the run's (rank r takes the r-th of world_size seeds)."""
+        """x_0 of this step: the pictures, or a latent model's `to_latents` of them, sampled with the
+        run's generator (under torchrun with rank r's of world_size seeds drawn from it)."""
         if self.model.vae is None:
             return images
         generator = self.generator
@@ -330,15 +306,14 @@ class TrainState:
         return self.ema.averaged_model(self.model)
 
 
-def train(config: TrainConfig, dataset=None, autoencoder: Autoencoder | None = None):
-    """The whole loop, without checkpoints, logs or signals (`python train.py` adds them):
-    yields the state after every step; `state.ema_model()` is the model to sample from.
-    A latent run (`latent=True`) needs its trained `autoencoder` (minidiff.autoencoder.train_autoencoder).
+def train(config: TrainConfig, dataset, autoencoder: Autoencoder | None = None):
+    """The whole loop, without checkpoints, logs or signals (`python train.py` adds them): yields the
+    state after every step; `state.ema_model()` is the model to sample from. `dataset` gives
+    (image (3, H, W) in [-1, 1], caption) and `captions()`; a latent run needs its trained `autoencoder`.
 
-        for state in train(TrainConfig(steps=300)):
+        for state in train(TrainConfig(steps=300), Shapes()):
             pass
         pipe = MiniDiffusionPipeline(state.ema_model())"""
-    dataset = dataset or Shapes(config.image_size, seed=config.seed, two_object_fraction=config.two_object_fraction)
     state = TrainState(config, dataset.captions(), autoencoder=autoencoder)
     while state.step < config.steps:
         state.train_step(*load_batch(dataset, batch_indices(state.step, config.batch_size)))

@@ -15,7 +15,7 @@ from PIL import Image
 
 gr = pytest.importorskip("gradio")
 
-from minidiff import Shapes  # noqa: E402
+from minidiff.tools.shapes import Shapes  # noqa: E402
 from minidiff.tools.cli import run as run_cli  # noqa: E402
 from minidiff.tools.webapp import (AppModel, Frame, Result, Settings, WebApp, build_ui, frame_label,  # noqa: E402
                                    generate, host_warning, mask_from_editor, preview, preview_steps, save_result)

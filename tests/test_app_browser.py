@@ -202,7 +202,7 @@ def test_send_to_image_to_image(page, screenshots):
 
 
 def test_inpainting_keeps_what_was_not_painted(page, screenshots, tmp_path):
-    from minidiff import Shapes
+    from minidiff.tools.shapes import Shapes
     from selenium.webdriver.common.action_chains import ActionChains
 
     picture_file = tmp_path / "circle.png"

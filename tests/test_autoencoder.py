@@ -22,7 +22,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3_inpaint 
 from minidiff.autoencoder import (Autoencoder, AutoencoderConfig, DiagonalGaussian, autoencoder_train_step,
                                   fingerprint, fit_latent_factors, from_latents, load_autoencoder, save_autoencoder,
                                   to_latents, train_autoencoder)
-from minidiff.data import Shapes
+from minidiff.tools.shapes import Shapes
 from minidiff.tools import checkpoint
 from minidiff.tools.checkpoint import CheckpointError
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from minidiff.data import COLOURS, SHAPES, Shapes, caption_for
+from minidiff.tools.shapes import COLOURS, SHAPES, Shapes, caption_for
 
 
 def test_same_seed_same_images_other_seed_other_images():

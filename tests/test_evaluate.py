@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from minidiff.data import Shapes
+from minidiff.tools.shapes import Shapes
 from minidiff.tools.evaluate import analyse, evaluation_prompts, main, score
 
 

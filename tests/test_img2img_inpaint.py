@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from minidiff import Shapes
+from minidiff.tools.shapes import Shapes
 from minidiff.images import ImageInputError, pil_to_tensor
 from minidiff.scheduler import NoiseSchedule
 

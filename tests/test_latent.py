@@ -22,7 +22,7 @@ import sample
 import train
 from minidiff.autoencoder import Autoencoder, AutoencoderConfig, fingerprint, fit_latent_factors, from_latents, \
     save_autoencoder, to_latents
-from minidiff.data import Shapes
+from minidiff.tools.shapes import Shapes
 from minidiff.images import tensor_to_pil
 from minidiff.model import TextToImageModel
 from minidiff.pipeline import MiniDiffusionPipeline

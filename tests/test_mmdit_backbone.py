@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 import train
-from minidiff import MiniDiffusionPipeline, Shapes
+from minidiff import MiniDiffusionPipeline
+from minidiff.tools.shapes import Shapes
 from minidiff.mmdit import MMDiT, MMDiTConfig
 from minidiff.model import ModelConfig, TextToImageModel
 from minidiff.tools.checkpoint import load_model, read_safetensors

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from minidiff import Shapes
+from minidiff.tools.shapes import Shapes
 from minidiff.tools.cli import run
 from minidiff.contract import StepRecorder
 from minidiff.model import objective_for

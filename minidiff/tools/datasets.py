@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageOps
 
-from ..data import Shapes
+from .shapes import Shapes
 from ..images import load_image, pil_to_tensor
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ..data import COLOURS, SHAPES, caption_for
+from .shapes import COLOURS, SHAPES, caption_for
 
 REFERENCE = np.array(list(COLOURS.values()), dtype=np.float32)
 

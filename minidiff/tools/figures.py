@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from ..data import COLOURS, Shapes, render
+from .shapes import COLOURS, Shapes, render
 from ..images import pil_to_tensor, tensor_to_pil
 from ..scheduler import randn
 from .pictures import make_grid, scale_for

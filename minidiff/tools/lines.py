@@ -14,7 +14,6 @@ PACKAGE = Path(__file__).resolve().parents[1]
 READING_ORDER = [
     ("scheduler.py", "DDPM: noise schedule, objective, DDPM and DDIM samplers"),
     ("flow.py", "rectified flow: objective, shift, Euler sampler (SD3.5's scheduler)"),
-    ("data.py", "Shapes, the toy pictures and captions"),
     ("text.py", "tokenizer and text encoder (SD3.5: CLIP-L, CLIP-G, T5)"),
     ("unet.py", "the denoising network (SD3.5: the MMDiT)"),
     ("model.py", "the components under one config; save and load"),
@@ -41,15 +40,15 @@ def table() -> str:
     files = {p.name: count(p) for p in lesson_files()}
     described = dict(READING_ORDER)
     rows = [(name, files[name], described[name]) for name, _ in READING_ORDER if name in files]
-    rows += [(name, n, "the command's entry point" if n < 20 else "") for name, n in files.items()
-             if name not in described]
+    rows += [(name, n, "what `import minidiff` gives" if name == "__init__.py" else "the command's entry point")
+             for name, n in files.items() if name not in described]
     tools = sum(count(p) for p in (PACKAGE / "tools").glob("*.py"))
     lines = ["| file | lines | what it is |", "| --- | ---: | --- |"]
     lines += [f"| `minidiff/{name}` | {n} | {what} |" for name, n, what in rows]
     lines.append(f"| **the lesson** | **{sum(files.values())}** | (at most {LIMIT:,}) |")
     lines += [f"| `minidiff/{name}` | {count(PACKAGE / name)} | beside the UNet, not counted above |"
               for name in NOT_COUNTED if (PACKAGE / name).exists()]
-    lines.append(f"| `minidiff/tools/` | {tools} | the machinery: trainer, data folders, app, evaluation, figures |")
+    lines.append(f"| `minidiff/tools/` | {tools} | the machinery: trainer, Shapes and data folders, app, evaluation, figures |")
     return "\n".join(lines)
 
 

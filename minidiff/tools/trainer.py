@@ -32,7 +32,7 @@ from tqdm import tqdm
 from .checkpoint import (CheckpointError, atomic_write, load_autoencoder, read_json, read_safetensors, save_autoencoder,
                          save_model, write_json, write_safetensors)
 from ..autoencoder import Autoencoder, AutoencoderConfig, fit_latent_factors, train_autoencoder
-from ..data import Shapes
+from .shapes import Shapes
 from ..model import AUTOENCODER_FOLDER, TextToImageModel
 from ..pipeline import MiniDiffusionPipeline
 from ..training import TrainConfig, TrainState, batch_indices, load_batch

@@ -18,7 +18,7 @@ import random
 import torch
 from PIL import Image, ImageDraw
 
-from .images import pil_to_tensor
+from ..images import pil_to_tensor
 
 COLOURS = {
     "red": (230, 40, 40),
