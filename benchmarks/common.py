@@ -224,10 +224,11 @@ def set_threads(threads: int | None) -> int:
 
 class Report:
     """The header of a result section: command, machine, date, load average (1/5/15 min) at
-    start and end. A load average above the core count means other work shared the CPU."""
+    start and end. A load average above the core count means other work shared the CPU.
+    `level` 2 is a numbered section of BENCHMARKS.md of its own, 3 the runs under one."""
 
-    def __init__(self, name: str, title: str, threads: int, module: str | None = None):
-        self.name, self.title, self.threads = name, title, threads
+    def __init__(self, name: str, title: str, threads: int, module: str | None = None, level: int = 2):
+        self.name, self.title, self.threads, self.level = name, title, threads, level
         module = module or name  # the script, when one script writes several named results
         self.command = "python -m benchmarks." + module + (" " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "")
         self.started = datetime.datetime.now().astimezone()
@@ -235,7 +236,7 @@ class Report:
 
     def markdown(self, body: str) -> str:
         return "\n".join([
-            f"## {self.title}",
+            f"{'#' * self.level} {self.title}",
             "",
             f"- command: `{self.command}`",
             f"- machine: {machine_line(self.threads)}",

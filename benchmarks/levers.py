@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     variants = [parse_variant(text, LEVERS) for text in args.variant]
     threads = set_threads(args.threads)
-    report = Report("levers", "What made training faster (one change at a time)", threads)
+    report = Report("levers", "The runs", threads, level=3)
     path = results_folder(args.publish) / "levers.jsonl"
     for name, changes, levers in variants:
         date = time.strftime("%Y-%m-%d %H:%M", time.gmtime())

@@ -113,9 +113,8 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     args.samplers = args.samplers or list(pipe.samplers)
-    titles = {"steps_quality": "3. Steps and guidance against quality"}
-    report = Report(args.name, titles.get(args.name, f"Steps and guidance against quality: {args.name}"), threads,
-                    "steps_quality")
+    report = Report(args.name, f"Steps and guidance against quality: {args.name}", threads, "steps_quality",
+                    level=3)
     default_steps, default_guidance = pipe.default_num_inference_steps, pipe.default_guidance_scale
     step_rows = [measure(pipe, args, sampler, steps, default_guidance)
                  for sampler in args.samplers for steps in args.steps]

@@ -190,8 +190,7 @@ def main(argv=None) -> int:
     if args.minutes <= 0 or args.eval_every <= 0 or args.samples_per_prompt < 1 or not 0 < args.target <= 1:
         p.error("--minutes and --eval-every must be > 0, --samples-per-prompt >= 1, --target in (0, 1]")
     threads = set_threads(args.threads)
-    titles = {"time_to_quality": "2. Time to quality"}
-    report = Report(args.name, titles.get(args.name, f"Time to quality: {args.name}"), threads, "time_to_quality")
+    report = Report(args.name, f"Time to quality: {args.name}", threads, "time_to_quality", level=3)
     config = preset_config(args.preset)
     datasets = {}  # one Shapes per (size, seed, two-object fraction): runs may differ in size
     clock = time.process_time if args.clock == "cpu" else time.perf_counter

@@ -95,6 +95,22 @@ def test_replace_section_keeps_the_rest_of_the_file(tmp_path):
     assert text.index("first, again") < text.index("second")  # a rewritten section keeps its place
 
 
+def test_every_published_block_is_a_numbered_section_or_runs_under_one():
+    """BENCHMARKS.md's script-written blocks are either a numbered section of their own ("## 1. ...")
+    or a subsection ("### ...") under the numbered section before them, never an unnumbered "##"."""
+    import re
+
+    from benchmarks.common import BENCHMARKS_MD, Report
+    text = BENCHMARKS_MD.read_text()
+    blocks = re.findall(r"<!-- begin (\S+) -->\n(.*)\n", text)
+    assert len(blocks) >= 4
+    for name, heading in blocks:
+        assert re.match(r"## \d+\. |### ", heading), f"block {name} starts with {heading!r}"
+        if heading.startswith("### "):
+            assert re.findall(r"^## .*", text[:text.index(f"<!-- begin {name} -->")], re.M)[-1][3].isdigit()
+    assert Report("x", "The runs", 1, level=3).markdown("body").startswith("### The runs\n")
+
+
 def test_results_go_to_scratch_unless_published(tmp_path, monkeypatch):
     """A quick check must not overwrite the committed benchmarks/results/ or BENCHMARKS.md."""
     from benchmarks import common
