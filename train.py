@@ -42,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", choices=sorted(PRESETS), help="defaults to 'gpu' on CUDA, else 'cpu'")
     p.add_argument("--data", help="shapes (default), mnist, fashion-mnist, cifar10, or a folder of images with an "
                                   "optional metadata.jsonl of {\"file_name\", \"text\"} lines")
+    p.add_argument("--two-object-fraction", type=float,
+                   help="Shapes from 32 px: the share of pictures with two objects (the gpu preset: 0.3)")
     p.add_argument("--data-root", help="where mnist/fashion-mnist/cifar10 are downloaded (default ~/.cache/minidiff)")
     p.add_argument("--objective", choices=["ddpm", "flow"],
                    help="ddpm: predict the noise (Ho et al. 2020); flow: rectified flow, predict the velocity "
@@ -132,6 +134,11 @@ def check_config(config: TrainConfig, autoencoder: AutoencoderConfig | None = No
             raise UsageError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(config, name)}")
     if not config.shift > 0:
         raise UsageError(f"--shift must be above 0, got {config.shift}")
+    if not 0 <= config.two_object_fraction <= 1:
+        raise UsageError(f"--two-object-fraction must be between 0 and 1, got {config.two_object_fraction}")
+    if config.two_object_fraction > 0 and config.image_size < 32:
+        raise UsageError(f"--two-object-fraction needs --image-size 32 or more (two objects side by side), "
+                         f"got {config.image_size}")
     if not config.lr > 0:
         raise UsageError(f"--lr must be above 0, got {config.lr}")
     if config.max_minutes is not None and not config.max_minutes > 0:

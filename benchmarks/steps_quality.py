@@ -33,7 +33,7 @@ from .common import Report, add_publish_flag, markdown_table, pyplot, results_fo
 
 
 def measure(pipe, args, sampler: str, steps: int, guidance: float) -> dict:
-    images = len(evaluation_prompts(pipe.image_size)) * args.samples_per_prompt
+    images = len(evaluation_prompts(pipe.image_size, tokenizer=pipe.model.tokenizer)) * args.samples_per_prompt
     start = time.perf_counter()
     summary = evaluate(pipe, args.samples_per_prompt, seed=args.seed, num_inference_steps=steps,
                        guidance_scale=guidance, sampler=sampler)
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     plot(step_rows, guidance_rows, results_folder(args.publish) / f"{args.name}.png")
     body = "\n".join([
         f"Model `{args.model}` ({pipe.config.objective}, {pipe.image_size} px); {args.samples_per_prompt} samples per prompt, seed {args.seed}, "
-        f"{len(evaluation_prompts(pipe.image_size))} prompts. Seconds per image = wall-clock of the evaluation / images.",
+        f"{len(evaluation_prompts(pipe.image_size, tokenizer=pipe.model.tokenizer))} prompts. Seconds per image = wall-clock of the evaluation / images.",
         "",
         f"Steps (guidance {default_guidance:g}):",
         "",

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from minidiff.tools.shapes import Shapes
+from minidiff.text import Tokenizer
 from minidiff.tools.evaluate import analyse, evaluation_prompts, main, score
 
 
@@ -26,9 +27,26 @@ def test_analyser_finds_nothing_in_black_and_scores_it_wrong():
     assert score(found, [("red", "circle")]) == {"colour": False, "shape": False, "both": False}
 
 
-def test_two_object_prompts_only_from_32px():
+def test_two_object_prompts_only_from_32px_and_for_a_model_that_knows_their_words():
     assert len(evaluation_prompts(16)) == 18
     assert len(evaluation_prompts(32)) == 36
+    single, two = (Tokenizer.from_captions(Shapes(32, two_object_fraction=f).captions()) for f in (0.0, 0.3))
+    assert len(evaluation_prompts(32, tokenizer=single)) == 18  # trained without two-object pictures
+    assert len(evaluation_prompts(32, tokenizer=two)) == 36
+
+
+def test_a_32px_model_trained_on_single_objects_is_scored_on_them(tmp_path, capsys):
+    """A 32 px model whose vocabulary lacks the two-object words is scored on the single-object
+    prompts, and the output says why the two-object ones are missing (it used to be refused)."""
+    from minidiff import MiniDiffusionPipeline
+    from minidiff.training import build_model
+    from conftest import tiny_train_config
+
+    config = tiny_train_config(tmp_path / "run", image_size=32)
+    MiniDiffusionPipeline(build_model(config, Shapes(32).captions())).save_pretrained(tmp_path / "m")
+    assert main(["--model", str(tmp_path / "m"), "--samples-per-prompt", "1", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "single-object prompts: colour" in out and "two-object prompts: not scored" in out
 
 
 def test_evaluate_cli_runs_on_a_model(tiny_model_dir, capsys):

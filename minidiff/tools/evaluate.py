@@ -89,11 +89,13 @@ def analyse(image: Image.Image, two_objects: bool = False) -> list[tuple[str | N
     return [analyse_object(array[:, :half]), analyse_object(array[:, half:])]
 
 
-def evaluation_prompts(image_size: int, two_object_prompts: int = 18) -> list[tuple[str, list[tuple[str, str]]]]:
-    """Every single-object prompt, plus (from 32 px) a fixed selection of two-object prompts."""
+def evaluation_prompts(image_size: int, two_object_prompts: int = 18, tokenizer=None) -> list[tuple[str, list]]:
+    """Every single-object prompt, plus (from 32 px, for a model whose `tokenizer` knows their words,
+    that is one trained with two-object pictures) a fixed selection of two-object prompts."""
     pairs = list(itertools.product(COLOURS, SHAPES))
     prompts = [(caption_for([p]), [p]) for p in pairs]
-    if image_size >= 32:
+    two_words = caption_for(pairs[:2])
+    if image_size >= 32 and (tokenizer is None or not tokenizer.unknown_words(two_words)):
         for i in range(two_object_prompts):  # a fixed, varied selection
             left, right = pairs[(7 * i) % len(pairs)], pairs[(11 * i + 5) % len(pairs)]
             prompts.append((caption_for([left, right]), [left, right]))
@@ -124,7 +126,7 @@ def evaluate(pipe, samples_per_prompt: int = 8, seed: int = 0, progress: bool = 
     """Sample every prompt `samples_per_prompt` times (seed + prompt index as the generator
     seed) and return accuracies: {"single": {...}, "two": {...} or None, "per_prompt": [...]}.
     `progress`: a bar over the images on stderr. A model not trained on Shapes is refused (ValueError)."""
-    prompts = evaluation_prompts(pipe.image_size)
+    prompts = evaluation_prompts(pipe.image_size, tokenizer=pipe.model.tokenizer)
     check_shapes_model(pipe, [prompt for prompt, _ in prompts])
     results = {"single": [], "two": []}
     per_prompt = []
@@ -165,7 +167,8 @@ def main(argv=None) -> int:
         if args.samples_per_prompt < 1:
             raise ValueError(f"--samples-per-prompt must be at least 1, got {args.samples_per_prompt}")
         pipe = open_pipeline(args.model, "minidiff", device=args.device)
-        check_shapes_model(pipe, [prompt for prompt, _ in evaluation_prompts(pipe.image_size)], args.model)
+        check_shapes_model(pipe, [prompt for prompt, _ in evaluation_prompts(pipe.image_size, tokenizer=pipe.model.tokenizer)],
+                           args.model)
         summary = evaluate(pipe, args.samples_per_prompt, args.seed, progress=True, num_inference_steps=args.steps,
                            guidance_scale=args.guidance, sampler=args.sampler)
     except (CheckpointError, ValueError) as error:
@@ -175,6 +178,9 @@ def main(argv=None) -> int:
         if summary[kind]:
             s = summary[kind]
             print(f"{kind}-object prompts: colour {s['colour']:.1%}  shape {s['shape']:.1%}  both {s['both']:.1%}")
+    if pipe.image_size >= 32 and not summary["two"]:
+        print("two-object prompts: not scored, the model was trained without two-object pictures "
+              "(train.py --two-object-fraction)")
     if args.per_prompt:
         for row in summary["per_prompt"]:
             print(f"  {row['both']:6.1%}  {row['prompt']}")
