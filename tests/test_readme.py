@@ -140,10 +140,11 @@ def shorten(code: str, sd3_folder: str) -> str:
 
 
 def fresh_copy(folder: Path) -> list[Path]:
-    """What a clone holds: the repository's files (committed, or new and not ignored), copied."""
+    """What a clone holds: the files git tracks (`git add` a new file first), copied. Files the
+    README's commands left in the working tree are not copied, so they cannot get in the way."""
     try:
-        listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others",
-                                 "--exclude-standard"], capture_output=True, check=True, text=True).stdout
+        listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--cached"],
+                                capture_output=True, check=True, text=True).stdout
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout: the README is run on a copy of the repository's files")
     copied = []
@@ -320,6 +321,12 @@ def test_page_runs_as_written(page, tmp_path, tiny_sd3_dir):
     changed = [str(path.relative_to(copy)) for path, hashed in committed.items()
                if not path.exists() or digest(path) != hashed]
     assert not changed, f"{page_name(page)} commands changed committed files: {changed}"
+    created = [str(path.relative_to(copy)) for path in copy.rglob("*") if path.is_file() and path not in committed
+               and not re.fullmatch(r"[a-z0-9_-]+-line-\d+\.py", str(path.relative_to(copy)))]  # the blocks run
+    ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "--no-index", "--stdin"], input="\n".join(created),
+                             capture_output=True, text=True).stdout.splitlines()
+    stray = sorted(set(created) - set(ignored))
+    assert not stray, f"{page_name(page)} commands left files that `git status` would show: {stray[:10]}"
 
 
 # ---- what the pages say must stay true -----------------------------------------------------------
