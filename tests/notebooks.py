@@ -17,6 +17,10 @@ def stdout_of(cell) -> str:
     return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream" and o.name == "stdout")
 
 
+def stderr_of(cell) -> str:
+    return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream" and o.name == "stderr")
+
+
 def execute(path):
     """The notebook at `path`, run; a failing cell (or assertion) raises CellExecutionError naming it."""
     notebook = nbformat.read(path, as_version=4)
