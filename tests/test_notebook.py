@@ -1,21 +1,26 @@
-"""docs/walkthrough.ipynb: kept without outputs, and run top to bottom (its FAST settings) by the tests.
+"""docs/walkthrough.ipynb: stored with the outputs of a first run at the learners' settings, and run
+top to bottom (its FAST settings) by the tests.
 
 The notebook's "by hand" cells (tagged "check") compute an equation in plain tensor code and
 assert that the library gives the same numbers; each prints "check passed: NAME (...)" after its
 assertions. The run fails if any cell raises, so a broken equality fails the suite; the run
-(slow: a kernel and a training run) must print every name of CHECKS from a check cell. The cells
-that find or train the models are run on their own, as plain Python, with FAST off.
+(slow: a kernel and a training run) must print every name of CHECKS from a check cell.
+
+The stored outputs are those of `python tests/notebooks.py docs/walkthrough.ipynb` (its docstring
+says when to run it): each code cell carries the digest of the source that made its outputs, so a
+cell edited without running that again fails `test_notebook_is_stored_with_the_outputs_of_a_first_run`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
 
 import nbformat
 import pytest
-from notebooks import code_cells, execute, stderr_of, stdout_of
+from notebooks import STAMP, code_cells, execute, source_digest, stderr_of, stdout_of, terminal_text, tidy
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "docs" / "walkthrough.ipynb"
@@ -25,6 +30,7 @@ CHECKS = {"forward-process", "noise-score", "cfg-bayes", "cfg", "negative-prompt
           "shift", "diffusers-sd3", "sd3-inpaint-kept"}
 
 
+MAX_BYTES = 1_000_000  # the stored notebook, outputs included
 SD3_NOTICES = ("IProgress not found", "_pytree", "Enum subclass", "torchao")  # what importing diffusers printed
 
 
@@ -45,12 +51,72 @@ def detail_rows(cell) -> dict:
     return {name: (float(detail), float(corr)) for name, detail, corr in found}
 
 
-def test_notebook_is_stored_without_outputs():
-    """Outputs stripped in git: small diffs, nothing stale; the tests make the outputs."""
+def test_notebook_is_stored_with_the_outputs_of_a_first_run():
+    """The committed notebook shows its pictures unrun: the outputs of one run top to bottom at the
+    learners' settings (FAST off), a first one (the DDPM model trained and kept, make demo's flow
+    model loaded), every cell's outputs made by its present source, every check passed, no error,
+    no JPEG twin of a PNG, none of the import notices the SD3 section filters, and under 1 MB."""
     notebook = read_notebook()
     nbformat.validate(notebook)
-    for index, cell in enumerate(code_cells(notebook)):
-        assert cell.outputs == [] and cell.execution_count is None, f"code cell {index} holds outputs: strip them"
+    assert NOTEBOOK.stat().st_size < MAX_BYTES
+    cells = code_cells(notebook)
+    assert [cell.execution_count for cell in cells] == list(range(1, len(cells) + 1)), "not one run, top to bottom"
+    for index, cell in enumerate(cells):
+        assert cell.metadata.get(STAMP) == source_digest(cell.source), (
+            f"code cell {index}'s outputs are not from its source: python tests/notebooks.py docs/walkthrough.ipynb")
+        for output in cell.outputs:
+            assert output.output_type != "error", f"code cell {index} failed"
+            if output.output_type == "display_data":
+                assert "image/png" in output.data and "image/jpeg" not in output.data
+    printed = "".join(stdout_of(cell) for cell in cells)
+    assert "FAST = False" in printed
+    trained = re.search(r"^trained (\d+) steps in (\d+) s\nkept in (.+): the next run loads it$", stdout_of(tagged(notebook, "ddpm-model")),
+                        re.MULTILINE)
+    assert trained and Path(trained[3]).name == "walkthrough-ddpm", "the stored run is not a first run"
+    assert "loaded make demo's flow model in" in stdout_of(tagged(notebook, "flow-model"))
+    passed = set(re.findall(r"^check passed: ([\w-]+)", printed, re.MULTILINE))
+    assert passed == CHECKS
+    pictures = sum("image/png" in o.get("data", {}) for cell in cells for o in cell.outputs)
+    assert pictures >= 15
+    errors = "".join(stderr_of(cell) for cell in cells)
+    assert not [notice for notice in SD3_NOTICES if notice in errors]
+
+
+def test_stored_run_shows_what_the_ddim_and_inpainting_texts_say():
+    """Section 5's text: DDIM at eta 0 is speckled, with x_T's own noise, where DDPM and eta 1 are not.
+    Section 6's: the kept half is exact, the replaced half does not always hold the triangle, and where it
+    does not, the half-way prediction put all its yellow over the kept half."""
+    notebook = read_notebook()
+    rows = detail_rows(tagged(notebook, "ddim-rows"))
+    steps = int(re.search(r"DDPM (\d+)", " ".join(rows))[1])
+    ddpm, ddim, ddim10, eta1 = rows[f"DDPM {steps}"], rows[f"DDIM {steps}"], rows["DDIM 10"], rows["DDIM 10, eta 1"]
+    assert min(ddim[0], ddim10[0]) > 2 * max(ddpm[0], eta1[0])  # speckled at eta 0, at 50 steps as at 10
+    assert min(ddim[1], ddim10[1]) > 0.3 > max(abs(ddpm[1]), abs(eta1[1]))  # x_T's noise, left in
+    printed = stdout_of(tagged(notebook, "inpaint"))
+    drawn, n = map(int, re.search(r"in the replaced half: (\d+) of (\d+)", printed).groups())
+    result, over_kept, over_replaced = (json.loads(re.search(pattern + r": +(\[.*\])", printed)[1]) for pattern in
+                                        ("the replaced half of each result", "over the kept half", "over the replaced half"))
+    assert 0 < drawn < n == len(result) == len(over_kept) == len(over_replaced)
+    assert drawn == sum(count >= 6 for count in result)
+    assert all(over_kept[i] > over_replaced[i] for i in range(n) if result[i] < 6)
+
+
+def test_tidy_keeps_what_a_front_end_shows():
+    """Progress bars keep their last state, a picture its PNG only; other outputs are untouched."""
+    assert terminal_text("\r  0%|  | 0/2\r 50%|# | 1/2\r100%|##| 2/2\nsaving\n") == "100%|##| 2/2\nsaving\n"
+    assert terminal_text("a\x1b[A\rb\r\n") == "b\n"
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x", outputs=[
+        nbformat.v4.new_output("stream", name="stderr", text="\r 1/2"),
+        nbformat.v4.new_output("stream", name="stderr", text="\r 2/2\n"),
+        nbformat.v4.new_output("stream", name="stdout", text="done\n"),
+        nbformat.v4.new_output("display_data", data={"image/png": "iVBO", "image/jpeg": "/9j/", "text/plain": "<PIL>"}),
+        nbformat.v4.new_output("display_data", data={"image/jpeg": "/9j/"}),
+    ])])
+    outputs = tidy(notebook).cells[0].outputs
+    assert [(o.output_type, o.get("name")) for o in outputs] == [("stream", "stderr"), ("stream", "stdout"),
+                                                                 ("display_data", None), ("display_data", None)]
+    assert outputs[0].text == " 2/2\n" and outputs[1].text == "done\n"
+    assert set(outputs[2].data) == {"image/png", "text/plain"} and set(outputs[3].data) == {"image/jpeg"}
 
 
 def run_cells(cells, namespace: dict) -> str:
