@@ -3,15 +3,20 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN ?= runs/shapes
+# TORCH_INDEX=cpu: torch and torchvision from PyTorch's own index for that build (cpu: nothing for CUDA, an
+# estimated 1.6 GB of .venv instead of 6.2 GB), installed first, on a new .venv only; empty: PyPI's (CUDA on Linux)
+TORCH_INDEX ?=
+PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check
 DEMO_PROMPTS := "a red circle" "a blue square" "a yellow triangle" "a green circle" "a purple square" "an orange triangle"
 
 .PHONY: install model demo test clean
 
 $(VENV)/.installed: pyproject.toml
-	@echo "Creating $(VENV) and installing minidiff with torch, torchvision, diffusers, transformers and pytest:"
+	@echo "Creating $(VENV) and installing minidiff with torch, torchvision, diffusers, transformers, Gradio and pytest:"
 	@echo "done once; it took 80 s on a fresh clone with a fast connection (mostly downloading torch), longer on a slow one."
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,app]'
+	$(if $(TORCH_INDEX),$(PIP_INSTALL) torch torchvision --index-url https://download.pytorch.org/whl/$(TORCH_INDEX))
+	$(PIP_INSTALL) -e '.[test,app]'
 	touch $@
 	@echo "Installed. To run the README's python commands yourself: source $(VENV)/bin/activate"
 
