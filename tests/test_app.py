@@ -17,8 +17,9 @@ gr = pytest.importorskip("gradio")
 
 from minidiff import Shapes  # noqa: E402
 from minidiff.tools.cli import run as run_cli  # noqa: E402
-from minidiff.tools.webapp import (AppModel, Frame, Result, Settings, WebApp, build_ui, frame_label,  # noqa: E402
-                                   generate, host_warning, mask_from_editor, preview, preview_steps, save_result)
+from minidiff.tools.webapp import (AppModel, Frame, PreviewFiles, Result, Settings, WebApp, build_ui,  # noqa: E402
+                                   frame_label, generate, host_warning, mask_from_editor, preview, preview_steps,
+                                   save_result)
 
 STEPS = 6
 
@@ -265,3 +266,66 @@ def test_a_mask_empty_at_the_models_size_is_one_clear_line(model, tmp_path):
         list(app.generate("inpaint", Settings("a red circle", steps=2, strength=0.99), stroke))
     wide = {"background": upload, "layers": [painted(upload.size, (8, 8, 40, 40))]}
     assert list(app.generate("inpaint", Settings("a red circle", steps=2, strength=0.99), wide))[-1][3]
+
+
+def page_function(demo, name: str, mode: str | None = None):
+    """One of the page's handlers as Gradio calls it (`mode`: the tab whose handler it is)."""
+    fns = [fn for fn in demo.fns.values() if fn.name == name
+           and (mode is None or any(getattr(b, "elem_id", None) == f"{mode}-prompt" for b in fn.inputs))]
+    assert fns, f"no handler {name} for {mode}"
+    return fns[0]
+
+
+def test_the_start_up_lines_name_the_apps_share_option(ddpm_model, tmp_path, capsys):
+    """Issue 24.4f: Gradio's start-up hint says "set `share=True` in `launch()`"; the app's option is --share."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    demo = build_ui(WebApp(ddpm_model, tmp_path))
+    try:
+        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
+    finally:
+        demo.close()
+    out = capsys.readouterr().out
+    assert f"Running on local URL:  http://127.0.0.1:{port}" in out
+    assert "run app.py with --share" in out and "share=True" not in out
+
+
+def test_a_picture_is_handed_to_gradio_once(ddpm_model, tmp_path, monkeypatch):
+    """Issue 24.4g: "Too little data for declared Content-Length" in the console. Gradio writes a
+    returned PIL picture into its cache each time, over the old copy (truncate, then write), and the
+    page returned the last live picture again with the result, while the browser was fetching it:
+    uvicorn then sends fewer bytes than it declared. The pictures are now files, written once."""
+    import asyncio
+    import os
+
+    from gradio import processing_utils
+    from gradio.state_holder import SessionState
+
+    save = processing_utils.save_pil_to_cache
+    rewritten = []
+
+    def saving(image, cache_dir, *args, **kwargs):
+        before = {os.path.join(root, f) for root, _, files in os.walk(cache_dir) for f in files}
+        path = save(image, cache_dir, *args, **kwargs)
+        if path in before:
+            rewritten.append(path)
+        return path
+
+    monkeypatch.setattr(processing_utils, "save_pil_to_cache", saving)
+    demo = build_ui(WebApp(ddpm_model, tmp_path))
+    run, state = page_function(demo, "run", "txt2img"), SessionState(demo)
+    outputs = list(run.fn("a red circle", "", 6, 3.0, 0, 1, "ddpm", 16, 16, None, None))
+    for output in outputs:  # what Gradio does with every yield before sending it to the page
+        asyncio.run(demo.postprocess_data(run, list(output), state))
+    assert outputs[-1][2] == outputs[-2][2]  # the last live x_t is the result's: the same file
+    assert rewritten == []
+
+    previews = PreviewFiles(tmp_path / "previews")
+    picture = Shapes(16, seed=1).pil_and_caption(0)[0]
+    path = previews(picture)
+    written = os.stat(path).st_mtime_ns
+    assert previews(picture.copy()) == path and os.stat(path).st_mtime_ns == written
+    assert previews(None) is None

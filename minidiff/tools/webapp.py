@@ -19,6 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import hashlib
+import io
+import os
 import queue
 import random
 import shlex
@@ -250,6 +254,30 @@ def mask_from_editor(value) -> tuple[Image.Image, Image.Image]:
     return background, Image.fromarray(np.where(painted, 255, 0).astype(np.uint8), mode="L")
 
 
+class PreviewFiles:
+    """Pictures for the page as PNG files, each written once under its content's hash. Gradio serves
+    what a handler returns from its cache; a PIL picture is (re)written there every time it is
+    returned, so sending the same picture twice (the last live frame again with the result, a step
+    on the slider revisited) truncated and rewrote a file the browser was still reading:
+    uvicorn's "Too little data for declared Content-Length". A path is copied into the cache once."""
+
+    def __init__(self, folder=None):
+        self.folder = Path(folder or tempfile.mkdtemp(prefix="minidiff-previews-"))
+
+    def __call__(self, image: Image.Image | None) -> str | None:
+        if image is None:
+            return None
+        data = io.BytesIO()
+        image.save(data, format="png")
+        path = self.folder / f"{hashlib.sha256(data.getvalue()).hexdigest()[:32]}.png"
+        if not path.exists():  # written under another name, then renamed: never seen half-written
+            self.folder.mkdir(parents=True, exist_ok=True)
+            staging = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+            staging.write_bytes(data.getvalue())
+            os.replace(staging, path)
+        return str(path)
+
+
 # --- saving: PNG text chunks that reproduce the result ---------------------------------------------
 
 def sample_command(model: AppModel, mode: str, settings: Settings, out: str) -> str:
@@ -330,6 +358,7 @@ class WebApp:
     def __init__(self, model: AppModel, out_dir=None, device=None):
         self.model, self.device = model, device
         self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="minidiff-app-"))
+        self.previews = PreviewFiles()  # x_t and pred_x0 as files: see PreviewFiles
 
     def _error(self, error: BaseException):
         import gradio as gr
@@ -353,8 +382,9 @@ class WebApp:
     def generate(self, mode: str, settings: Settings, picture=None, progress=None) -> Iterator[tuple]:
         """-> (text, live x_t, live pred_x0, result pictures or None, files or None, frames or None)
         once per frame (text: the step), then once at the end with the results, files and every
-        captured frame (text: the seed used and the sample.py command).
-        Warnings of the call (an input resized, say) are shown in the page with `gr.Warning`."""
+        captured frame (text: the seed used and the sample.py command). x_t and pred_x0 are PNG
+        files (`PreviewFiles`). Warnings of the call (an input resized, say) are shown in the page
+        with `gr.Warning`."""
         import gradio as gr
 
         mask = None
@@ -372,7 +402,8 @@ class WebApp:
                     if progress is not None:
                         progress((event.step, event.total), desc="denoising")
                     if event.x_t is not None:
-                        yield (frame_label(event), event.x_t, event.pred_x0, None, None, None)
+                        yield (frame_label(event), self.previews(event.x_t), self.previews(event.pred_x0),
+                               None, None, None)
             result = event
             files = save_result(result, self.model, mode, self.out_dir, picture, mask)
         except USER_ERRORS as error:
@@ -381,8 +412,8 @@ class WebApp:
             gr.Warning(message)
         last = result.frames[-1]
         status = f"seed {result.settings.seed} · `{sample_command(self.model, mode, result.settings, 'sample.png')}`"
-        yield (status, last.x_t, last.pred_x0, [str(f) for f in files[:len(result.images)]], [str(f) for f in files],
-               result.frames)
+        yield (status, self.previews(last.x_t), self.previews(last.pred_x0),
+               [str(f) for f in files[:len(result.images)]], [str(f) for f in files], result.frames)
 
 
 def frame_label(frame: Frame) -> str:
@@ -399,12 +430,32 @@ PAGE_CSS = """.pixels img, .pixels canvas { image-rendering: pixelated; }
 #img2img-picture img { width: 100%; height: 100%; object-fit: contain; }"""
 
 
+@functools.cache
+def page_class():
+    """gr.Blocks whose launch() names app.py's --share in its start-up lines, where Gradio's say
+    "set `share=True` in `launch()`", which the app's user has no way to do."""
+    import gradio as gr
+
+    class Page(gr.Blocks):
+        def launch(self, *args, quiet: bool = False, prevent_thread_lock: bool = False, **kwargs):
+            launched = super().launch(*args, quiet=True, prevent_thread_lock=True, **kwargs)
+            if not quiet:  # Gradio still prints a share link's own lines
+                print(f"* Running on local URL:  {self.local_url}")
+                if not self.share:
+                    print("* To create a public link, run app.py with --share.")
+            if not prevent_thread_lock:
+                self.block_thread()
+            return launched
+
+    return Page
+
+
 def build_ui(app: WebApp):
     """The Gradio Blocks page: three tabs over `app`, one generation at a time (a shared queue).
     Launch it with `css=PAGE_CSS`."""
     import gradio as gr
 
-    with gr.Blocks(title="minidiff", analytics_enabled=False) as demo:  # a local app: nothing sent elsewhere
+    with page_class()(title="minidiff", analytics_enabled=False) as demo:  # a local app: nothing sent elsewhere
         gr.Markdown("# minidiff: watch a picture denoise")
         with gr.Row():
             model_box = gr.Textbox(app.model.name, label="Model", scale=4,
@@ -538,7 +589,7 @@ def _panel(gr, app: WebApp, mode: str, label: str) -> dict:
         if not frames:
             return gr.skip(), gr.skip(), gr.skip()
         frame = frames[int(index)]
-        return frame_label(frame), frame.x_t, frame.pred_x0
+        return frame_label(frame), app.previews(frame.x_t), app.previews(frame.pred_x0)
 
     c["slider"].input(show, [c["slider"], c["frames"]], [c["step"], c["x_t"], c["x0"]], queue=False)
     return c
