@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import hashlib
 import io
+import math
 import os
 import queue
 import random
@@ -254,6 +255,30 @@ def mask_from_editor(value) -> tuple[Image.Image, Image.Image]:
     return background, Image.fromarray(np.where(painted, 255, 0).astype(np.uint8), mode="L")
 
 
+def brush_radius(width: int, height: int, model_size: int) -> int:
+    """The brush's default radius in the picture's pixels: one stroke is two of the model's pixels
+    wide once the picture is shrunk to the model's size (a 64 px upload on a 16 px model: radius 4,
+    where a fixed 2 px brush left an empty mask), and at least 1/16 of the picture on a big model."""
+    side = min(width, height)
+    return max(2, math.ceil(side / min(model_size, 32)))
+
+
+def frame_at(frames: list[Frame], value, shown: int | None = None) -> int:
+    """The step slider counts denoising steps, but only some are captured (every 3rd of 50, say):
+    -> the index of the frame to show at `value`. A captured step is itself; moving up from the
+    step `shown`, the next captured one; moving down, the one before (so the arrow keys walk
+    through the captured steps); without a direction, the nearest."""
+    steps = [f.step for f in frames]
+    value = int(round(value))
+    if value in steps:
+        return steps.index(value)
+    if shown is not None and value > shown:
+        return next((i for i, s in enumerate(steps) if s > value), len(steps) - 1)
+    if shown is not None and value < shown:
+        return max((i for i, s in enumerate(steps) if s < value), default=0)
+    return min(range(len(steps)), key=lambda i: abs(steps[i] - value))
+
+
 class PreviewFiles:
     """Pictures for the page as PNG files, each written once under its content's hash. Gradio serves
     what a handler returns from its cache; a PIL picture is (re)written there every time it is
@@ -415,6 +440,12 @@ class WebApp:
         yield (status, self.previews(last.x_t), self.previews(last.pred_x0),
                [str(f) for f in files[:len(result.images)]], [str(f) for f in files], result.frames)
 
+    def show(self, value, frames: list[Frame], shown: int | None = None) -> tuple:
+        """The step slider moved to `value` (a step number) -> (the step's label, x_t and pred_x0 files,
+        the captured step shown, which the slider snaps to; see `frame_at`)."""
+        frame = frames[frame_at(frames, value, shown)]
+        return frame_label(frame), self.previews(frame.x_t), self.previews(frame.pred_x0), frame.step
+
 
 def frame_label(frame: Frame) -> str:
     t = "" if frame.timestep is None else f", t = {frame.timestep:g}"
@@ -467,11 +498,19 @@ def build_ui(app: WebApp):
             panels = {mode: _panel(gr, app, mode, label) for mode, label in
                       (("txt2img", "Text to image"), ("img2img", "Image to image"), ("inpaint", "Inpainting"))}
 
+        def send(files, index, target):
+            path = _picked(files, index)
+            if target == "inpaint":  # a brush that fits the picture, as after an upload
+                with Image.open(path) as picture:
+                    path = gr.ImageEditor(value=path, brush=_brush(gr, brush_radius(*picture.size,
+                                                                                    app.model.pipe.image_size)))
+            return path, gr.Tabs(selected=target)
+
         for target in ("img2img", "inpaint"):  # "send to" buttons under every gallery
             for panel in panels.values():
-                panel["send"][target].click(
-                    lambda files, i, target=target: (_picked(files, i), gr.Tabs(selected=target)),
-                    [panel["gallery_files"], panel["picked"]], [panels[target]["picture"], tabs], queue=False)
+                panel["send"][target].click(lambda files, i, target=target: send(files, i, target),
+                                            [panel["gallery_files"], panel["picked"]],
+                                            [panels[target]["picture"], tabs], queue=False)
 
         def load(name, backend):
             text = app.load(name, backend)
@@ -488,9 +527,20 @@ def build_ui(app: WebApp):
 
         load_outputs = [status] + [c for p in panels.values()
                                    for c in (p["sampler"], p["height"], p["width"], p["steps"], p["guidance"])]
-        load_button.click(load, [model_box, backend_box], load_outputs, concurrency_limit=1, concurrency_id="model")
+        _after_failure(gr, load_button.click(load, [model_box, backend_box], load_outputs, concurrency_limit=1,
+                                             concurrency_id="model"), load_outputs)
     demo.queue(default_concurrency_limit=1)
     return demo
+
+
+def _after_failure(gr, event, outputs) -> None:
+    """After a failed call Gradio marks every output with a red "Error" until the next run; the
+    message itself is already shown (a toast), so a quick no-op update clears the marks."""
+    event.failure(lambda: [gr.skip()] * len(outputs), None, outputs, queue=False, show_progress="hidden")
+
+
+def _brush(gr, radius: int):
+    return gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=radius)
 
 
 def _picked(files, index):
@@ -504,6 +554,7 @@ def _picked(files, index):
 def _panel(gr, app: WebApp, mode: str, label: str) -> dict:
     """One tab: the settings on the left; results, the live pictures and the step slider on the right."""
     m = app.model
+    size = m.pipe.image_size
     c = {}
     with gr.Tab(label, id=mode, elem_id=f"tab-{mode}"):
         with gr.Row():
@@ -516,8 +567,7 @@ def _panel(gr, app: WebApp, mode: str, label: str) -> dict:
                     c["picture"] = gr.ImageEditor(type="pil", image_mode="RGBA", format="png",
                                                   label="Paint the region to replace (white is replaced)",
                                                   sources=["upload", "clipboard"], layers=False, transforms=(),
-                                                  brush=gr.Brush(colors=["#ffffff"], color_mode="fixed",
-                                                                 default_size=max(2, m.pipe.image_size // 10)),
+                                                  brush=_brush(gr, brush_radius(size, size, size)),
                                                   elem_id=f"{mode}-picture", elem_classes=["pixels"])
                 c["prompt"] = gr.Textbox(label="Prompt", lines=2, elem_id=f"{mode}-prompt")
                 c["run"] = gr.Button("Generate", variant="primary", elem_id=f"{mode}-run")  # above the fold
@@ -538,8 +588,8 @@ def _panel(gr, app: WebApp, mode: str, label: str) -> dict:
                                            visible=len(m.pipe.samplers) > 1, elem_id=f"{mode}-sampler")
                 with gr.Row():
                     resizable = m.pipe.size_multiple is not None
-                    c["height"] = gr.Number(m.pipe.image_size, label="Height", precision=0, visible=resizable)
-                    c["width"] = gr.Number(m.pipe.image_size, label="Width", precision=0, visible=resizable)
+                    c["height"] = gr.Number(size, label="Height", precision=0, visible=resizable)
+                    c["width"] = gr.Number(size, label="Width", precision=0, visible=resizable)
             with gr.Column(scale=1):
                 c["gallery"] = gr.Gallery(label="Result (PNG with its settings)", columns=4, format="png",
                                           height=320, fit_columns=False, elem_id=f"{mode}-gallery",
@@ -548,7 +598,7 @@ def _panel(gr, app: WebApp, mode: str, label: str) -> dict:
                 with gr.Row():
                     c["x_t"] = gr.Image(label="x_t", format="png", interactive=False, elem_id=f"{mode}-x")
                     c["x0"] = gr.Image(label="predicted x_0", format="png", interactive=False, elem_id=f"{mode}-x0")
-                c["slider"] = gr.Slider(0, 1, value=0, step=1, label="Step back through the captured steps",
+                c["slider"] = gr.Slider(0, 1, value=0, step=1, label="Denoising step (drag back through them)",
                                         interactive=False, elem_id=f"{mode}-slider")
                 c["step"] = gr.Markdown(elem_id=f"{mode}-step")  # which step the pictures above show
                 c["files"] = gr.File(label="Download", file_count="multiple", elem_id=f"{mode}-files")
@@ -556,6 +606,7 @@ def _panel(gr, app: WebApp, mode: str, label: str) -> dict:
                     c["send"] = {target: gr.Button(f"Send to {name}", size="sm", elem_id=f"{mode}-send-{target}")
                                  for target, name in (("img2img", "image to image"), ("inpaint", "inpainting"))}
         c["frames"] = gr.State([])
+        c["shown"] = gr.State(None)  # the step the slider shows
         c["gallery_files"] = gr.State([])
         c["picked"] = gr.State(0)
         for name in ("strength", "picture"):  # text to image has neither
@@ -568,28 +619,39 @@ def _panel(gr, app: WebApp, mode: str, label: str) -> dict:
     selected.__annotations__ = {"event": gr.SelectData}  # how Gradio knows to pass the event (a real class,
     c["gallery"].select(selected, None, c["picked"], queue=False)  # not the string this module's annotations are)
 
+    if mode == "inpaint":
+        def fit_brush(value):
+            background = value.get("background") if isinstance(value, dict) else None
+            if background is None:
+                return gr.skip()
+            return gr.ImageEditor(brush=_brush(gr, brush_radius(*background.size, app.model.pipe.image_size)))
+
+        c["picture"].upload(fit_brush, c["picture"], c["picture"], queue=False, show_progress="hidden")
+
     def run(prompt, negative, steps, guidance, seed, num_images, sampler, height, width, strength, picture,
             progress=gr.Progress()):
         settings = Settings(prompt, negative or "", steps, guidance, seed, num_images, sampler, height, width, strength)
         for text, x_t, x0, pictures, files, frames in app.generate(mode, settings, picture, progress):
             if frames is None:
-                yield gr.skip(), text, x_t, x0, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                yield gr.skip(), text, x_t, x0, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             else:
+                total = frames[-1].total  # the slider counts denoising steps, not captured frames
                 yield (text, frame_label(frames[-1]), x_t, x0, pictures, files, frames, pictures,
-                       gr.Slider(0, len(frames) - 1, value=len(frames) - 1, step=1, interactive=len(frames) > 1))
+                       gr.Slider(0, total, value=total, step=1, interactive=len(frames) > 1), total)
 
     inputs = [c["prompt"], c["negative"], c["steps"], c["guidance"], c["seed"], c["num_images"], c["sampler"],
               c["height"], c["width"], c["strength"], c["picture"]]
     outputs = [c["status"], c["step"], c["x_t"], c["x0"], c["gallery"], c["files"], c["frames"], c["gallery_files"],
-               c["slider"]]
-    c["run"].click(run, inputs, outputs, concurrency_limit=1, concurrency_id="model")
-    c["prompt"].submit(run, inputs, outputs, concurrency_limit=1, concurrency_id="model")
+               c["slider"], c["shown"]]
+    for trigger in (c["run"].click, c["prompt"].submit):
+        _after_failure(gr, trigger(run, inputs, outputs, concurrency_limit=1, concurrency_id="model"), outputs)
 
-    def show(index, frames):
+    def show(value, frames, shown):
         if not frames:
-            return gr.skip(), gr.skip(), gr.skip()
-        frame = frames[int(index)]
-        return frame_label(frame), app.previews(frame.x_t), app.previews(frame.pred_x0)
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        label, x_t, x0, step = app.show(value, frames, shown)
+        return label, x_t, x0, step, step
 
-    c["slider"].input(show, [c["slider"], c["frames"]], [c["step"], c["x_t"], c["x0"]], queue=False)
+    c["slider"].input(show, [c["slider"], c["frames"], c["shown"]], [c["step"], c["x_t"], c["x0"], c["slider"],
+                                                                     c["shown"]], queue=False)
     return c
