@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32  # the test model's pixels: big enough to paint a stroke that leaves pixels outside it
 STEPS = "8"
 TXT2IMG_STEPS = "50"  # captured every 3rd: the step slider counts steps, not pictures
-WINDOW = (1280, 1500)  # the screenshots' window
+WINDOW = (1280, 1500)  # the screenshots' window; the fold is checked at 1280x720
 
 
 def _missing(what: str):
@@ -181,6 +181,24 @@ def shoot(page, folder, name):
     page.save_screenshot(str(folder / name))
 
 
+def test_generate_is_in_sight_in_a_1280x720_window(page):
+    """Issue 24.4e: in a 1280x720 window (a 577 px high page in headless Chromium, as in a browser
+    with its tabs and address bar) Generate was below the fold in image to image and inpainting."""
+    page.set_window_size(1280, 720)
+    try:
+        wait_for(lambda: page.execute_script("return innerHeight") < 720, "the window to shrink")
+        height = page.execute_script("return innerHeight")
+        for mode, label in (("txt2img", "Text to image"), ("img2img", "Image to image"), ("inpaint", "Inpainting")):
+            open_tab(page, label)
+            page.execute_script("window.scrollTo(0, 0)")
+            button = wait_for(lambda: rect(page, f"#{mode}-run")["height"] > 0 and rect(page, f"#{mode}-run"),
+                              f"{mode}'s Generate")
+            assert 0 <= button["top"] and button["bottom"] <= height, f"{mode}: Generate at {button}, page {height} px"
+    finally:
+        page.set_window_size(*WINDOW)
+        open_tab(page, "Text to image")
+
+
 def test_text_to_image(page, screenshots):
     from selenium.webdriver.common.keys import Keys
 
@@ -283,3 +301,25 @@ def test_a_big_upload_and_one_stroke_of_the_default_brush(page, tmp_path):
     mask = fetch(next(u for u in links if u.endswith("mask.png")))
     assert mask.size == (8 * SIZE, 8 * SIZE)
     assert np.asarray(load_mask(mask, SIZE)).any()
+
+
+def test_a_bad_model_says_so_and_leaves_the_load_button_free(page):
+    """Issue 24.4c: error messages appear at the top right of the window, where they covered the Load
+    button; Load is now on the left, below the tabs. 24.4b: no Error marks stay behind."""
+    name = find(page, "#model-name input, #model-name textarea")
+    page.execute_script("arguments[0].scrollIntoView({block: 'center'})", name)
+    before = name.get_attribute("value")
+    type_into(page, "#model-name input, #model-name textarea", "runs/no-such-model")
+    find(page, "#load").click()
+    wait_for(lambda: [t for t in page.find_elements("css selector", "[data-testid=toast-body]")
+                      if "no-such-model" in t.text], "the error message", page=page)
+    button, toasts = rect(page, "#load"), page.execute_script(
+        "return [...document.querySelectorAll('[data-testid=toast-body]')]"
+        ".map(t => t.getBoundingClientRect().toJSON())")
+    assert button["right"] < min(t["left"] for t in toasts)  # however many messages pile up
+    on_top = page.execute_script("return document.elementFromPoint(arguments[0], arguments[1]).closest('#load')",
+                                 (button["left"] + button["right"]) / 2, (button["top"] + button["bottom"]) / 2)
+    assert on_top is not None, "a message covers the Load button"
+    wait_for(lambda: "Error" not in find(page, "#model-status").text, "the model line to drop its Error mark",
+             timeout=10)
+    assert before in find(page, "#model-status").text  # the model in memory is still the old one

@@ -459,6 +459,7 @@ def random_seed() -> int:
 # Small pictures (minidiff's 32 px) are shown enlarged, their pixels kept sharp instead of blurred.
 PAGE_CSS = """.pixels img, .pixels canvas { image-rendering: pixelated; }
 #img2img-picture img { width: 100%; height: 100%; object-fit: contain; }"""
+PICTURE_HEIGHT = 320  # the picture to edit: with the prompt and Generate under it, in a 1280x720 window
 
 
 @functools.cache
@@ -487,16 +488,19 @@ def build_ui(app: WebApp):
     import gradio as gr
 
     with page_class()(title="minidiff", analytics_enabled=False) as demo:  # a local app: nothing sent elsewhere
-        gr.Markdown("# minidiff: watch a picture denoise")
-        with gr.Row():
-            model_box = gr.Textbox(app.model.name, label="Model", scale=4,
-                                   info="a folder written by train.py, or an SD3 Hugging Face id or folder")
-            backend_box = gr.Dropdown(["auto", "minidiff", "sd3"], value="auto", label="Backend", scale=1)
-            load_button = gr.Button("Load", scale=1)
-        status = gr.Markdown(app.describe(), elem_id="model-status")
+        with gr.Row(equal_height=True):  # one line above the tabs, so that Generate stays in sight
+            gr.Markdown("## minidiff: watch a picture denoise")
+            status = gr.Markdown(app.describe(), elem_id="model-status")
         with gr.Tabs() as tabs:
             panels = {mode: _panel(gr, app, mode, label) for mode, label in
                       (("txt2img", "Text to image"), ("img2img", "Image to image"), ("inpaint", "Inpainting"))}
+        # below the tabs, Load on the left: Gradio's messages pile up from the top right of the
+        # window, where they covered the Load button of a row at the top
+        with gr.Row():
+            load_button = gr.Button("Load", scale=0, min_width=160, elem_id="load")
+            model_box = gr.Textbox(app.model.name, label="Model", scale=4, elem_id="model-name",
+                                   info="a folder written by train.py, or an SD3 Hugging Face id or folder")
+            backend_box = gr.Dropdown(["auto", "minidiff", "sd3"], value="auto", label="Backend", scale=1)
 
         def send(files, index, target):
             path = _picked(files, index)
@@ -561,16 +565,18 @@ def _panel(gr, app: WebApp, mode: str, label: str) -> dict:
             with gr.Column(scale=1):
                 if mode == "img2img":
                     c["picture"] = gr.Image(type="pil", image_mode="RGB", label="Start from", format="png",
-                                            sources=["upload", "clipboard"], height=320, elem_id=f"{mode}-picture",
-                                            elem_classes=["pixels"])
+                                            sources=["upload", "clipboard"], height=PICTURE_HEIGHT,
+                                            elem_id=f"{mode}-picture", elem_classes=["pixels"])
                 elif mode == "inpaint":
                     c["picture"] = gr.ImageEditor(type="pil", image_mode="RGBA", format="png",
                                                   label="Paint the region to replace (white is replaced)",
                                                   sources=["upload", "clipboard"], layers=False, transforms=(),
                                                   brush=_brush(gr, brush_radius(size, size, size)),
-                                                  elem_id=f"{mode}-picture", elem_classes=["pixels"])
-                c["prompt"] = gr.Textbox(label="Prompt", lines=2, elem_id=f"{mode}-prompt")
-                c["run"] = gr.Button("Generate", variant="primary", elem_id=f"{mode}-run")  # above the fold
+                                                  height=PICTURE_HEIGHT, elem_id=f"{mode}-picture",
+                                                  elem_classes=["pixels"])
+                with gr.Row(equal_height=True):  # Generate beside the prompt: in sight without scrolling
+                    c["prompt"] = gr.Textbox(label="Prompt", lines=1, scale=3, elem_id=f"{mode}-prompt")
+                    c["run"] = gr.Button("Generate", variant="primary", scale=1, elem_id=f"{mode}-run")
                 c["negative"] = gr.Textbox(label="Negative prompt", elem_id=f"{mode}-negative")
                 if mode != "txt2img":
                     c["strength"] = gr.Slider(0, 1, value=0.7 if mode == "img2img" else 0.99, step=0.01,
