@@ -50,6 +50,8 @@ MAX_IMAGES = 8
 MAX_SEED = 2**32 - 1
 PREVIEW_FRAMES = 20  # about this many pictures per call, live and on the step slider
 PREVIEW_PIXELS = 256  # small previews are enlarged (nearest neighbour) to about this width per image
+FILLER_WORDS = ("a", "an", "the")  # known to a Shapes model, but they do not say what to draw
+IGNORED_WORDS = "ignoring words the model was not trained on"  # the start of the tokenizer's own warning
 STRENGTH_GUIDE = ("how far the picture is noised: 0.2-0.4 changes style, 0.5-0.7 keeps the composition, "
                   "above 0.8 regenerates it")
 
@@ -149,6 +151,30 @@ class AppModel:
         """How many denoising steps the call runs: all N, or an edit's share of them."""
         return self.pipe.steps_run(settings.steps, settings.strength)
 
+    def check_words(self, settings: Settings) -> list[str]:
+        """A minidiff model knows only its captions' words and drops the others. A prompt with none
+        of them (articles aside: "a pink hexagon") is refused, naming the unknown words and the
+        known ones, instead of drawing what the empty prompt draws; unknown words in a prompt that
+        has known ones -> one warning each for the prompt and the negative prompt. SD3's tokenizers
+        read any text: nothing to check."""
+        tokenizer = getattr(getattr(self.pipe, "model", None), "tokenizer", None)
+        if not hasattr(tokenizer, "unknown_words"):
+            return []
+        known = ", ".join(w for w in tokenizer.vocab if not w.startswith("<"))  # not <pad>, <bos>, <eos>
+        messages = []
+        for what, text in (("prompt", settings.prompt), ("negative prompt", settings.negative_prompt or "")):
+            unknown = list(dict.fromkeys(tokenizer.unknown_words(text)))
+            if not unknown:
+                continue
+            named = ", ".join(f"'{w}'" for w in unknown)
+            useful = [w for w in tokenizer.split(text) if w not in unknown and w not in FILLER_WORDS]
+            if what == "prompt" and not useful:
+                words = "the word" if len(unknown) == 1 else "the words"
+                raise ValueError(f"this model does not know {words} {named}, so the prompt names nothing it can "
+                                 f"draw; it knows only: {known}")
+            messages.append(f"{what}: ignoring {named}, unknown to this model; it knows only: {known}")
+        return messages
+
     def call(self, mode: str, settings: Settings, image=None, mask=None, **watch):
         """The contract's call for `mode`, with the resolved settings and the same generator sample.py seeds."""
         common = dict(negative_prompt=settings.negative_prompt or None, num_inference_steps=settings.steps,
@@ -189,6 +215,7 @@ def generate(model: AppModel, mode: str, settings: Settings, image=None, mask=No
     steps, None in between: for a progress bar), then one Result. Closing the generator stops the
     call at its next step. Bad settings raise ValueError before anything runs."""
     settings = model.resolve(settings, mode)
+    said = model.check_words(settings)  # unknown words: the page's own message, not the tokenizer's
     if mode != "txt2img" and image is None:
         raise ValueError("upload a picture to start from first")
     if mask is not None:  # a thin stroke on a big upload can vanish when the mask shrinks to the model's size
@@ -233,6 +260,7 @@ def generate(model: AppModel, mode: str, settings: Settings, image=None, mask=No
         stop.set()
         worker.join()
     trace = [_frame(r, total) for r in output.trace + recorder.trace]
+    caught = said + [m for m in caught if not (said and m.startswith(IGNORED_WORDS))]
     yield Result(images=output.images, frames=trace, settings=settings, warnings=caught)
 
 
@@ -408,8 +436,8 @@ class WebApp:
         """-> (text, live x_t, live pred_x0, result pictures or None, files or None, frames or None)
         once per frame (text: the step), then once at the end with the results, files and every
         captured frame (text: the seed used and the sample.py command). x_t and pred_x0 are PNG
-        files (`PreviewFiles`). Warnings of the call (an input resized, say) are shown in the page
-        with `gr.Warning`."""
+        files (`PreviewFiles`). Warnings of the call (an input resized, unknown words) are shown in
+        the page with `gr.Warning`."""
         import gradio as gr
 
         mask = None
