@@ -255,6 +255,23 @@ def test_warnings_of_the_call_reach_the_page(model, picture):
     assert result.images[0].size == (16, 16)
 
 
+def test_only_the_calls_own_warnings_reach_the_page(ddpm_model, monkeypatch):
+    """The warnings are recorded for the whole process while a call runs: a ResourceWarning of
+    another thread ("unclosed event loop", Gradio's loops collected meanwhile) reached the page."""
+    import warnings
+
+    call = ddpm_model.call
+
+    def noisy(*args, **kwargs):
+        warnings.warn("unclosed event loop", ResourceWarning)
+        warnings.warn("image of size 20x20 resized to 16x16")
+        return call(*args, **kwargs)
+
+    monkeypatch.setattr(ddpm_model, "call", noisy)
+    result = list(generate(ddpm_model, "txt2img", Settings("a red circle", steps=2)))[-1]
+    assert result.warnings == ["image of size 20x20 resized to 16x16"]
+
+
 def test_a_mask_empty_at_the_models_size_is_one_clear_line(model, tmp_path):
     """Issue 24: a 2 px stroke on a 64x64 upload leaves no white pixel at the model's 16 px; the
     page says so instead of returning the input unchanged."""

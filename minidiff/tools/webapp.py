@@ -241,7 +241,9 @@ def generate(model: AppModel, mode: str, settings: Settings, image=None, mask=No
             with warnings.catch_warnings(record=True) as caught:  # e.g. "image resized": for the page to show
                 warnings.simplefilter("always")
                 output = model.call(mode, settings, image, mask, callback=on_step, capture_steps=[0])
-            events.put(("done", output, [str(w.message) for w in caught]))
+            # the record is the whole process's (other threads' too): keep the calls' own kind of warning,
+            # not, say, a ResourceWarning from Gradio's event loops being collected meanwhile
+            events.put(("done", output, [str(w.message) for w in caught if issubclass(w.category, UserWarning)]))
         except BaseException as error:  # handed to the page's thread, raised there
             events.put(("error", error, None))
 
