@@ -17,8 +17,9 @@ gr = pytest.importorskip("gradio")
 
 from minidiff.tools.shapes import Shapes  # noqa: E402
 from minidiff.tools.cli import run as run_cli  # noqa: E402
-from minidiff.tools.webapp import (AppModel, Frame, Result, Settings, WebApp, build_ui, frame_label,  # noqa: E402
-                                   generate, host_warning, mask_from_editor, preview, preview_steps, save_result)
+from minidiff.tools.webapp import (AppModel, Frame, PreviewFiles, Result, Settings, WebApp, build_ui,  # noqa: E402
+                                   frame_at, frame_label, generate, host_warning, mask_from_editor, preview,
+                                   preview_steps, save_result)
 
 STEPS = 6
 
@@ -254,6 +255,23 @@ def test_warnings_of_the_call_reach_the_page(model, picture):
     assert result.images[0].size == (16, 16)
 
 
+def test_only_the_calls_own_warnings_reach_the_page(ddpm_model, monkeypatch):
+    """The warnings are recorded for the whole process while a call runs: a ResourceWarning of
+    another thread ("unclosed event loop", Gradio's loops collected meanwhile) reached the page."""
+    import warnings
+
+    call = ddpm_model.call
+
+    def noisy(*args, **kwargs):
+        warnings.warn("unclosed event loop", ResourceWarning)
+        warnings.warn("image of size 20x20 resized to 16x16")
+        return call(*args, **kwargs)
+
+    monkeypatch.setattr(ddpm_model, "call", noisy)
+    result = list(generate(ddpm_model, "txt2img", Settings("a red circle", steps=2)))[-1]
+    assert result.warnings == ["image of size 20x20 resized to 16x16"]
+
+
 def test_a_mask_empty_at_the_models_size_is_one_clear_line(model, tmp_path):
     """Issue 24: a 2 px stroke on a 64x64 upload leaves no white pixel at the model's 16 px; the
     page says so instead of returning the input unchanged."""
@@ -265,3 +283,133 @@ def test_a_mask_empty_at_the_models_size_is_one_clear_line(model, tmp_path):
         list(app.generate("inpaint", Settings("a red circle", steps=2, strength=0.99), stroke))
     wide = {"background": upload, "layers": [painted(upload.size, (8, 8, 40, 40))]}
     assert list(app.generate("inpaint", Settings("a red circle", steps=2, strength=0.99), wide))[-1][3]
+
+
+def page_function(demo, name: str, mode: str | None = None):
+    """One of the page's handlers as Gradio calls it (`mode`: the tab whose handler it is)."""
+    fns = [fn for fn in demo.fns.values() if fn.name == name
+           and (mode is None or any(getattr(b, "elem_id", None) == f"{mode}-prompt" for b in fn.inputs))]
+    assert fns, f"no handler {name} for {mode}"
+    return fns[0]
+
+
+def brush_stroke(size, radius: float, start, end) -> Image.Image:
+    """A stroke of the editor's brush from `start` to `end` (x, y): every pixel whose centre lies
+    within `radius` of the segment (the editor stamps discs along the pointer's path)."""
+    ys, xs = np.indices(size[::-1]) + 0.5
+    (x0, y0), (x1, y1) = start, end
+    along = np.clip(((xs - x0) * (x1 - x0) + (ys - y0) * (y1 - y0)) / ((x1 - x0) ** 2 + (y1 - y0) ** 2), 0, 1)
+    inside = np.hypot(xs - x0 - along * (x1 - x0), ys - y0 - along * (y1 - y0)) < radius
+    return Image.fromarray(np.where(inside[..., None], 255, 0).astype(np.uint8).repeat(4, axis=2), "RGBA")
+
+
+def test_the_default_brush_fits_the_uploaded_picture(ddpm_model, tmp_path):
+    """Issue 24.4a: one stroke of the default brush on a 64x64 upload left no white pixel at the
+    tiny model's 16 px: the fixed 2 px radius drew 4 px, one pixel at 16 px, which the shrinking
+    keeps or drops by rounding. The editor's brush is set on every upload (and when a result is sent
+    to inpainting) to a stroke two of the model's pixels wide."""
+    app = WebApp(ddpm_model, tmp_path)
+    demo = build_ui(app)
+    fit = next(fn for fn in demo.fns.values() if fn.name == "fit_brush")
+    upload = Shapes(64, seed=3).pil_and_caption(0)[0]
+    radius = fit.fn({"background": upload, "layers": [], "composite": None}).brush.default_size
+    assert radius == 4 == 64 // ddpm_model.pipe.image_size  # two of the model's pixels wide
+    for shift in range(4):  # across or along the diagonal, wherever it lands on the model's pixels (4x4 each)
+        for start, end in (((16, 30 + shift), (48, 30 + shift)), ((16 + shift, 16), (48 + shift, 48))):
+            stroke = {"background": upload, "layers": [brush_stroke(upload.size, radius, start, end)]}
+            assert list(app.generate("inpaint", Settings("a red circle", steps=2, strength=0.99), stroke))[-1][3]
+    big = upload.resize((512, 512))
+    assert fit.fn({"background": big, "layers": []}).brush.default_size == 32
+    result = tmp_path / "result.png"  # "Send to inpainting" with a result at the model's size
+    Shapes(16, seed=3).pil_and_caption(0)[0].save(result)
+    send = next(fn for fn in demo.fns.values() if isinstance(fn.outputs[0], gr.ImageEditor) and fn.name != "fit_brush")
+    editor, _ = send.fn([str(result)], 0)
+    assert editor.value["background"]["path"].endswith("result.png") and editor.brush.default_size == 2
+
+
+def test_a_failed_call_leaves_no_error_marks_on_the_outputs(ddpm_model, tmp_path):
+    """Issue 24.4b: after a mistake Gradio marked every output panel "Error" until the next run. Each
+    Generate, Enter and Load is followed, on failure only, by a no-op update of the same outputs
+    (the browser test watches the marks go)."""
+    demo = build_ui(WebApp(ddpm_model, tmp_path))
+    heavy = [fn for fn in demo.fns.values() if fn.name in ("run", "load")]
+    for fn in heavy:
+        after = [f for f in demo.fns.values() if f.trigger_after == fn._id]
+        assert len(after) == 1 and after[0].trigger_only_on_failure and not after[0].queue
+        assert [b._id for b in after[0].outputs] == [b._id for b in fn.outputs]
+        assert all(update == gr.skip() for update in after[0].fn())
+
+
+def test_the_step_slider_counts_denoising_steps(ddpm_model, tmp_path):
+    """Issue 24.4d: 50 steps are captured every 3rd (18 frames); the slider counted the frames
+    (0-17) while the text said "step 15 of 50". It now runs from 0 to 50 and stops on captured steps."""
+    frames = [Frame(step, 50, None) for step in preview_steps(50)]
+    assert [f.step for f in frames][:3] == [0, 3, 6] and frames[-1].step == 50 and len(frames) == 18
+    assert frame_at(frames, 15) == 5 and frames[frame_at(frames, 16)].step == 15  # the nearest
+    assert frames[frame_at(frames, 16, shown=15)].step == 18  # the arrow key up: the next captured step
+    assert frames[frame_at(frames, 17, shown=18)].step == 15  # ... down: the one before
+    assert frames[frame_at(frames, 49, shown=48)].step == 50 and frame_at(frames, 0, shown=3) == 0
+
+    app = WebApp(ddpm_model, tmp_path)
+    demo = build_ui(app)
+    run = page_function(demo, "run", "txt2img")
+    *_, last = run.fn("a red circle", "", 50, 3.0, 0, 1, "ddpm", 16, 16, None, None)
+    slider, shown = last[8], last[9]
+    assert (slider.minimum, slider.maximum, slider.value, slider.step, shown) == (0, 50, 50, 1, 50)
+    label, x_t, x0, value, shown = page_function(demo, "show").fn(16, last[6], 15)  # dragged up from 15
+    assert label.startswith("step 18 of 50") and value == shown == 18 and Path(x_t).is_file()
+
+
+def test_the_start_up_lines_name_the_apps_share_option(ddpm_model, tmp_path, capsys):
+    """Issue 24.4f: Gradio's start-up hint says "set `share=True` in `launch()`"; the app's option is --share."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    demo = build_ui(WebApp(ddpm_model, tmp_path))
+    try:
+        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
+    finally:
+        demo.close()
+    out = capsys.readouterr().out
+    assert f"Running on local URL:  http://127.0.0.1:{port}" in out
+    assert "run app.py with --share" in out and "share=True" not in out
+
+
+def test_a_picture_is_handed_to_gradio_once(ddpm_model, tmp_path, monkeypatch):
+    """Issue 24.4g: "Too little data for declared Content-Length" in the console. Gradio writes a
+    returned PIL picture into its cache each time, over the old copy (truncate, then write), and the
+    page returned the last live picture again with the result, while the browser was fetching it:
+    uvicorn then sends fewer bytes than it declared. The pictures are now files, written once."""
+    import asyncio
+    import os
+
+    from gradio import processing_utils
+    from gradio.state_holder import SessionState
+
+    save = processing_utils.save_pil_to_cache
+    rewritten = []
+
+    def saving(image, cache_dir, *args, **kwargs):
+        before = {os.path.join(root, f) for root, _, files in os.walk(cache_dir) for f in files}
+        path = save(image, cache_dir, *args, **kwargs)
+        if path in before:
+            rewritten.append(path)
+        return path
+
+    monkeypatch.setattr(processing_utils, "save_pil_to_cache", saving)
+    demo = build_ui(WebApp(ddpm_model, tmp_path))
+    run, state = page_function(demo, "run", "txt2img"), SessionState(demo)
+    outputs = list(run.fn("a red circle", "", 6, 3.0, 0, 1, "ddpm", 16, 16, None, None))
+    for output in outputs:  # what Gradio does with every yield before sending it to the page
+        asyncio.run(demo.postprocess_data(run, list(output), state))
+    assert outputs[-1][2] == outputs[-2][2]  # the last live x_t is the result's: the same file
+    assert rewritten == []
+
+    previews = PreviewFiles(tmp_path / "previews")
+    picture = Shapes(16, seed=1).pil_and_caption(0)[0]
+    path = previews(picture)
+    written = os.stat(path).st_mtime_ns
+    assert previews(picture.copy()) == path and os.stat(path).st_mtime_ns == written
+    assert previews(None) is None

@@ -19,6 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import hashlib
+import io
+import math
+import os
 import queue
 import random
 import shlex
@@ -45,6 +50,8 @@ MAX_IMAGES = 8
 MAX_SEED = 2**32 - 1
 PREVIEW_FRAMES = 20  # about this many pictures per call, live and on the step slider
 PREVIEW_PIXELS = 256  # small previews are enlarged (nearest neighbour) to about this width per image
+FILLER_WORDS = ("a", "an", "the")  # known to a Shapes model, but they do not say what to draw
+IGNORED_WORDS = "ignoring words the model was not trained on"  # the start of the tokenizer's own warning
 STRENGTH_GUIDE = ("how far the picture is noised: 0.2-0.4 changes style, 0.5-0.7 keeps the composition, "
                   "above 0.8 regenerates it")
 
@@ -144,6 +151,30 @@ class AppModel:
         """How many denoising steps the call runs: all N, or an edit's share of them."""
         return self.pipe.steps_run(settings.steps, settings.strength)
 
+    def check_words(self, settings: Settings) -> list[str]:
+        """A minidiff model knows only its captions' words and drops the others. A prompt with none
+        of them (articles aside: "a pink hexagon") is refused, naming the unknown words and the
+        known ones, instead of drawing what the empty prompt draws; unknown words in a prompt that
+        has known ones -> one warning each for the prompt and the negative prompt. SD3's tokenizers
+        read any text: nothing to check."""
+        tokenizer = getattr(getattr(self.pipe, "model", None), "tokenizer", None)
+        if not hasattr(tokenizer, "unknown_words"):
+            return []
+        known = ", ".join(w for w in tokenizer.vocab if not w.startswith("<"))  # not <pad>, <bos>, <eos>
+        messages = []
+        for what, text in (("prompt", settings.prompt), ("negative prompt", settings.negative_prompt or "")):
+            unknown = list(dict.fromkeys(tokenizer.unknown_words(text)))
+            if not unknown:
+                continue
+            named = ", ".join(f"'{w}'" for w in unknown)
+            useful = [w for w in tokenizer.split(text) if w not in unknown and w not in FILLER_WORDS]
+            if what == "prompt" and not useful:
+                words = "the word" if len(unknown) == 1 else "the words"
+                raise ValueError(f"this model does not know {words} {named}, so the prompt names nothing it can "
+                                 f"draw; it knows only: {known}")
+            messages.append(f"{what}: ignoring {named}, unknown to this model; it knows only: {known}")
+        return messages
+
     def call(self, mode: str, settings: Settings, image=None, mask=None, **watch):
         """The contract's call for `mode`, with the resolved settings and the same generator sample.py seeds."""
         common = dict(negative_prompt=settings.negative_prompt or None, num_inference_steps=settings.steps,
@@ -184,6 +215,7 @@ def generate(model: AppModel, mode: str, settings: Settings, image=None, mask=No
     steps, None in between: for a progress bar), then one Result. Closing the generator stops the
     call at its next step. Bad settings raise ValueError before anything runs."""
     settings = model.resolve(settings, mode)
+    said = model.check_words(settings)  # unknown words: the page's own message, not the tokenizer's
     if mode != "txt2img" and image is None:
         raise ValueError("upload a picture to start from first")
     if mask is not None:  # a thin stroke on a big upload can vanish when the mask shrinks to the model's size
@@ -209,7 +241,9 @@ def generate(model: AppModel, mode: str, settings: Settings, image=None, mask=No
             with warnings.catch_warnings(record=True) as caught:  # e.g. "image resized": for the page to show
                 warnings.simplefilter("always")
                 output = model.call(mode, settings, image, mask, callback=on_step, capture_steps=[0])
-            events.put(("done", output, [str(w.message) for w in caught]))
+            # the record is the whole process's (other threads' too): keep the calls' own kind of warning,
+            # not, say, a ResourceWarning from Gradio's event loops being collected meanwhile
+            events.put(("done", output, [str(w.message) for w in caught if issubclass(w.category, UserWarning)]))
         except BaseException as error:  # handed to the page's thread, raised there
             events.put(("error", error, None))
 
@@ -228,6 +262,7 @@ def generate(model: AppModel, mode: str, settings: Settings, image=None, mask=No
         stop.set()
         worker.join()
     trace = [_frame(r, total) for r in output.trace + recorder.trace]
+    caught = said + [m for m in caught if not (said and m.startswith(IGNORED_WORDS))]
     yield Result(images=output.images, frames=trace, settings=settings, warnings=caught)
 
 
@@ -248,6 +283,54 @@ def mask_from_editor(value) -> tuple[Image.Image, Image.Image]:
     if not painted.any():
         raise ValueError("no mask: paint over the part of the picture to replace (white is replaced)")
     return background, Image.fromarray(np.where(painted, 255, 0).astype(np.uint8), mode="L")
+
+
+def brush_radius(width: int, height: int, model_size: int) -> int:
+    """The brush's default radius in the picture's pixels: one stroke is two of the model's pixels
+    wide once the picture is shrunk to the model's size (a 64 px upload on a 16 px model: radius 4,
+    where a fixed 2 px brush left an empty mask), and at least 1/16 of the picture on a big model."""
+    side = min(width, height)
+    return max(2, math.ceil(side / min(model_size, 32)))
+
+
+def frame_at(frames: list[Frame], value, shown: int | None = None) -> int:
+    """The step slider counts denoising steps, but only some are captured (every 3rd of 50, say):
+    -> the index of the frame to show at `value`. A captured step is itself; moving up from the
+    step `shown`, the next captured one; moving down, the one before (so the arrow keys walk
+    through the captured steps); without a direction, the nearest."""
+    steps = [f.step for f in frames]
+    value = int(round(value))
+    if value in steps:
+        return steps.index(value)
+    if shown is not None and value > shown:
+        return next((i for i, s in enumerate(steps) if s > value), len(steps) - 1)
+    if shown is not None and value < shown:
+        return max((i for i, s in enumerate(steps) if s < value), default=0)
+    return min(range(len(steps)), key=lambda i: abs(steps[i] - value))
+
+
+class PreviewFiles:
+    """Pictures for the page as PNG files, each written once under its content's hash. Gradio serves
+    what a handler returns from its cache; a PIL picture is (re)written there every time it is
+    returned, so sending the same picture twice (the last live frame again with the result, a step
+    on the slider revisited) truncated and rewrote a file the browser was still reading:
+    uvicorn's "Too little data for declared Content-Length". A path is copied into the cache once."""
+
+    def __init__(self, folder=None):
+        self.folder = Path(folder or tempfile.mkdtemp(prefix="minidiff-previews-"))
+
+    def __call__(self, image: Image.Image | None) -> str | None:
+        if image is None:
+            return None
+        data = io.BytesIO()
+        image.save(data, format="png")
+        path = self.folder / f"{hashlib.sha256(data.getvalue()).hexdigest()[:32]}.png"
+        if not path.exists():  # written under another name, then renamed: never seen half-written
+            self.folder.mkdir(parents=True, exist_ok=True)
+            staging = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+            staging.write_bytes(data.getvalue())
+            os.replace(staging, path)
+        return str(path)
 
 
 # --- saving: PNG text chunks that reproduce the result ---------------------------------------------
@@ -330,6 +413,7 @@ class WebApp:
     def __init__(self, model: AppModel, out_dir=None, device=None):
         self.model, self.device = model, device
         self.out_dir = Path(out_dir or tempfile.mkdtemp(prefix="minidiff-app-"))
+        self.previews = PreviewFiles()  # x_t and pred_x0 as files: see PreviewFiles
 
     def _error(self, error: BaseException):
         import gradio as gr
@@ -353,8 +437,9 @@ class WebApp:
     def generate(self, mode: str, settings: Settings, picture=None, progress=None) -> Iterator[tuple]:
         """-> (text, live x_t, live pred_x0, result pictures or None, files or None, frames or None)
         once per frame (text: the step), then once at the end with the results, files and every
-        captured frame (text: the seed used and the sample.py command).
-        Warnings of the call (an input resized, say) are shown in the page with `gr.Warning`."""
+        captured frame (text: the seed used and the sample.py command). x_t and pred_x0 are PNG
+        files (`PreviewFiles`). Warnings of the call (an input resized, unknown words) are shown in
+        the page with `gr.Warning`."""
         import gradio as gr
 
         mask = None
@@ -372,7 +457,8 @@ class WebApp:
                     if progress is not None:
                         progress((event.step, event.total), desc="denoising")
                     if event.x_t is not None:
-                        yield (frame_label(event), event.x_t, event.pred_x0, None, None, None)
+                        yield (frame_label(event), self.previews(event.x_t), self.previews(event.pred_x0),
+                               None, None, None)
             result = event
             files = save_result(result, self.model, mode, self.out_dir, picture, mask)
         except USER_ERRORS as error:
@@ -381,8 +467,14 @@ class WebApp:
             gr.Warning(message)
         last = result.frames[-1]
         status = f"seed {result.settings.seed} · `{sample_command(self.model, mode, result.settings, 'sample.png')}`"
-        yield (status, last.x_t, last.pred_x0, [str(f) for f in files[:len(result.images)]], [str(f) for f in files],
-               result.frames)
+        yield (status, self.previews(last.x_t), self.previews(last.pred_x0),
+               [str(f) for f in files[:len(result.images)]], [str(f) for f in files], result.frames)
+
+    def show(self, value, frames: list[Frame], shown: int | None = None) -> tuple:
+        """The step slider moved to `value` (a step number) -> (the step's label, x_t and pred_x0 files,
+        the captured step shown, which the slider snaps to; see `frame_at`)."""
+        frame = frames[frame_at(frames, value, shown)]
+        return frame_label(frame), self.previews(frame.x_t), self.previews(frame.pred_x0), frame.step
 
 
 def frame_label(frame: Frame) -> str:
@@ -397,6 +489,27 @@ def random_seed() -> int:
 # Small pictures (minidiff's 32 px) are shown enlarged, their pixels kept sharp instead of blurred.
 PAGE_CSS = """.pixels img, .pixels canvas { image-rendering: pixelated; }
 #img2img-picture img { width: 100%; height: 100%; object-fit: contain; }"""
+PICTURE_HEIGHT = 320  # the picture to edit: with the prompt and Generate under it, in a 1280x720 window
+
+
+@functools.cache
+def page_class():
+    """gr.Blocks whose launch() names app.py's --share in its start-up lines, where Gradio's say
+    "set `share=True` in `launch()`", which the app's user has no way to do."""
+    import gradio as gr
+
+    class Page(gr.Blocks):
+        def launch(self, *args, quiet: bool = False, prevent_thread_lock: bool = False, **kwargs):
+            launched = super().launch(*args, quiet=True, prevent_thread_lock=True, **kwargs)
+            if not quiet:  # Gradio still prints a share link's own lines
+                print(f"* Running on local URL:  {self.local_url}")
+                if not self.share:
+                    print("* To create a public link, run app.py with --share.")
+            if not prevent_thread_lock:
+                self.block_thread()
+            return launched
+
+    return Page
 
 
 def build_ui(app: WebApp):
@@ -404,23 +517,34 @@ def build_ui(app: WebApp):
     Launch it with `css=PAGE_CSS`."""
     import gradio as gr
 
-    with gr.Blocks(title="minidiff", analytics_enabled=False) as demo:  # a local app: nothing sent elsewhere
-        gr.Markdown("# minidiff: watch a picture denoise")
-        with gr.Row():
-            model_box = gr.Textbox(app.model.name, label="Model", scale=4,
-                                   info="a folder written by train.py, or an SD3 Hugging Face id or folder")
-            backend_box = gr.Dropdown(["auto", "minidiff", "sd3"], value="auto", label="Backend", scale=1)
-            load_button = gr.Button("Load", scale=1)
-        status = gr.Markdown(app.describe(), elem_id="model-status")
+    with page_class()(title="minidiff", analytics_enabled=False) as demo:  # a local app: nothing sent elsewhere
+        with gr.Row(equal_height=True):  # one line above the tabs, so that Generate stays in sight
+            gr.Markdown("## minidiff: watch a picture denoise")
+            status = gr.Markdown(app.describe(), elem_id="model-status")
         with gr.Tabs() as tabs:
             panels = {mode: _panel(gr, app, mode, label) for mode, label in
                       (("txt2img", "Text to image"), ("img2img", "Image to image"), ("inpaint", "Inpainting"))}
+        # below the tabs, Load on the left: Gradio's messages pile up from the top right of the
+        # window, where they covered the Load button of a row at the top
+        with gr.Row():
+            load_button = gr.Button("Load", scale=0, min_width=160, elem_id="load")
+            model_box = gr.Textbox(app.model.name, label="Model", scale=4, elem_id="model-name",
+                                   info="a folder written by train.py, or an SD3 Hugging Face id or folder")
+            backend_box = gr.Dropdown(["auto", "minidiff", "sd3"], value="auto", label="Backend", scale=1)
+
+        def send(files, index, target):
+            path = _picked(files, index)
+            if target == "inpaint":  # a brush that fits the picture, as after an upload
+                with Image.open(path) as picture:
+                    path = gr.ImageEditor(value=path, brush=_brush(gr, brush_radius(*picture.size,
+                                                                                    app.model.pipe.image_size)))
+            return path, gr.Tabs(selected=target)
 
         for target in ("img2img", "inpaint"):  # "send to" buttons under every gallery
             for panel in panels.values():
-                panel["send"][target].click(
-                    lambda files, i, target=target: (_picked(files, i), gr.Tabs(selected=target)),
-                    [panel["gallery_files"], panel["picked"]], [panels[target]["picture"], tabs], queue=False)
+                panel["send"][target].click(lambda files, i, target=target: send(files, i, target),
+                                            [panel["gallery_files"], panel["picked"]],
+                                            [panels[target]["picture"], tabs], queue=False)
 
         def load(name, backend):
             text = app.load(name, backend)
@@ -437,9 +561,20 @@ def build_ui(app: WebApp):
 
         load_outputs = [status] + [c for p in panels.values()
                                    for c in (p["sampler"], p["height"], p["width"], p["steps"], p["guidance"])]
-        load_button.click(load, [model_box, backend_box], load_outputs, concurrency_limit=1, concurrency_id="model")
+        _after_failure(gr, load_button.click(load, [model_box, backend_box], load_outputs, concurrency_limit=1,
+                                             concurrency_id="model"), load_outputs)
     demo.queue(default_concurrency_limit=1)
     return demo
+
+
+def _after_failure(gr, event, outputs) -> None:
+    """After a failed call Gradio marks every output with a red "Error" until the next run; the
+    message itself is already shown (a toast), so a quick no-op update clears the marks."""
+    event.failure(lambda: [gr.skip()] * len(outputs), None, outputs, queue=False, show_progress="hidden")
+
+
+def _brush(gr, radius: int):
+    return gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=radius)
 
 
 def _picked(files, index):
@@ -453,23 +588,25 @@ def _picked(files, index):
 def _panel(gr, app: WebApp, mode: str, label: str) -> dict:
     """One tab: the settings on the left; results, the live pictures and the step slider on the right."""
     m = app.model
+    size = m.pipe.image_size
     c = {}
     with gr.Tab(label, id=mode, elem_id=f"tab-{mode}"):
         with gr.Row():
             with gr.Column(scale=1):
                 if mode == "img2img":
                     c["picture"] = gr.Image(type="pil", image_mode="RGB", label="Start from", format="png",
-                                            sources=["upload", "clipboard"], height=320, elem_id=f"{mode}-picture",
-                                            elem_classes=["pixels"])
+                                            sources=["upload", "clipboard"], height=PICTURE_HEIGHT,
+                                            elem_id=f"{mode}-picture", elem_classes=["pixels"])
                 elif mode == "inpaint":
                     c["picture"] = gr.ImageEditor(type="pil", image_mode="RGBA", format="png",
                                                   label="Paint the region to replace (white is replaced)",
                                                   sources=["upload", "clipboard"], layers=False, transforms=(),
-                                                  brush=gr.Brush(colors=["#ffffff"], color_mode="fixed",
-                                                                 default_size=max(2, m.pipe.image_size // 10)),
-                                                  elem_id=f"{mode}-picture", elem_classes=["pixels"])
-                c["prompt"] = gr.Textbox(label="Prompt", lines=2, elem_id=f"{mode}-prompt")
-                c["run"] = gr.Button("Generate", variant="primary", elem_id=f"{mode}-run")  # above the fold
+                                                  brush=_brush(gr, brush_radius(size, size, size)),
+                                                  height=PICTURE_HEIGHT, elem_id=f"{mode}-picture",
+                                                  elem_classes=["pixels"])
+                with gr.Row(equal_height=True):  # Generate beside the prompt: in sight without scrolling
+                    c["prompt"] = gr.Textbox(label="Prompt", lines=1, scale=3, elem_id=f"{mode}-prompt")
+                    c["run"] = gr.Button("Generate", variant="primary", scale=1, elem_id=f"{mode}-run")
                 c["negative"] = gr.Textbox(label="Negative prompt", elem_id=f"{mode}-negative")
                 if mode != "txt2img":
                     c["strength"] = gr.Slider(0, 1, value=0.7 if mode == "img2img" else 0.99, step=0.01,
@@ -487,8 +624,8 @@ def _panel(gr, app: WebApp, mode: str, label: str) -> dict:
                                            visible=len(m.pipe.samplers) > 1, elem_id=f"{mode}-sampler")
                 with gr.Row():
                     resizable = m.pipe.size_multiple is not None
-                    c["height"] = gr.Number(m.pipe.image_size, label="Height", precision=0, visible=resizable)
-                    c["width"] = gr.Number(m.pipe.image_size, label="Width", precision=0, visible=resizable)
+                    c["height"] = gr.Number(size, label="Height", precision=0, visible=resizable)
+                    c["width"] = gr.Number(size, label="Width", precision=0, visible=resizable)
             with gr.Column(scale=1):
                 c["gallery"] = gr.Gallery(label="Result (PNG with its settings)", columns=4, format="png",
                                           height=320, fit_columns=False, elem_id=f"{mode}-gallery",
@@ -497,7 +634,7 @@ def _panel(gr, app: WebApp, mode: str, label: str) -> dict:
                 with gr.Row():
                     c["x_t"] = gr.Image(label="x_t", format="png", interactive=False, elem_id=f"{mode}-x")
                     c["x0"] = gr.Image(label="predicted x_0", format="png", interactive=False, elem_id=f"{mode}-x0")
-                c["slider"] = gr.Slider(0, 1, value=0, step=1, label="Step back through the captured steps",
+                c["slider"] = gr.Slider(0, 1, value=0, step=1, label="Denoising step (drag back through them)",
                                         interactive=False, elem_id=f"{mode}-slider")
                 c["step"] = gr.Markdown(elem_id=f"{mode}-step")  # which step the pictures above show
                 c["files"] = gr.File(label="Download", file_count="multiple", elem_id=f"{mode}-files")
@@ -505,6 +642,7 @@ def _panel(gr, app: WebApp, mode: str, label: str) -> dict:
                     c["send"] = {target: gr.Button(f"Send to {name}", size="sm", elem_id=f"{mode}-send-{target}")
                                  for target, name in (("img2img", "image to image"), ("inpaint", "inpainting"))}
         c["frames"] = gr.State([])
+        c["shown"] = gr.State(None)  # the step the slider shows
         c["gallery_files"] = gr.State([])
         c["picked"] = gr.State(0)
         for name in ("strength", "picture"):  # text to image has neither
@@ -517,28 +655,39 @@ def _panel(gr, app: WebApp, mode: str, label: str) -> dict:
     selected.__annotations__ = {"event": gr.SelectData}  # how Gradio knows to pass the event (a real class,
     c["gallery"].select(selected, None, c["picked"], queue=False)  # not the string this module's annotations are)
 
+    if mode == "inpaint":
+        def fit_brush(value):
+            background = value.get("background") if isinstance(value, dict) else None
+            if background is None:
+                return gr.skip()
+            return gr.ImageEditor(brush=_brush(gr, brush_radius(*background.size, app.model.pipe.image_size)))
+
+        c["picture"].upload(fit_brush, c["picture"], c["picture"], queue=False, show_progress="hidden")
+
     def run(prompt, negative, steps, guidance, seed, num_images, sampler, height, width, strength, picture,
             progress=gr.Progress()):
         settings = Settings(prompt, negative or "", steps, guidance, seed, num_images, sampler, height, width, strength)
         for text, x_t, x0, pictures, files, frames in app.generate(mode, settings, picture, progress):
             if frames is None:
-                yield gr.skip(), text, x_t, x0, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                yield gr.skip(), text, x_t, x0, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             else:
+                total = frames[-1].total  # the slider counts denoising steps, not captured frames
                 yield (text, frame_label(frames[-1]), x_t, x0, pictures, files, frames, pictures,
-                       gr.Slider(0, len(frames) - 1, value=len(frames) - 1, step=1, interactive=len(frames) > 1))
+                       gr.Slider(0, total, value=total, step=1, interactive=len(frames) > 1), total)
 
     inputs = [c["prompt"], c["negative"], c["steps"], c["guidance"], c["seed"], c["num_images"], c["sampler"],
               c["height"], c["width"], c["strength"], c["picture"]]
     outputs = [c["status"], c["step"], c["x_t"], c["x0"], c["gallery"], c["files"], c["frames"], c["gallery_files"],
-               c["slider"]]
-    c["run"].click(run, inputs, outputs, concurrency_limit=1, concurrency_id="model")
-    c["prompt"].submit(run, inputs, outputs, concurrency_limit=1, concurrency_id="model")
+               c["slider"], c["shown"]]
+    for trigger in (c["run"].click, c["prompt"].submit):
+        _after_failure(gr, trigger(run, inputs, outputs, concurrency_limit=1, concurrency_id="model"), outputs)
 
-    def show(index, frames):
+    def show(value, frames, shown):
         if not frames:
-            return gr.skip(), gr.skip(), gr.skip()
-        frame = frames[int(index)]
-        return frame_label(frame), frame.x_t, frame.pred_x0
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        label, x_t, x0, step = app.show(value, frames, shown)
+        return label, x_t, x0, step, step
 
-    c["slider"].input(show, [c["slider"], c["frames"]], [c["step"], c["x_t"], c["x0"]], queue=False)
+    c["slider"].input(show, [c["slider"], c["frames"], c["shown"]], [c["step"], c["x_t"], c["x0"], c["slider"],
+                                                                     c["shown"]], queue=False)
     return c
