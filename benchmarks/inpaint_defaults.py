@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from minidiff import MiniDiffusionPipeline
-from minidiff.data import caption_for
+from minidiff.tools.shapes import caption_for
 from minidiff.tools.evaluate import analyse_object, object_coverage
 from minidiff.tools.figures import box_mask, shapes_example
 
@@ -66,7 +66,7 @@ def half_case(pipe, seeds: int, settings: dict) -> dict:
 def box_case(pipe, seeds: int, settings: dict) -> dict:
     import itertools
 
-    from minidiff.data import COLOURS, SHAPES
+    from minidiff.tools.shapes import COLOURS, SHAPES
 
     targets = [p for p in itertools.product(COLOURS, SHAPES) if p != ("red", "circle")]
     asked, rough, fill = [], [], []
