@@ -10,6 +10,7 @@ Policies (what the command's environment holds; torch reads it when it loads Ope
   spin        OMP_WAIT_POLICY=ACTIVE: OpenMP workers spin while they wait for each other
   default     GOMP_SPINCOUNT=300000: libgomp's own default (spin ~3 ms, then sleep), as the
               commands ran before minidiff set a policy
+  spin1000    GOMP_SPINCOUNT=1000: a short spin, then sleep
   passive     nothing set: the commands' own default now (OMP_WAIT_POLICY=PASSIVE, set by minidiff)
   one-thread  OMP_NUM_THREADS=1
 
@@ -32,8 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRATCH = ROOT / "runs" / "benchmarks" / "busy_core"
-POLICIES = {"spin": {"OMP_WAIT_POLICY": "ACTIVE"}, "default": {"GOMP_SPINCOUNT": "300000"}, "passive": {},
-            "one-thread": {"OMP_NUM_THREADS": "1"}}
+POLICIES = {"spin": {"OMP_WAIT_POLICY": "ACTIVE"}, "default": {"GOMP_SPINCOUNT": "300000"},
+            "spin1000": {"GOMP_SPINCOUNT": "1000"}, "passive": {}, "one-thread": {"OMP_NUM_THREADS": "1"}}
 # the competitor: spins until its deadline, whatever happens to its parent
 BUSY_LOOP = "import os, sys, time\nos.sched_setaffinity(0, {int(sys.argv[1])})\nend = time.monotonic() + float(sys.argv[2])\n" \
             "while time.monotonic() < end:\n    pass\n"
