@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
+UNKNOWN_WORDS_WARNING = "ignoring words the model was not trained on"  # then ": " and the words
 
 
 class Tokenizer:
@@ -46,7 +47,7 @@ class Tokenizer:
         """-> (ids (B, L) int64, mask (B, L) bool, True where a real token is)."""
         unknown = sorted({w for t in texts for w in self.unknown_words(t)})
         if unknown:
-            warnings.warn(f"ignoring words the model was not trained on: {', '.join(unknown)}", stacklevel=2)
+            warnings.warn(f"{UNKNOWN_WORDS_WARNING}: {', '.join(unknown)}", stacklevel=2)
         ids = torch.full((len(texts), self.max_length), self.index[PAD], dtype=torch.int64)
         for row, text in enumerate(texts):
             tokens = [BOS] + [w for w in self.split(text) if w in self.index][: self.max_length - 2] + [EOS]

@@ -23,7 +23,6 @@ import functools
 import hashlib
 import io
 import math
-import os
 import queue
 import random
 import shlex
@@ -40,6 +39,8 @@ from PIL import Image, PngImagePlugin
 
 from ..contract import StepRecorder
 from ..images import load_image, load_mask, open_image
+from ..text import UNKNOWN_WORDS_WARNING
+from .checkpoint import atomic_write
 from .cli import USER_ERRORS, open_pipeline, pick_backend
 from .pictures import make_grid
 
@@ -51,7 +52,6 @@ MAX_SEED = 2**32 - 1
 PREVIEW_FRAMES = 20  # about this many pictures per call, live and on the step slider
 PREVIEW_PIXELS = 256  # small previews are enlarged (nearest neighbour) to about this width per image
 FILLER_WORDS = ("a", "an", "the")  # known to a Shapes model, but they do not say what to draw
-IGNORED_WORDS = "ignoring words the model was not trained on"  # the start of the tokenizer's own warning
 STRENGTH_GUIDE = ("how far the picture is noised: 0.2-0.4 changes style, 0.5-0.7 keeps the composition, "
                   "above 0.8 regenerates it")
 
@@ -262,7 +262,7 @@ def generate(model: AppModel, mode: str, settings: Settings, image=None, mask=No
         stop.set()
         worker.join()
     trace = [_frame(r, total) for r in output.trace + recorder.trace]
-    caught = said + [m for m in caught if not (said and m.startswith(IGNORED_WORDS))]
+    caught = said + [m for m in caught if not (said and m.startswith(UNKNOWN_WORDS_WARNING))]
     yield Result(images=output.images, frames=trace, settings=settings, warnings=caught)
 
 
@@ -326,10 +326,7 @@ class PreviewFiles:
         image.save(data, format="png")
         path = self.folder / f"{hashlib.sha256(data.getvalue()).hexdigest()[:32]}.png"
         if not path.exists():  # written under another name, then renamed: never seen half-written
-            self.folder.mkdir(parents=True, exist_ok=True)
-            staging = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
-            staging.write_bytes(data.getvalue())
-            os.replace(staging, path)
+            atomic_write(path, lambda tmp: Path(tmp).write_bytes(data.getvalue()))
         return str(path)
 
 
