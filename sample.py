@@ -25,10 +25,10 @@ import re
 import sys
 from pathlib import Path
 
-import minidiff  # noqa: F401  first: it sets OpenMP's wait policy before torch loads (minidiff/__init__.py)
 import torch
 from tqdm import tqdm
 
+from minidiff.tools import cores
 from minidiff.tools.checkpoint import atomic_write
 from minidiff.contract import merge_outputs
 from minidiff.images import load_image
@@ -276,6 +276,7 @@ def main(argv=None) -> int:
                                   batch_size=args.batch_size or max(1, BATCH_PIXELS // pipe.image_size ** 2),
                                   **options)
             for batch in pipe.batches(call):
+                cores.adjust()  # fewer threads while other programs keep cores busy
                 result = pipe.generate(batch)
                 progress.finished(len(result.images))
                 if args.out_dir is not None:  # written now, not kept: memory does not grow with the count

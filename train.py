@@ -24,7 +24,6 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-import minidiff  # noqa: F401  first: it sets OpenMP's wait policy before torch loads (minidiff/__init__.py)
 import torch
 
 from minidiff.autoencoder import AutoencoderConfig

@@ -6,12 +6,15 @@ ratio busy/idle. The goal: busy at most 2x idle, and the fix no slower than befo
     python -m benchmarks.busy_core                          # all policies, 8 training steps
     python -m benchmarks.busy_core --steps 4 --policies spin passive
 
-Policies (what the command's environment holds; torch reads it when it loads OpenMP):
-  spin        OMP_WAIT_POLICY=ACTIVE: OpenMP workers spin while they wait for each other
-  default     GOMP_SPINCOUNT=300000: libgomp's own default (spin ~3 ms, then sleep), as the
-              commands ran before minidiff set a policy
-  spin1000    GOMP_SPINCOUNT=1000: a short spin, then sleep
-  passive     nothing set: the commands' own default now (OMP_WAIT_POLICY=PASSIVE, set by minidiff)
+Policies (what the command's environment holds; torch reads it when it loads OpenMP). All but
+`adaptive` fix the thread count with OMP_NUM_THREADS, which turns minidiff's own choice off:
+  adaptive    nothing set: the commands' default (minidiff.tools.cores: one thread fewer for every
+              core other programs keep busy)
+  fixed       OMP_NUM_THREADS = the cores: libgomp's default wait (spin ~3 ms, then sleep), as the
+              commands ran before issue 24
+  spin        the same with OMP_WAIT_POLICY=ACTIVE: OpenMP workers spin while they wait
+  spin1000    the same with GOMP_SPINCOUNT=1000: a short spin, then sleep
+  passive     the same with OMP_WAIT_POLICY=PASSIVE: no spinning at all
   one-thread  OMP_NUM_THREADS=1
 
 The competitor is a child process in a busy loop, pinned to core 0 (os.sched_setaffinity); it
@@ -33,8 +36,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRATCH = ROOT / "runs" / "benchmarks" / "busy_core"
-POLICIES = {"spin": {"OMP_WAIT_POLICY": "ACTIVE"}, "default": {"GOMP_SPINCOUNT": "300000"},
-            "spin1000": {"GOMP_SPINCOUNT": "1000"}, "passive": {}, "one-thread": {"OMP_NUM_THREADS": "1"}}
+CORES = str(len(os.sched_getaffinity(0)))
+POLICIES = {"adaptive": {}, "fixed": {"OMP_NUM_THREADS": CORES},
+            "spin": {"OMP_NUM_THREADS": CORES, "OMP_WAIT_POLICY": "ACTIVE"},
+            "spin1000": {"OMP_NUM_THREADS": CORES, "GOMP_SPINCOUNT": "1000"},
+            "passive": {"OMP_NUM_THREADS": CORES, "OMP_WAIT_POLICY": "PASSIVE"}, "one-thread": {"OMP_NUM_THREADS": "1"}}
 # the competitor: spins until its deadline, whatever happens to its parent
 BUSY_LOOP = "import os, sys, time\nos.sched_setaffinity(0, {int(sys.argv[1])})\nend = time.monotonic() + float(sys.argv[2])\n" \
             "while time.monotonic() < end:\n    pass\n"

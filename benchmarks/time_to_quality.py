@@ -7,7 +7,9 @@
     python -m benchmarks.time_to_quality --minutes 1 --eval-every 0.5 --samples-per-prompt 1   # a quick check
 
 The runs (`--runs`, plus `--variant NAME:key=value,...` for minidiff's defaults with some
-TrainConfig fields changed):
+TrainConfig fields changed, and `--diffusers-variant NAME:key=value,...` for diffusers' UNet with
+them changed, where `weight_decay=` and `lr_schedule=constant` give AdamW's decay and
+train_text_to_image.py's constant rate):
 - minidiff: `python train.py`'s CPU preset, as the Trainer trains it.
 - diffusers-unet: the same recipe with diffusers' UNet2DConditionModel in place of minidiff's
   (benchmarks.common; same text encoder and initial text weights, same Shapes data in the same
@@ -51,6 +53,7 @@ RECIPES = {  # run name -> (UNet, TrainConfig changes, TrainState options)
     "diffusers-recipe": ("diffusers", dict(objective="ddpm", beta_schedule="linear", lr=1e-4, warmup_steps=0,
                                            ema_decay=0.9999), dict(weight_decay=1e-2, lr_schedule="constant")),
 }
+DIFFUSERS_OPTIONS = {"weight_decay": float, "lr_schedule": str}  # TrainState options a --diffusers-variant may set
 
 
 class Run:
@@ -176,6 +179,9 @@ def main(argv=None) -> int:
                    help="recipes to train (default: minidiff diffusers-unet)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME:key=value,...",
                    help="also train minidiff's recipe with these TrainConfig fields changed (tuples as 1/2)")
+    p.add_argument("--diffusers-variant", action="append", default=[], metavar="NAME:key=value,...",
+                   help="also train diffusers' UNet with these TrainConfig fields changed, and weight_decay=, "
+                        "lr_schedule=constant|cosine; for a learning-rate sweep of the diffusers recipe, say")
     p.add_argument("--name", default="time_to_quality",
                    help="results/<name>.{md,json,png} and the BENCHMARKS.md section of that name")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="weights evaluated (default: ema)")
@@ -198,6 +204,9 @@ def main(argv=None) -> int:
     for text in args.variant:
         name, changes, _ = parse_variant(text)
         specs[name] = ("minidiff", changes, {})
+    for text in args.diffusers_variant:
+        name, changes, options = parse_variant(text, DIFFUSERS_OPTIONS)
+        specs[name] = ("diffusers", changes, options)
     runs = {}
     for name, (backbone, changes, options) in specs.items():
         run_config = dataclasses.replace(config, **changes)

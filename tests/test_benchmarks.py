@@ -247,3 +247,18 @@ def test_v_prediction_turns_a_perfect_v_into_the_true_noise_and_keeps_the_weight
     unet.return_v = True  # training: the network's own output, v
     assert torch.equal(unet(x_t, t, None, None), v)
     assert list(unet.state_dict()) == names  # the EMA and checkpoints see the same weights
+
+
+@pytest.mark.slow
+def test_time_to_quality_trains_a_diffusers_variant_with_its_recipe(run_benchmark):
+    """--diffusers-variant: diffusers' UNet with TrainConfig fields and the AdamW/constant-rate options changed."""
+    import json
+
+    folder = run_benchmark("time_to_quality", "--runs", "minidiff", "--diffusers-variant",
+                           "dd-lr3e-4:objective=ddpm,lr=3e-4,snr_gamma=5,weight_decay=0.01,lr_schedule=constant",
+                           "--name", "ttq-variant")
+    report = (folder / "scratch" / "ttq-variant.md").read_text()
+    assert "dd-lr3e-4: diffusers UNet" in report
+    for setting in ("objective=ddpm", "lr=0.0003", "snr_gamma=5.0", "weight_decay=0.01", "lr_schedule=constant"):
+        assert setting in report
+    assert "dd-lr3e-4" in json.loads((folder / "scratch" / "ttq-variant.json").read_text())

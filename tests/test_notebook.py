@@ -171,31 +171,6 @@ def test_setup_cell_finds_this_checkout_and_the_parameters_cell_reads_fast_from_
     assert fast_images < full_images and fast_width <= full_width and fast_steps < full_steps
 
 
-def test_setup_cell_imports_minidiff_before_torch_so_openmp_waits_without_spinning(tmp_path):
-    """minidiff sets OMP_WAIT_POLICY=PASSIVE at import; OpenMP reads it when torch loads it. The setup cell,
-    run in a fresh interpreter from docs/, has it set by the time torch is first imported."""
-    import json
-    import subprocess
-    import sys
-
-    probe = tmp_path / "probe.py"
-    probe.write_text(
-        "import builtins, json, os, sys\n"
-        "seen, real_import = {}, builtins.__import__\n"
-        "def spy(name, *args, **kwargs):\n"
-        "    if name.split('.')[0] == 'torch' and 'policy' not in seen:\n"
-        "        seen['policy'] = os.environ.get('OMP_WAIT_POLICY')\n"
-        "    return real_import(name, *args, **kwargs)\n"
-        "builtins.__import__ = spy\n"
-        f"exec(compile({json.dumps(code_cells(read_notebook())[0].source)}, 'setup cell', 'exec'))\n"
-        "print(json.dumps(seen))\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "PYTHONPATH")}
-    done = subprocess.run([sys.executable, str(probe)], cwd=NOTEBOOK.parent, env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"policy": "PASSIVE"}
-
-
 def model_cell_namespace(root, monkeypatch) -> dict:
     """What the model cells find from the cells above them, for a checkout at `root`: FAST off, a short
     training run (the parameters cell's FAST settings, 20 steps), matplotlib off screen, `display` silent."""

@@ -8,6 +8,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from . import cores
 from .checkpoint import CheckpointError
 from ..images import ImageInputError
 
@@ -59,7 +60,11 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
 def run(main, argv=None) -> int:
     """Call main(argv); a user error prints `error: ...` on stderr and returns 2, no traceback.
     Warnings print as one `warning: ...` line each, on their own line even while a progress bar
-    is open. Every script's `__main__` goes through here."""
+    is open. Every script's `__main__` goes through here. A command started from the shell (`argv`
+    None) shares the cores with other programs (`cores`); a caller passing `argv`, such as a test,
+    keeps its own thread count."""
+    if argv is None:
+        cores.start()
     warnings.formatwarning = one_line_warning
     warnings.showwarning = show_warning
     try:

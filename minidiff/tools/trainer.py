@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from . import cores
 from .checkpoint import (CheckpointError, atomic_write, load_autoencoder, read_json, read_safetensors, save_autoencoder,
                          save_model, write_json, write_safetensors)
 from ..autoencoder import Autoencoder, AutoencoderConfig, fit_latent_factors, train_autoencoder
@@ -145,6 +146,7 @@ def stop_requests():
 def train_run_autoencoder(config: TrainConfig, dataset) -> Autoencoder:
     """A latent run's autoencoder, trained on its data (the generator seeded with `config.seed`), its
     latent factors fitted on the first pictures."""
+    cores.adjust()  # the thread count for the autoencoder's training (a command only)
     autoencoder, _ = train_autoencoder(AutoencoderConfig(image_size=config.image_size), dataset,
                                        config.autoencoder_steps, AUTOENCODER_BATCH_SIZE, AUTOENCODER_LR,
                                        generator=torch.Generator().manual_seed(config.seed))
@@ -325,6 +327,7 @@ class Trainer(TrainState):
                     # the random state before this step: a stop below throws the step away, and the
                     # checkpoint must then hold the state that draws this step's numbers again
                     rng_at_step = self.generator.get_state()
+                    cores.adjust()  # fewer threads while other programs keep cores busy (commands only)
                     images, captions = load_batch(self.dataset, batch_indices(self.step, c.batch_size, self.rank,
                                                                               self.world_size))
                     stops = []
