@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from minidiff.tools.shapes import COLOURS, SHAPES, Shapes, render_batch
+from minidiff.tools import shapes
+from minidiff.tools.shapes import COLOURS, SHAPES, Shapes, coverage, render_batch
 
 
 class Drawn:
@@ -206,14 +207,22 @@ def test_each_shape_class_looks_the_same_in_both_renderers(single):
     assert triangle[3].sum() < triangle[-4].sum()
 
 
-def test_device_argument():
+def test_device_argument(monkeypatch):
     data = Shapes(16, seed=0)
     for device in ("cpu", torch.device("cpu")):
         images, captions = data.batch(range(3), device=device)
         assert images.device.type == "cpu" and images.dtype == torch.float32 and len(captions) == 3
         assert data.batch(range(3), device=device, renderer="pil")[0].device.type == "cpu"
-    images, _ = data.batch(range(3), device="meta")  # drawn where asked, not drawn on the CPU and moved
-    assert images.device.type == "meta" and images.shape == (3, 3, 16, 16)
+    # the pixels are computed on the device asked for, not on the CPU and moved there
+    drawn_on = []
+
+    def spy(params, image_size):
+        drawn_on.append(params.device.type)
+        return coverage(params, image_size)
+
+    monkeypatch.setattr(shapes, "coverage", spy)
+    images, _ = data.batch(range(3), device="meta")
+    assert images.device.type == "meta" and images.shape == (3, 3, 16, 16) and drawn_on == ["meta"]
     pil, _ = data.batch([5, 1], renderer="pil")
     assert torch.equal(pil, torch.stack([data[5][0], data[1][0]]))  # exactly what Shapes[i] gives
     with pytest.raises(ValueError, match="renderer"):
