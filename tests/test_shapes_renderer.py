@@ -247,3 +247,20 @@ def test_render_batch_takes_any_mix_of_one_and_two_object_scenes():
     with pytest.raises(ValueError, match="at least one object"):
         render_batch([[]], 32)
 
+
+def test_benchmark_writes_to_scratch_unless_published(tmp_path, monkeypatch):
+    from benchmarks import common, renderer
+
+    for name, path in (("RESULTS", "results"), ("SCRATCH", "scratch"), ("BENCHMARKS_MD", "BENCHMARKS.md")):
+        monkeypatch.setattr(common, name, tmp_path / path)
+    (tmp_path / "BENCHMARKS.md").write_text("# Benchmarks\n")
+    threads = torch.get_num_threads()
+    try:
+        argv = ["--sizes", "16", "--batch-sizes", "4", "--repeats", "1", "--min-images", "4", "--threads", "1"]
+        assert renderer.main(argv) == 0
+        assert (tmp_path / "scratch" / "renderer.md").exists() and not (tmp_path / "results").exists()
+        assert renderer.main([*argv, "--publish"]) == 0
+        text = (tmp_path / "BENCHMARKS.md").read_text()
+        assert "<!-- begin renderer -->\n### " in text and "| 16 | 4 |" in text
+    finally:
+        torch.set_num_threads(threads)
