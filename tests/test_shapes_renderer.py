@@ -244,6 +244,7 @@ def test_render_batch_takes_any_mix_of_one_and_two_object_scenes():
     together = render_batch(scenes, 32)
     apart = torch.cat([render_batch([s], 32) for s in scenes])
     torch.testing.assert_close(together, apart)
+    assert render_batch([], 32).shape == (0, 3, 32, 32)
     with pytest.raises(ValueError, match="at least one object"):
         render_batch([[]], 32)
 

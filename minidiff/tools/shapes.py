@@ -168,6 +168,8 @@ def render_batch(scenes: list[list[dict]], image_size: int, device=None) -> Tens
     arithmetic is on (objects, H) rows and columns, and only four passes go over (objects, H, W)."""
     if not all(scenes):
         raise ValueError("every scene needs at least one object")
+    if not scenes:
+        return torch.full((0, 3, image_size, image_size), -1.0, device=device)
     # the first object of every scene, in scene order, then the others with the index of their scene
     drawn = [objects[0] for objects in scenes] + [obj for objects in scenes for obj in objects[1:]]
     owners = [b for b, objects in enumerate(scenes) for _ in objects[1:]]
