@@ -31,7 +31,8 @@ from torch import nn
 from minidiff.tools.shapes import Shapes
 from minidiff.model import TextToImageModel
 from minidiff import training
-from minidiff.training import PRESETS, TrainConfig, make_optimizer
+from minidiff.tools.trainer import PRESETS
+from minidiff.training import TrainConfig, make_optimizer
 from minidiff.unet import UNetConfig, pool_text
 
 ROOT = Path(__file__).resolve().parent.parent

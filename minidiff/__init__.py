@@ -8,8 +8,8 @@ import os as _os
 # 2x: wait passively instead. Set before torch loads OpenMP; a user's own setting wins.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .contract import ImageOutput, TextToImagePipeline
-from .pipeline import MiniDiffusionPipeline
+from .tools.contract import ImageOutput, TextToImagePipeline
+from .tools.pipeline import MiniDiffusionPipeline
 from .training import TrainConfig, train
 
 __all__ = ["ImageOutput", "MiniDiffusionPipeline", "TextToImagePipeline", "TrainConfig", "train"]

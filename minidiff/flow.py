@@ -171,10 +171,6 @@ class RectifiedFlow(Objective):
         in SD3's direction of time: their target is data - noise)."""
         return noise - original_samples
 
-    def predict_x0(self, x_t, velocity, timestep):
-        """x_0 = x_sigma - sigma v (not Ho's eq. 15, which is for a noise prediction)."""
-        return predict_x0_from_velocity(x_t, velocity, timestep / self.num_train_timesteps)
-
     @staticmethod
     def steps_run(num_inference_steps: int, strength: float) -> int:
         """img2img's share of an N-step run, as diffusers' SD3 pipelines (`get_timesteps`):

@@ -228,8 +228,8 @@ class DDIMScheduler(NoiseSchedule):
 class Objective:
     """What a model is trained to predict, and everything that follows from it: how training
     draws t (`sample_training_timesteps`), noises x_0 (`add_noise`) and what the network must
-    output (`training_target`); x_0 from that output (`predict_x0`); the samplers that can run
-    the model (`samplers`, its default first); how many steps img2img runs (`steps_run`).
+    output (`training_target`); the samplers that can run the model (`samplers`, its default
+    first, each computing x_0 from that output); how many steps img2img runs (`steps_run`).
     `DDPM` below and `flow.RectifiedFlow` are the two; the rest of minidiff asks them."""
 
     name: str
@@ -257,10 +257,6 @@ class DDPM(NoiseSchedule, Objective):
     name, description = "ddpm", "a DDPM (noise-predicting)"
     samplers = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}  # ancestral sampling first: the default
     timestep_dtype = torch.int64
-
-    def predict_x0(self, x_t, noise, timestep):
-        """x_0 from the predicted noise, Ho et al. 2020 eq. 15."""
-        return predict_x0_from_noise(x_t, noise, self._alpha_bar(int(timestep)))
 
     @staticmethod
     def steps_run(num_inference_steps: int, strength: float) -> int:

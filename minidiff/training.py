@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +47,8 @@ from .unet import UNetConfig
 
 @dataclass
 class TrainConfig:
-    """A training run. The defaults are the CPU preset (`python train.py`); `PRESETS["gpu"]` lists
-    what the GPU run changes."""
+    """A training run. The defaults are the CPU preset (`python train.py`); `tools.trainer.PRESETS`
+    lists what the GPU run changes."""
 
     # the model
     image_size: int = 16
@@ -121,21 +121,6 @@ class TrainConfig:
         return FlowMatchConfig(shift=self.shift) if self.objective == "flow" else SchedulerConfig(
             beta_schedule=self.beta_schedule)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown training settings {', '.join(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-
-PRESETS = {  # train.py --preset: what each run changes of TrainConfig's defaults (BENCHMARKS.md measures them)
-    "cpu": {},
-    "gpu": dict(image_size=32, base_channels=64, steps=4000, batch_size=128, lr=1e-3, two_object_fraction=0.3),
-}
 
 
 def build_model(config: TrainConfig, captions, autoencoder: Autoencoder | None = None) -> TextToImageModel:

@@ -9,7 +9,7 @@ import torch
 
 from benchmarks.common import (BaselineModel, DiffusersUNet, TrainState, alternating_times, build_model,
                                count_parameters, preset_config, replace_section)
-from minidiff.pipeline import MiniDiffusionPipeline
+from minidiff import MiniDiffusionPipeline
 from minidiff.training import diffusion_loss
 from minidiff.unet import UNet, UNetConfig
 
@@ -155,7 +155,7 @@ def run_benchmark(tmp_path, monkeypatch, tiny_model_dir):
     import importlib
 
     from benchmarks import common
-    from minidiff.pipeline import MiniDiffusionPipeline
+    from minidiff import MiniDiffusionPipeline
 
     for name, path in (("RESULTS", "results"), ("SCRATCH", "scratch"), ("BENCHMARKS_MD", "BENCHMARKS.md")):
         monkeypatch.setattr(common, name, tmp_path / path)

@@ -13,10 +13,11 @@ from PIL import Image
 
 from minidiff.tools.shapes import Shapes
 from minidiff.tools.cli import run
-from minidiff.contract import StepRecorder
+from minidiff.tools.contract import StepRecorder
 from minidiff.model import objective_for
 from minidiff.tools.figures import FIGURES, half_mask, noising_strip, trace_strip, two_object_picture
-from minidiff.images import noise_to_pil, pil_to_tensor, tensor_to_pil
+from minidiff.images import pil_to_tensor, tensor_to_pil
+from minidiff.tools.pictures import noise_to_pil
 from minidiff.scheduler import SchedulerConfig
 
 ROOT = Path(__file__).resolve().parents[1]

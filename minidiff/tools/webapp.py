@@ -37,12 +37,11 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from ..contract import StepRecorder
-from ..images import load_image, load_mask, open_image
 from ..text import UNKNOWN_WORDS_WARNING
 from .checkpoint import atomic_write
 from .cli import USER_ERRORS, open_pipeline, pick_backend
-from .pictures import make_grid
+from .contract import StepRecorder
+from .pictures import load_image, load_mask, make_grid, open_image
 
 MODES = ("txt2img", "img2img", "inpaint")
 BACKEND_NAMES = {"minidiff": "minidiff", "sd3": "Stable Diffusion 3 (diffusers)"}
