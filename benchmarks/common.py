@@ -149,7 +149,8 @@ class TrainState(training.TrainState):
                  **optimizer_options):
         device = torch.device(device)
         optimizer = (torch.optim.Adam(model.parameters(), lr=config.lr, **optimizer_options) if optimizer_options
-                     else make_optimizer(model, config.lr, device, weight_decay))
+                     else make_optimizer(model, config.lr, device, torch.optim.AdamW, weight_decay=weight_decay)
+                     if weight_decay > 0 else make_optimizer(model, config.lr, device))
         super().__init__(dataclasses.replace(config, device=str(device)), model=model, optimizer=optimizer)
         self.autocast_dtype, self.lr_schedule = autocast_dtype, lr_schedule
 

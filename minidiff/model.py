@@ -27,12 +27,6 @@ OBJECTIVES = {"ddpm": (SchedulerConfig, DDPM), "flow": (FlowMatchConfig, Rectifi
 BACKBONES = {"unet": (UNetConfig, UNet), "transformer": (MMDiTConfig, MMDiT)}
 
 
-def objective_for(scheduler_config):
-    """The objective (DDPM or RectifiedFlow) a schedule's config belongs to."""
-    return next(objective(scheduler_config) for config, objective in OBJECTIVES.values()
-                if isinstance(scheduler_config, config))
-
-
 @dataclass
 class ModelConfig:
     """Everything needed to rebuild the model."""
@@ -75,7 +69,7 @@ class TextToImageModel(nn.Module):
         self.tokenizer = Tokenizer(config.vocab, config.text_encoder.max_length)
         self.text_encoder = TextEncoder(config.text_encoder)
         setattr(self, config.backbone_name, BACKBONES[config.backbone_name][1](config.backbone))
-        self.objective = objective_for(config.scheduler)
+        self.objective = OBJECTIVES[config.objective][1](config.scheduler)  # DDPM or RectifiedFlow
 
     @property
     def denoiser(self) -> nn.Module:

@@ -1,4 +1,5 @@
-"""The pipeline: prompts -> pictures through one sampling loop, on tensors.
+"""The pipeline: prompts -> pictures through one sampling loop, on tensors. (`minidiff.MiniDiffusionPipeline`,
+minidiff/tools/pipeline.py, puts it behind the calls `sample`, `img2img` and `inpaint`, PIL in and out.)
 
     pipe = Pipeline(model)
     pixels = pipe.generate_pixels("a red circle", num_inference_steps=50,
@@ -14,10 +15,7 @@ the same, so the loop never asks which one it has.
 
 Classifier-free guidance is out = out_uncond + w (out_cond - out_uncond), w = `guidance_scale`, the
 negative prompt standing in for the unconditional one (Ho & Salimans' eq. 6 with their w = our w - 1, as
-in Imagen and diffusers). An edit of strength s runs the last `steps_run(N, s)` of N steps.
-
-`minidiff.MiniDiffusionPipeline` (minidiff/tools/pipeline.py) is this pipeline behind the calls
-`sample`, `img2img` and `inpaint`: PIL images in and out, every keyword checked, batches, traces.
+in Imagen and diffusers). An edit of strength s runs the last `steps_run(N, s)` of N steps (the objective's).
 """
 
 from __future__ import annotations
@@ -46,9 +44,6 @@ class Pipeline:
     def __init__(self, model: TextToImageModel, device=None):
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
-        self.config = model.config
-        self.image_size = model.config.image_size
-        self.samplers = tuple(model.objective.samplers)  # DDPM models: ddpm, ddim; flow models: euler
 
     def steps_run(self, num_inference_steps: int, strength: float | None = None) -> int:
         """The steps a call runs: all of them, or an edit's share (the objective's rule)."""

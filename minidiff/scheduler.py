@@ -95,15 +95,12 @@ class NoiseSchedule:
 
     def __init__(self, config: SchedulerConfig | None = None, **kwargs):
         self.config = config if config is not None else SchedulerConfig(**kwargs)
+        self.num_train_timesteps = self.config.num_train_timesteps  # T
         self.betas = make_betas(self.config)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # alpha-bar_t, Ho eq. 4
         self.num_inference_steps: int | None = None
         self.timesteps = torch.arange(self.config.num_train_timesteps - 1, -1, -1)
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return self.config.num_train_timesteps
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Sample q(x_t | x_0) = N(sqrt(alpha-bar_t) x_0, (1 - alpha-bar_t) I)   (Ho et al. 2020 eq. 4):

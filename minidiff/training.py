@@ -157,11 +157,6 @@ class EMA:
         decay = self.decay_at(step, self.max_decay)
         torch._foreach_lerp_(list(self.shadow.values()), [s.float() for s in self._sources], 1 - decay)
 
-    def averaged_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        """A copy of `model` with the averaged weights (what training saves), in eval mode."""
-        averaged = copy.deepcopy(model)
-        averaged.load_state_dict(self.shadow)
-        return averaged.eval()
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -172,12 +167,10 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, device: torch.device, weight_decay: float = 0.0):
-    """Adam (AdamW when `weight_decay` > 0), fused into one kernel on CPU and CUDA."""
+def make_optimizer(model: torch.nn.Module, lr: float, device: torch.device, optimizer=torch.optim.Adam, **options):
+    """Adam (or `optimizer`, with its `options`), fused into one kernel on CPU and CUDA."""
     fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
-    if weight_decay > 0:
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, **fused)
-    return torch.optim.Adam(model.parameters(), lr=lr, **fused)
+    return optimizer(model.parameters(), lr=lr, **options, **fused)
 
 
 def batch_indices(step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> range:
@@ -288,7 +281,10 @@ class TrainState:
         return self.model.to_latents(images.to(self.device), generator).to(images.device)
 
     def ema_model(self) -> TextToImageModel:
-        return self.ema.averaged_model(self.model)
+        """A copy of the model with the EMA's averaged weights (what training saves), in eval mode."""
+        averaged = copy.deepcopy(self.model)
+        averaged.load_state_dict(self.ema.shadow)
+        return averaged.eval()
 
 
 def train(config: TrainConfig, dataset, autoencoder: Autoencoder | None = None):

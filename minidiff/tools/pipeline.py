@@ -34,6 +34,11 @@ class MiniDiffusionPipeline(Pipeline, TextToImagePipeline):
     default_num_inference_steps, default_guidance_scale = 50, 3.0
     size_multiple = None  # a minidiff model renders at its trained size only
 
+    def __init__(self, model, device=None):
+        super().__init__(model, device)
+        self.config, self.image_size = model.config, model.config.image_size
+        self.samplers = tuple(model.objective.samplers)  # DDPM models: ddpm, ddim; flow models: euler
+
     @classmethod
     def from_pretrained(cls, path, device=None) -> "MiniDiffusionPipeline":
         """The model folder `train.py` or `save_pretrained` wrote (config.json + model.safetensors),
