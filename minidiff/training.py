@@ -122,7 +122,6 @@ class TrainConfig:
             beta_schedule=self.beta_schedule)
 
 
-
 def build_model(config: TrainConfig, captions, autoencoder: Autoencoder | None = None) -> TextToImageModel:
     """The model a run starts from: weights drawn from `config.seed`, vocabulary from `captions`;
     a latent model on its trained, frozen `autoencoder`."""
@@ -156,7 +155,6 @@ class EMA:
             self._sources = [state[k].detach() for k in self.shadow]
         decay = self.decay_at(step, self.max_decay)
         torch._foreach_lerp_(list(self.shadow.values()), [s.float() for s in self._sources], 1 - decay)
-
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:

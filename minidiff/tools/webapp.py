@@ -5,7 +5,7 @@
         ...                                                     # Frame every few steps, then one Result
     build_ui(WebApp(model)).launch(css=PAGE_CSS)                # the Gradio page over the same calls
 
-Everything here goes through the calls of `minidiff.contract` (`sample`, `img2img`, `inpaint`)
+Everything here goes through the calls of `minidiff.tools.contract` (`sample`, `img2img`, `inpaint`)
 on either backend. Watching the denoising is their `callback` (every few steps, decoded with a
 `StepRecorder`) and `capture_steps=[0]` (the starting point), not a second sampling loop. The
 call runs in a worker thread so that the page can be sent each frame while it runs.
