@@ -30,12 +30,11 @@ from tqdm import tqdm
 
 from minidiff.tools import cores
 from minidiff.tools.checkpoint import atomic_write
-from minidiff.contract import merge_outputs
-from minidiff.images import load_image
 from minidiff.tools.cli import (DEFAULT_MODEL, ArgumentParser, UsageError, open_pipeline, pick_backend,
                                 pipeline_class, run, writable_folder)
+from minidiff.tools.contract import merge_outputs
 from minidiff.tools.figures import noising_strip, trace_strip
-from minidiff.tools.pictures import enlarge, grid_columns, make_grid, scale_for
+from minidiff.tools.pictures import enlarge, grid_columns, load_image, make_grid, scale_for
 
 SD3_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_GRID_IMAGES = 1024  # a 32 x 32 grid of 96 px tiles: about 3,000 px a side

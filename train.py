@@ -31,8 +31,8 @@ from minidiff.runtime import pick_device
 from minidiff.tools.checkpoint import load_autoencoder
 from minidiff.tools.cli import ArgumentParser, UsageError, run, writable_folder
 from minidiff.tools.datasets import DATA_NAMES, METADATA_NAME, ImageFolder, load_dataset
-from minidiff.tools.trainer import Trainer, config_for_resume, latest_checkpoint, prepare_autoencoder
-from minidiff.training import PRESETS, TrainConfig
+from minidiff.tools.trainer import PRESETS, Trainer, config_for_resume, latest_checkpoint, prepare_autoencoder
+from minidiff.training import TrainConfig
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -31,7 +31,8 @@ from torch import nn
 from minidiff.tools.shapes import Shapes
 from minidiff.model import TextToImageModel
 from minidiff import training
-from minidiff.training import PRESETS, TrainConfig, make_optimizer
+from minidiff.tools.trainer import PRESETS
+from minidiff.training import TrainConfig, make_optimizer
 from minidiff.unet import UNetConfig, pool_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -148,7 +149,8 @@ class TrainState(training.TrainState):
                  **optimizer_options):
         device = torch.device(device)
         optimizer = (torch.optim.Adam(model.parameters(), lr=config.lr, **optimizer_options) if optimizer_options
-                     else make_optimizer(model, config.lr, device, weight_decay))
+                     else make_optimizer(model, config.lr, device, torch.optim.AdamW, weight_decay=weight_decay)
+                     if weight_decay > 0 else make_optimizer(model, config.lr, device))
         super().__init__(dataclasses.replace(config, device=str(device)), model=model, optimizer=optimizer)
         self.autocast_dtype, self.lr_schedule = autocast_dtype, lr_schedule
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 import minidiff.training as training
 from minidiff.tools.evaluate import evaluate
-from minidiff.pipeline import MiniDiffusionPipeline
+from minidiff import MiniDiffusionPipeline
 from minidiff.runtime import autocast
 from minidiff.scheduler import expand_to
 from minidiff.tools.trainer import Trainer

@@ -27,7 +27,7 @@ import time
 
 from minidiff.tools.checkpoint import CheckpointError
 from minidiff.tools.evaluate import evaluate, evaluation_prompts
-from minidiff.pipeline import MiniDiffusionPipeline
+from minidiff import MiniDiffusionPipeline
 
 from .common import Report, add_publish_flag, markdown_table, pyplot, results_folder, set_threads
 

@@ -39,7 +39,7 @@ import time
 
 
 from minidiff.tools.evaluate import evaluate
-from minidiff.pipeline import MiniDiffusionPipeline
+from minidiff import MiniDiffusionPipeline
 from minidiff.tools.trainer import train_run_autoencoder
 from minidiff.training import batch_indices, load_batch
 

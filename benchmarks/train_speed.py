@@ -3,7 +3,7 @@
     python -m benchmarks.train_speed --publish            # both presets, writes BENCHMARKS.md section 1
     python -m benchmarks.train_speed --presets cpu --repeats 3   # a quick check, into runs/benchmarks/
 
-What is measured, for each preset of minidiff.training.PRESETS (its image size, batch size
+What is measured, for each preset of minidiff.tools.trainer.PRESETS (its image size, batch size
 and UNet width, on this machine's device):
 
 - training step: L_simple forward + backward + gradient clipping + AdamW + EMA update,
@@ -35,7 +35,7 @@ import sys
 
 import torch
 
-from minidiff.pipeline import MiniDiffusionPipeline
+from minidiff import MiniDiffusionPipeline
 from minidiff.training import batch_indices, load_batch
 
 from .common import (BACKBONES, Report, TrainState, add_publish_flag, alternating_times, build_model,

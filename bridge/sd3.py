@@ -6,7 +6,7 @@
     out.images[0].save("red-circle.png")
 
 Everything after the first line is the same as with `MiniDiffusionPipeline`: the bridge answers
-the calls of `minidiff.contract.TextToImagePipeline` by handing them to diffusers'
+the calls of `minidiff.tools.contract.TextToImagePipeline` by handing them to diffusers'
 `StableDiffusion3Pipeline` (loaded once) and its img2img / inpaint siblings, built from the same
 component objects (no second copy of the weights, no cast: a quantised transformer, a float32
 VAE or T5's float32 `wo` layers stay as they were loaded).
@@ -50,11 +50,10 @@ from huggingface_hub.errors import (
 )
 from PIL import Image
 
-from minidiff.contract import Call, ImageOutput, StepRecorder, TextToImagePipeline
 from minidiff.flow import RectifiedFlow, predict_x0_from_velocity
-from minidiff.images import load_image, load_mask
 from minidiff.runtime import pick_device, precision_for
-from minidiff.tools.pictures import paste_kept
+from minidiff.tools.contract import Call, ImageOutput, StepRecorder, TextToImagePipeline
+from minidiff.tools.pictures import load_image, load_mask, paste_kept
 
 # Steps and guidance from the model cards' examples (diffusers' own defaults, 50 / 7.0, are
 # SD3-era). Recognised by the model's own name (`model_name`); the first match wins, so

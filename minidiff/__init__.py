@@ -2,8 +2,8 @@
 Read the files in the README's order; the machinery around them is `minidiff.tools`, and the Stable
 Diffusion 3.5 bridge is the `bridge` package."""
 
-from .contract import ImageOutput, TextToImagePipeline
-from .pipeline import MiniDiffusionPipeline
+from .tools.contract import ImageOutput, TextToImagePipeline
+from .tools.pipeline import MiniDiffusionPipeline
 from .training import TrainConfig, train
 
 __all__ = ["ImageOutput", "MiniDiffusionPipeline", "TextToImagePipeline", "TrainConfig", "train"]

@@ -197,8 +197,8 @@ def train_autoencoder(config: AutoencoderConfig, dataset, steps: int, batch_size
 
 
 def save_autoencoder(folder, autoencoder: Autoencoder) -> None:
-    """Write `folder`/model.safetensors and config.json (with "format": "minidiff-autoencoder"), as
-    TextToImageModel.save_pretrained does. (`minidiff.tools.checkpoint.save_autoencoder` writes atomically.)"""
+    """Write `folder`/model.safetensors and config.json (with "format": "minidiff-autoencoder"), as a
+    model folder holds them. (`minidiff.tools.checkpoint.save_autoencoder` writes atomically.)"""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in autoencoder.state_dict().items()}, folder / WEIGHTS_NAME)

@@ -64,7 +64,7 @@ class FlowMatchEulerScheduler:
 
     def __init__(self, config: FlowMatchConfig | None = None, **kwargs):
         self.config = config if config is not None else FlowMatchConfig(**kwargs)
-        T = self.config.num_train_timesteps
+        T = self.num_train_timesteps = self.config.num_train_timesteps
         # the training grid, as diffusers builds it: sigma = T/T, ..., 1/T, shifted; its ends bound inference's
         train_sigmas = shift_sigmas(torch.from_numpy(np.linspace(1, T, T, dtype=np.float32)[::-1].copy()) / T,
                                     self.config.shift)
@@ -72,10 +72,6 @@ class FlowMatchEulerScheduler:
         self.num_inference_steps: int | None = None
         self.sigmas = torch.cat([train_sigmas, torch.zeros(1)])
         self.timesteps = train_sigmas * T
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return self.config.num_train_timesteps
 
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
         """n sigmas evenly spaced from sigma_max to sigma_min (in float64, then shifted, as
@@ -139,10 +135,7 @@ class RectifiedFlow(Objective):
 
     def __init__(self, config: FlowMatchConfig | None = None, **kwargs):
         self.config = config if config is not None else FlowMatchConfig(**kwargs)
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return self.config.num_train_timesteps
+        self.num_train_timesteps = self.config.num_train_timesteps  # T
 
     def sample_training_timesteps(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """sigma for each of n training samples, returned as t = sigma * T (float), as diffusers' SD3
@@ -170,10 +163,6 @@ class RectifiedFlow(Objective):
         """The velocity v = d x_sigma / d sigma = eps - x_0 (conditional flow matching, Lipman et al. 2023,
         in SD3's direction of time: their target is data - noise)."""
         return noise - original_samples
-
-    def predict_x0(self, x_t, velocity, timestep):
-        """x_0 = x_sigma - sigma v (not Ho's eq. 15, which is for a noise prediction)."""
-        return predict_x0_from_velocity(x_t, velocity, timestep / self.num_train_timesteps)
 
     @staticmethod
     def steps_run(num_inference_steps: int, strength: float) -> int:

@@ -1,42 +1,30 @@
 """The whole trainable model, assembled the way a diffusers pipeline assembles SD3.5's parts:
 a tokenizer and text encoder (SD3.5: CLIP-L, CLIP-G and T5), a denoising network (SD3.5: an
 MMDiT; here a UNet by default, or the same MMDiT in miniature), and the objective it was trained
-with (SD3.5: rectified flow), under one config that is saved as config.json beside model.safetensors.
-A latent model also holds the autoencoder whose latents it denoises (SD3.5: its VAE), saved beside
-it in autoencoder/."""
+with (SD3.5: rectified flow), under one config. A latent model also holds the autoencoder whose
+latents it denoises (SD3.5: its VAE). (Saving and loading a model folder, config.json beside
+model.safetensors: `minidiff.tools.checkpoint`.)"""
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .autoencoder import Autoencoder, LatentSpace, from_latents, load_autoencoder, save_autoencoder, to_latents
+from .autoencoder import Autoencoder, LatentSpace, from_latents, to_latents
 from .flow import FlowMatchConfig, RectifiedFlow
 from .mmdit import MMDiT, MMDiTConfig
 from .scheduler import DDPM, SchedulerConfig
 from .text import TextEncoder, TextEncoderConfig, Tokenizer
 from .unet import UNet, UNetConfig
 
-CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
-AUTOENCODER_FOLDER = "autoencoder"  # a latent model's autoencoder, inside the model folder (diffusers: vae/)
-FORMAT = {"format": "minidiff", "format_version": 1}  # what config.json says a model folder is
 # config.json's "objective" -> (its schedule's config, the objective)
 OBJECTIVES = {"ddpm": (SchedulerConfig, DDPM), "flow": (FlowMatchConfig, RectifiedFlow)}
 # denoising networks: config.json key (and the model's attribute, as in diffusers' pipelines) ->
 # (config class, network). Each takes (x_t, t, text tokens, token mask) and returns x_t's shape;
 # each config has `image_size`, `in_channels` and `with_text_dim` (the width of the text tokens it reads).
 BACKBONES = {"unet": (UNetConfig, UNet), "transformer": (MMDiTConfig, MMDiT)}
-
-
-def objective_for(scheduler_config):
-    """The objective (DDPM or RectifiedFlow) a schedule's config belongs to."""
-    return next(objective(scheduler_config) for config, objective in OBJECTIVES.values()
-                if isinstance(scheduler_config, config))
 
 
 @dataclass
@@ -64,29 +52,6 @@ class ModelConfig:
         """The pictures' size in pixels (the denoiser's, times the autoencoder's down factor)."""
         return self.backbone.image_size * (self.autoencoder.down_factor if self.autoencoder else 1)
 
-    def to_dict(self) -> dict:
-        latent = {"autoencoder": asdict(self.autoencoder)} if self.autoencoder else {}
-        return {"objective": self.objective, self.backbone_name: asdict(self.backbone),
-                "text_encoder": asdict(self.text_encoder), "scheduler": asdict(self.scheduler), "vocab": self.vocab,
-                **latent}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        objective = d.get("objective", "ddpm")  # configs written before flow models existed are DDPM
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
-        backbones = [name for name in BACKBONES if name in d]
-        if len(backbones) != 1:
-            raise ValueError(f"the config must describe one denoising network, one of {list(BACKBONES)}")
-        return cls(backbone=BACKBONES[backbones[0]][0](**d[backbones[0]]),
-                   text_encoder=TextEncoderConfig(**d["text_encoder"]),
-                   scheduler=OBJECTIVES[objective][0](**d["scheduler"]), vocab=list(d["vocab"]),
-                   autoencoder=LatentSpace(**d["autoencoder"]) if d.get("autoencoder") else None)
-
-
-def tensors_for_saving(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-
 
 class TextToImageModel(nn.Module):
     """The networks trained together: eps_theta(x_t, t, prompt), or v_theta for a flow model.
@@ -104,7 +69,7 @@ class TextToImageModel(nn.Module):
         self.tokenizer = Tokenizer(config.vocab, config.text_encoder.max_length)
         self.text_encoder = TextEncoder(config.text_encoder)
         setattr(self, config.backbone_name, BACKBONES[config.backbone_name][1](config.backbone))
-        self.objective = objective_for(config.scheduler)
+        self.objective = OBJECTIVES[config.objective][1](config.scheduler)  # DDPM or RectifiedFlow
 
     @property
     def denoiser(self) -> nn.Module:
@@ -144,29 +109,6 @@ class TextToImageModel(nn.Module):
         latent = LatentSpace.of(autoencoder) if autoencoder else None
         return cls(ModelConfig(backbone=backbone, text_encoder=text, scheduler=scheduler or SchedulerConfig(),
                                vocab=tokenizer.vocab, autoencoder=latent), autoencoder)
-
-    def save_pretrained(self, folder, state_dict: dict | None = None, **extra) -> None:
-        """config.json + model.safetensors in `folder` (by default the model's own weights).
-        safetensors holds tensors only: loading one cannot run code, as a pickle can."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file(tensors_for_saving(state_dict if state_dict is not None else self.state_dict()),
-                  folder / WEIGHTS_NAME)
-        if self.vae is not None:  # the autoencoder beside it, as diffusers' vae/ folder
-            save_autoencoder(folder / AUTOENCODER_FOLDER, self.vae)
-        (folder / CONFIG_NAME).write_text(json.dumps({**FORMAT, **self.config.to_dict(), **extra}, indent=2) + "\n")
-
-    @classmethod
-    def from_pretrained(cls, folder, device="cpu") -> "TextToImageModel":
-        """The model `save_pretrained` (or train.py) wrote. (`minidiff.tools.checkpoint.load_model`
-        does the same and explains each way a folder can be broken.)"""
-        config = json.loads((Path(folder) / CONFIG_NAME).read_text())
-        if {key: config.get(key) for key in FORMAT} != FORMAT:
-            raise ValueError(f"{folder} is not a minidiff model of format {FORMAT['format_version']}")
-        config = ModelConfig.from_dict(config)
-        model = cls(config, load_autoencoder(Path(folder) / AUTOENCODER_FOLDER) if config.autoencoder else None)
-        model.load_state_dict(load_file(Path(folder) / WEIGHTS_NAME))
-        return model.to(device).eval()
 
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts -> (context (B, L, D), mask (B, L)). The empty prompt is the unconditional one."""

@@ -1,92 +1,67 @@
-"""`MiniDiffusionPipeline`: a trained toy model behind the calls of `contract.py`.
+"""The pipeline: prompts -> pictures through one sampling loop, on tensors. (`minidiff.MiniDiffusionPipeline`,
+minidiff/tools/pipeline.py, puts it behind the calls `sample`, `img2img` and `inpaint`, PIL in and out.)
 
-    pipe = MiniDiffusionPipeline.from_pretrained("runs/shapes")
-    out = pipe.sample("a red circle", num_inference_steps=50, generator=torch.Generator().manual_seed(0))
-    blue = pipe.img2img("a blue circle", out.images[0], strength=0.7).images[0]
-    patched = pipe.inpaint("a green square", out.images[0], "mask.png").images[0]
+    pipe = Pipeline(model)
+    pixels = pipe.generate_pixels("a red circle", num_inference_steps=50,
+                                  generator=torch.Generator().manual_seed(0))  # (1, 3, H, W) in [-1, 1]
 
-All three calls run one sampling loop (`denoise`): text to image starts from pure noise; img2img from
-the input noised part of the way (SDEdit, Meng et al. 2022); inpainting likewise, putting the kept
-region back after every step (RePaint, Lugmayr et al. 2022). A latent model runs the same loop on its
-autoencoder's latents, as SD3's pipelines do: the input is encoded, the mask brought to the latents'
-size, the result decoded and the kept pixels pasted back. The model's objective chooses the sampler
-and the steps an edit runs; every sampler's `step`, `add_noise` and `signal_and_noise` mean the same,
-so the loop never asks which one it has.
+Text to image, img2img and inpainting run one sampling loop (`denoise`): text to image starts from pure
+noise; img2img from the input noised part of the way (SDEdit, Meng et al. 2022); inpainting likewise,
+putting the kept region back after every step (RePaint, Lugmayr et al. 2022). A latent model runs the
+same loop on its autoencoder's latents, as SD3's pipelines do: the input is encoded, the mask brought
+to the latents' size, the result decoded and the kept pixels pasted back. The model's objective chooses
+the sampler and the steps an edit runs; every sampler's `step`, `add_noise` and `signal_and_noise` mean
+the same, so the loop never asks which one it has.
+
+Classifier-free guidance is out = out_uncond + w (out_cond - out_uncond), w = `guidance_scale`, the
+negative prompt standing in for the unconditional one (Ho & Salimans' eq. 6 with their w = our w - 1, as
+in Imagen and diffusers). An edit of strength s runs the last `steps_run(N, s)` of N steps (the objective's).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from .contract import Call, ImageOutput, StepRecorder, TextToImagePipeline
-from .images import load_image, load_mask, mask_to_tensor, noise_to_pil, pil_to_tensor, tensor_to_pil
 from .model import TextToImageModel
 from .runtime import autocast, pick_device
 from .scheduler import DDIMScheduler, randn
 
 
-@dataclass
-class MiniCall(Call):
-    """minidiff's keywords beyond the contract's."""
+def prompt_lists(prompt, negative_prompt=None) -> tuple[list[str], list[str]]:
+    """(prompts, negative prompts): two lists of equal length, the empty prompt where none is given."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    negatives = negative_prompt
+    negatives = [negatives or ""] * len(prompts) if negatives is None or isinstance(negatives, str) else list(negatives)
+    if len(negatives) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(negatives)} negative prompts")
+    return prompts, negatives
 
-    eta: float = 0.0  # DDIM's noise (Song et al. 2021 eq. 16): 0 deterministic
-    output_type: str = "pil"  # "pil", or "pt": tensors (3, H, W) in [0, 1]
-    resample_jumps: int = 0  # inpainting: RePaint's resampling, r more model calls per step
 
-
-class MiniDiffusionPipeline(TextToImagePipeline):
-    call_type = MiniCall
-    default_batch_size = 64  # images per forward pass (twice that many rows with guidance)
-    default_num_inference_steps, default_guidance_scale = 50, 3.0
-    size_multiple = None  # a minidiff model renders at its trained size only
+class Pipeline:
+    """A trained `TextToImageModel` on a device, and the sampling loop."""
 
     def __init__(self, model: TextToImageModel, device=None):
         self.device = pick_device(device)
         self.model = model.to(self.device).eval()
-        self.config = model.config
-        self.image_size = model.config.image_size
-        self.samplers = tuple(model.objective.samplers)  # DDPM models: ddpm, ddim; flow models: euler
-
-    @classmethod
-    def from_pretrained(cls, path, device=None) -> "MiniDiffusionPipeline":
-        """Load config.json + model.safetensors from a folder written by `train.py` or `save_pretrained`."""
-        device = pick_device(device)
-        return cls(TextToImageModel.from_pretrained(path, device), device)
-
-    def save_pretrained(self, path) -> None:
-        self.model.save_pretrained(path)
-
-    def size(self, height=None, width=None) -> tuple[int, int]:
-        for name, value in (("height", height), ("width", width)):
-            if value not in (None, self.image_size):
-                raise ValueError(f"{name} {value}: this minidiff model renders at its trained size, {self.image_size}")
-        return self.image_size, self.image_size
 
     def steps_run(self, num_inference_steps: int, strength: float | None = None) -> int:
+        """The steps a call runs: all of them, or an edit's share (the objective's rule)."""
         objective = self.model.objective
         return num_inference_steps if strength is None else objective.steps_run(num_inference_steps, strength)
-
-    def decode(self, x) -> list:
-        return tensor_to_pil(self.model.from_latents(x))
-
-    def check_sampler(self, sampler: str | None) -> str:
-        return self.model.objective.check_sampler(sampler)
 
     @torch.no_grad()
     def encode_prompts(self, prompt, negative_prompt=None, num_images_per_prompt: int = 1, guidance_scale: float = 1.0):
         """-> (context, mask): the prompts' rows first, then (with guidance) the negative prompts' rows
         as the unconditional ones (the empty prompt where none is given)."""
-        prompts, negatives = Call(prompt, negative_prompt).prompts()
+        prompts, negatives = prompt_lists(prompt, negative_prompt)
         repeat = lambda texts: [t for t in texts for _ in range(num_images_per_prompt)]  # noqa: E731
         return self.model.encode_prompt(repeat(prompts) + (repeat(negatives) if guidance_scale > 1 else []))
 
     @torch.no_grad()
     def predict(self, x, t, context, mask, guidance_scale: float) -> torch.Tensor:
         """The model's output (eps, or the velocity of a flow model) for x at timestep t, with
-        classifier-free guidance out_uncond + w (out_cond - out_uncond) (contract.py): linear, so it
+        classifier-free guidance out_uncond + w (out_cond - out_uncond) (module doc): linear, so it
         reads the same for noise and for velocity, as in SD3."""
         use_cfg = guidance_scale > 1
         x_in = torch.cat([x, x]) if use_cfg else x
@@ -101,8 +76,10 @@ class MiniDiffusionPipeline(TextToImagePipeline):
     @torch.no_grad()
     def denoise(self, x, scheduler, timesteps, context, mask, guidance_scale, generator=None, callback=None,
                 after_step=None, **step_options) -> torch.Tensor:
-        """The sampling loop shared by sample, img2img and inpaint: x_t -> x_0 along `timesteps`.
-        `after_step(i, t, x)` may edit x after each step (inpainting puts the kept region back)."""
+        """The sampling loop: x_t -> x_0 along `timesteps`. `after_step(i, t, x)` may edit x after each
+        step (inpainting puts the kept region back); `callback` gets a dict after each: "i", "t" (the
+        timestep the model was given), "x" (the sample after the step), "denoised" (x_0 predicted) and
+        "noise_pred" (the model's output)."""
         for i, t in enumerate(timesteps.tolist()):
             output = self.predict(x, t, context, mask, guidance_scale)
             out = scheduler.step(output, t, x, generator=generator, **step_options)
@@ -114,69 +91,52 @@ class MiniDiffusionPipeline(TextToImagePipeline):
         return x
 
     @torch.no_grad()
-    def generate(self, call: MiniCall) -> ImageOutput:
-        """One batch: the start, then `denoise`. At strength 1 the start is pure noise, as in diffusers'
-        inpaint pipelines (`is_strength_max`); at strength 0 the input is the answer."""
-        steps, guidance = self.resolve(call)
-        if call.output_type not in ("pil", "pt"):
-            raise ValueError(f"output_type must be 'pil' or 'pt', got {call.output_type!r}")
-        if not isinstance(call.resample_jumps, int) or call.resample_jumps < 0:
-            raise ValueError(f"resample_jumps must be a whole number >= 0, got {call.resample_jumps}")
-        init, replace = self.load_inputs(call)
-        scheduler = self.model.objective.make_sampler(call.sampler, steps)
-        timesteps = scheduler.timesteps[steps - self.steps_run(steps, call.strength):]
-        # the model's output is a picture only where the denoiser works on pixels
-        decode_noise = noise_to_pil if self.model.sample_shape == (3, self.image_size, self.image_size) else None
-        recorder = StepRecorder(call.capture_steps, len(timesteps), call.callback, self.decode, decode_noise)
-        batch = len(call.prompts()[0]) * call.num_images_per_prompt
-        kept = None if replace is None else (init.to(self.device), replace.to(self.device))  # pixels, for the paste-back
-        if init is not None:  # (B, C, h, w): the input as the denoiser sees it
-            init = self.model.to_latents(init.to(self.device), call.generator).expand(batch, -1, -1, -1)
-        if replace is not None:  # the mask at the denoiser's size (nearest), as SD3's prepare_mask_latents
-            replace = F.interpolate(replace.float(), size=self.model.sample_shape[1:]) > 0.5
+    def generate_pixels(self, prompt, negative_prompt=None, num_images_per_prompt: int = 1,
+                        num_inference_steps: int = 50, guidance_scale: float = 3.0, generator=None, image=None,
+                        mask_image=None, strength: float | None = None, sampler: str | None = None, eta: float = 0.0,
+                        resample_jumps: int = 0, callback=None, on_start=None) -> torch.Tensor:
+        """The start, then `denoise`, then the pictures: (B, 3, H, W) in [-1, 1], `num_images_per_prompt`
+        for each prompt. `image` (1, 3, H, W) in [-1, 1] starts img2img and inpainting; `mask_image`
+        (1, 1, H, W), True where replaced, makes it inpainting. `on_start(x, t)` sees the start. At
+        strength 1 the start is pure noise, as in diffusers' inpaint pipelines (`is_strength_max`); at
+        strength 0 the input is the answer. `eta`: DDIM's noise; `resample_jumps`: RePaint's (`repaint`)."""
+        steps = num_inference_steps
+        scheduler = self.model.objective.make_sampler(sampler, steps)
+        timesteps = scheduler.timesteps[steps - self.steps_run(steps, strength):]
+        batch = len(prompt_lists(prompt, negative_prompt)[0]) * num_images_per_prompt
+        kept = None if mask_image is None else (image.to(self.device), mask_image.to(self.device))  # the paste-back's
+        init = replace = None
+        if image is not None:  # (B, C, h, w): the input as the denoiser sees it
+            init = self.model.to_latents(image.to(self.device), generator).expand(batch, -1, -1, -1)
+        if mask_image is not None:  # the mask at the denoiser's size (nearest), as SD3's prepare_mask_latents
+            replace = F.interpolate(mask_image.float(), size=self.model.sample_shape[1:]) > 0.5
+        on_start = on_start or (lambda x, t: None)
         if len(timesteps) == 0:  # strength 0 (or no step left for this strength): nothing to denoise
-            recorder.start(init, None)
-            return self.output(init, call, recorder, kept)
-        context, mask = self.encode_prompts(call.prompt, call.negative_prompt, call.num_images_per_prompt, guidance)
-        # 1. the start: pure noise x_T, or the input noised to the first timestep that runs:
-        #    DDPM x_t = sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) eps (Ho et al. 2020 eq. 4);
-        #    flow x_sigma = (1 - sigma) x_0 + sigma eps (`scale_noise`, as SD3's img2img).
-        noise = randn((batch, *self.model.sample_shape), call.generator, self.device)
-        x = scheduler.add_noise(init, noise, timesteps[:1].expand(batch)) if init is not None and call.strength < 1 \
-            else noise
-        recorder.start(x, timesteps[0].item())
-        # 2. the steps; inpainting puts the kept region back after each
-        step_callback, after_step = recorder.callback, None
-        if replace is not None:
-            timesteps, after_step, step_callback = self.repaint(scheduler, timesteps, init, noise,
-                                                                replace.to(self.device), call, step_callback)
-        step_options = {"eta": call.eta, "use_clipped_model_output": True} if isinstance(scheduler, DDIMScheduler) else {}
-        x = self.denoise(x, scheduler, timesteps, context, mask, guidance, call.generator, step_callback, after_step,
-                         **step_options)
-        return self.output(x, call, recorder, kept)
-
-    def output(self, x, call: MiniCall, recorder, kept=None) -> ImageOutput:
-        """Decode x; with `kept` = (input pixels, mask), inpainting's paste-back: the kept pixels exactly
-        as given (a latent model's decoder only approximates them)."""
+            on_start(init, None)
+            x = init
+        else:
+            context, mask = self.encode_prompts(prompt, negative_prompt, num_images_per_prompt, guidance_scale)
+            # 1. the start: pure noise x_T, or the input noised to the first timestep that runs:
+            #    DDPM x_t = sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) eps (Ho et al. 2020 eq. 4);
+            #    flow x_sigma = (1 - sigma) x_0 + sigma eps (`scale_noise`, as SD3's img2img).
+            noise = randn((batch, *self.model.sample_shape), generator, self.device)
+            x = scheduler.add_noise(init, noise, timesteps[:1].expand(batch)) if init is not None and strength < 1 \
+                else noise
+            on_start(x, timesteps[0].item())
+            # 2. the steps; inpainting puts the kept region back after each
+            after_step = None
+            if replace is not None:
+                timesteps, after_step, callback = self.repaint(scheduler, timesteps, init, noise, replace.to(self.device),
+                                                               generator, resample_jumps, callback)
+            step_options = {"eta": eta, "use_clipped_model_output": True} if isinstance(scheduler, DDIMScheduler) else {}
+            x = self.denoise(x, scheduler, timesteps, context, mask, guidance_scale, generator, callback, after_step,
+                             **step_options)
+        # 3. decode; inpainting pastes back the kept pixels exactly as given (a latent model's decoder
+        #    only approximates them)
         x = self.model.from_latents(x)
-        if kept is not None:
-            x = torch.where(kept[1], x, kept[0])
-        if call.output_type == "pt":  # like diffusers: values in [0, 1]
-            return ImageOutput(images=list(((x.float().cpu() + 1) / 2).clamp(0, 1)), trace=recorder.trace)
-        return ImageOutput(images=tensor_to_pil(x), trace=recorder.trace)
+        return x if kept is None else torch.where(kept[1], x, kept[0])
 
-    def load_inputs(self, call: MiniCall):
-        """-> (input image (1, 3, H, W) or None, mask (1, 1, H, W), True where replaced, or None),
-        resized to the model's size (with a warning); the mask thresholded at 0.5."""
-        if call.image is None:
-            return None, None
-        original = load_image(call.image)
-        init = pil_to_tensor(load_image(original, self.image_size))[None]
-        if call.mask_image is None:
-            return init, None
-        return init, mask_to_tensor(load_mask(call.mask_image, self.image_size, image_size=original.size))[None]
-
-    def repaint(self, scheduler, timesteps, init, noise, replace, call: MiniCall, callback):
+    def repaint(self, scheduler, timesteps, init, noise, replace, generator, resample_jumps: int, callback):
         """The RePaint blend (Lugmayr et al. 2022, Algorithm 1) as inputs to `denoise`:
         -> (timesteps to visit, after_step, callback). After every step the kept region is the input
         noised to the level the sample has reached, with the one noise tensor of the start (RePaint
@@ -187,7 +147,7 @@ class MiniDiffusionPipeline(TextToImagePipeline):
         n, batch = len(timesteps), init.shape[0]
         visits = []  # (step index, is this its last visit?)
         for i in range(n):
-            repeats = 1 + (call.resample_jumps if i < n - 1 else 0)
+            repeats = 1 + (resample_jumps if i < n - 1 else 0)
             visits += [(i, r == repeats - 1) for r in range(repeats)]
 
         def after_step(j, t, x):
@@ -203,7 +163,7 @@ class MiniDiffusionPipeline(TextToImagePipeline):
                 a_next, s_next = scheduler.signal_and_noise(timesteps[i + 1])
                 ratio = a_i / a_next
                 std = (s_i**2 - ratio**2 * s_next**2).clamp(min=0).sqrt()
-                x = ratio * x + std * randn(x.shape, call.generator, x.device, x.dtype)
+                x = ratio * x + std * randn(x.shape, generator, x.device, x.dtype)
             return x
 
         def on_step(step):

@@ -95,15 +95,12 @@ class NoiseSchedule:
 
     def __init__(self, config: SchedulerConfig | None = None, **kwargs):
         self.config = config if config is not None else SchedulerConfig(**kwargs)
+        self.num_train_timesteps = self.config.num_train_timesteps  # T
         self.betas = make_betas(self.config)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # alpha-bar_t, Ho eq. 4
         self.num_inference_steps: int | None = None
         self.timesteps = torch.arange(self.config.num_train_timesteps - 1, -1, -1)
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return self.config.num_train_timesteps
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Sample q(x_t | x_0) = N(sqrt(alpha-bar_t) x_0, (1 - alpha-bar_t) I)   (Ho et al. 2020 eq. 4):
@@ -228,8 +225,8 @@ class DDIMScheduler(NoiseSchedule):
 class Objective:
     """What a model is trained to predict, and everything that follows from it: how training
     draws t (`sample_training_timesteps`), noises x_0 (`add_noise`) and what the network must
-    output (`training_target`); x_0 from that output (`predict_x0`); the samplers that can run
-    the model (`samplers`, its default first); how many steps img2img runs (`steps_run`).
+    output (`training_target`); the samplers that can run the model (`samplers`, its default
+    first, each computing x_0 from that output); how many steps img2img runs (`steps_run`).
     `DDPM` below and `flow.RectifiedFlow` are the two; the rest of minidiff asks them."""
 
     name: str
@@ -257,10 +254,6 @@ class DDPM(NoiseSchedule, Objective):
     name, description = "ddpm", "a DDPM (noise-predicting)"
     samplers = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}  # ancestral sampling first: the default
     timestep_dtype = torch.int64
-
-    def predict_x0(self, x_t, noise, timestep):
-        """x_0 from the predicted noise, Ho et al. 2020 eq. 15."""
-        return predict_x0_from_noise(x_t, noise, self._alpha_bar(int(timestep)))
 
     @staticmethod
     def steps_run(num_inference_steps: int, strength: float) -> int:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +47,8 @@ from .unet import UNetConfig
 
 @dataclass
 class TrainConfig:
-    """A training run. The defaults are the CPU preset (`python train.py`); `PRESETS["gpu"]` lists
-    what the GPU run changes."""
+    """A training run. The defaults are the CPU preset (`python train.py`); `tools.trainer.PRESETS`
+    lists what the GPU run changes."""
 
     # the model
     image_size: int = 16
@@ -121,22 +121,6 @@ class TrainConfig:
         return FlowMatchConfig(shift=self.shift) if self.objective == "flow" else SchedulerConfig(
             beta_schedule=self.beta_schedule)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        unknown = sorted(set(values) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown training settings {', '.join(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-
-PRESETS = {  # train.py --preset: what each run changes of TrainConfig's defaults (BENCHMARKS.md measures them)
-    "cpu": {},
-    "gpu": dict(image_size=32, base_channels=64, steps=4000, batch_size=128, lr=1e-3, two_object_fraction=0.3),
-}
-
 
 def build_model(config: TrainConfig, captions, autoencoder: Autoencoder | None = None) -> TextToImageModel:
     """The model a run starts from: weights drawn from `config.seed`, vocabulary from `captions`;
@@ -172,12 +156,6 @@ class EMA:
         decay = self.decay_at(step, self.max_decay)
         torch._foreach_lerp_(list(self.shadow.values()), [s.float() for s in self._sources], 1 - decay)
 
-    def averaged_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        """A copy of `model` with the averaged weights (what training saves), in eval mode."""
-        averaged = copy.deepcopy(model)
-        averaged.load_state_dict(self.shadow)
-        return averaged.eval()
-
 
 def learning_rate(config: TrainConfig, step: int) -> float:
     """Linear warm-up, then cosine decay to a tenth of the peak at the last step."""
@@ -187,12 +165,10 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, device: torch.device, weight_decay: float = 0.0):
-    """Adam (AdamW when `weight_decay` > 0), fused into one kernel on CPU and CUDA."""
+def make_optimizer(model: torch.nn.Module, lr: float, device: torch.device, optimizer=torch.optim.Adam, **options):
+    """Adam (or `optimizer`, with its `options`), fused into one kernel on CPU and CUDA."""
     fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
-    if weight_decay > 0:
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, **fused)
-    return torch.optim.Adam(model.parameters(), lr=lr, **fused)
+    return optimizer(model.parameters(), lr=lr, **options, **fused)
 
 
 def batch_indices(step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> range:
@@ -303,7 +279,10 @@ class TrainState:
         return self.model.to_latents(images.to(self.device), generator).to(images.device)
 
     def ema_model(self) -> TextToImageModel:
-        return self.ema.averaged_model(self.model)
+        """A copy of the model with the EMA's averaged weights (what training saves), in eval mode."""
+        averaged = copy.deepcopy(self.model)
+        averaged.load_state_dict(self.ema.shadow)
+        return averaged.eval()
 
 
 def train(config: TrainConfig, dataset, autoencoder: Autoencoder | None = None):

@@ -280,7 +280,7 @@ def test_inpainting_keeps_what_was_not_painted(page, screenshots, tmp_path):
 def test_a_big_upload_and_one_stroke_of_the_default_brush(page, tmp_path):
     """Issue 24.4a: on an upload 8x the model's size, the default brush leaves a mask at the model's size."""
     from minidiff.tools.shapes import Shapes
-    from minidiff.images import load_mask
+    from minidiff.tools.pictures import load_mask
     from selenium.webdriver.common.action_chains import ActionChains
 
     picture_file = tmp_path / "big.png"

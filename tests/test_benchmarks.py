@@ -9,7 +9,7 @@ import torch
 
 from benchmarks.common import (BaselineModel, DiffusersUNet, TrainState, alternating_times, build_model,
                                count_parameters, preset_config, replace_section)
-from minidiff.pipeline import MiniDiffusionPipeline
+from minidiff import MiniDiffusionPipeline
 from minidiff.training import diffusion_loss
 from minidiff.unet import UNet, UNetConfig
 
@@ -155,7 +155,7 @@ def run_benchmark(tmp_path, monkeypatch, tiny_model_dir):
     import importlib
 
     from benchmarks import common
-    from minidiff.pipeline import MiniDiffusionPipeline
+    from minidiff import MiniDiffusionPipeline
 
     for name, path in (("RESULTS", "results"), ("SCRATCH", "scratch"), ("BENCHMARKS_MD", "BENCHMARKS.md")):
         monkeypatch.setattr(common, name, tmp_path / path)
@@ -208,9 +208,9 @@ def test_levers_variant_splits_train_config_fields_from_levers():
 @pytest.mark.parametrize("objective", ["flow", "ddpm"])
 def test_stratified_timesteps_put_one_draw_in_each_quantile(objective):
     from benchmarks.levers import stratified
-    from minidiff.model import objective_for
+    from minidiff.model import OBJECTIVES
 
-    schedule = objective_for(preset_config("cpu", objective=objective).scheduler_config())
+    schedule = OBJECTIVES[objective][1](preset_config("cpu", objective=objective).scheduler_config())
     n = 50  # divides T = 1000: each DDPM quantile is 20 whole timesteps
     t = stratified(schedule.sample_training_timesteps)(n, torch.Generator().manual_seed(0)).double()
     if objective == "flow":  # logit-normal: back to the uniform quantile through the normal CDF

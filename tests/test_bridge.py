@@ -15,7 +15,7 @@ from PIL import Image
 
 from bridge import BridgeError, SD3Bridge
 from bridge.sd3 import defaults_for
-from minidiff.images import ImageInputError
+from minidiff.tools.pictures import ImageInputError
 
 STEPS, GUIDANCE = 3, 4.0
 GATED_ID = "stabilityai/stable-diffusion-3.5-medium"

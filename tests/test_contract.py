@@ -1,4 +1,4 @@
-"""The contract of minidiff.contract, checked the same way on both backends.
+"""The contract of minidiff.tools.contract, checked the same way on both backends.
 
 `MiniDiffusionPipeline` (the tiny trained toy models, a DDPM one and a rectified-flow one,
 tests/conftest.py) and `SD3Bridge` (a tiny random SD3 pipeline, tests/sd3_tiny.py) must answer
@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from minidiff.contract import ImageOutput, TextToImagePipeline
+from minidiff.tools.contract import ImageOutput, TextToImagePipeline
 
 STEPS = 3
 TRACE_KEYS = {"step", "timestep", "x_t", "pred_x0", "noise_pred"}

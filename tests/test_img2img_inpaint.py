@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from minidiff.tools.shapes import Shapes
-from minidiff.images import ImageInputError, pil_to_tensor
+from minidiff.images import pil_to_tensor
+from minidiff.tools.pictures import ImageInputError
 from minidiff.scheduler import NoiseSchedule
 
 STEPS = 4

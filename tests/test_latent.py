@@ -25,7 +25,7 @@ from minidiff.autoencoder import Autoencoder, AutoencoderConfig, fingerprint, fi
 from minidiff.tools.shapes import Shapes
 from minidiff.images import tensor_to_pil
 from minidiff.model import TextToImageModel
-from minidiff.pipeline import MiniDiffusionPipeline
+from minidiff import MiniDiffusionPipeline
 from minidiff.tools.checkpoint import CheckpointError, load_model, read_safetensors, save_model
 from minidiff.tools.cli import run
 from minidiff.training import TrainState, build_model
@@ -101,7 +101,9 @@ def test_a_model_with_another_or_no_autoencoder_is_refused():
 
 def test_save_and_load_the_folder(tmp_path):
     model = latent_model()
-    for name, save, load in (("lesson", model.save_pretrained, TextToImageModel.from_pretrained),
+    pipeline = MiniDiffusionPipeline(model, device="cpu")
+    for name, save, load in (("pipeline", pipeline.save_pretrained,
+                              lambda folder: MiniDiffusionPipeline.from_pretrained(folder, device="cpu").model),
                              ("tools", lambda folder: save_model(folder, model), load_model)):
         save(tmp_path / name)
         assert sorted(p.name for p in (tmp_path / name / "autoencoder").iterdir()) == ["config.json",

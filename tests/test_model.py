@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minidiff.model import ModelConfig, TextToImageModel
+from minidiff.model import TextToImageModel
 from minidiff.text import Tokenizer
+from minidiff.tools.checkpoint import config_from_dict, config_to_dict
 from minidiff.unet import UNet, UNetConfig, timestep_embedding
 
 from conftest import tiny_unet_config
@@ -57,5 +58,5 @@ def test_image_size_must_fit_the_downsampling():
 
 def test_model_config_round_trips():
     model = TextToImageModel.for_captions(["a red circle"], tiny_unet_config(), text_dim=16)
-    again = ModelConfig.from_dict(model.config.to_dict())
+    again = config_from_dict(config_to_dict(model.config))
     assert again == model.config

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from minidiff import MiniDiffusionPipeline
-from minidiff.model import objective_for
+from minidiff.model import OBJECTIVES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,7 @@ class PromptValueModel(torch.nn.Module):
         self.config = config
         self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the pipeline a device to find
         self.denoiser = PromptValueUNet()
-        self.objective = objective_for(config.scheduler)
+        self.objective = OBJECTIVES[config.objective][1](config.scheduler)
         self.sample_shape = (3, config.image_size, config.image_size)
 
     def to_latents(self, images, generator=None):

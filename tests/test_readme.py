@@ -343,6 +343,29 @@ def test_reading_table_is_current():
                               "paste its output into README.md")
 
 
+def test_lesson_imports_only_itself_and_third_party_libraries():
+    """The lesson's files (those `minidiff.tools.lines` counts) import each other and third-party libraries:
+    not the machinery (minidiff.tools), the bridge, Gradio, argparse or matplotlib. The entry points it
+    lists apart are the files that do."""
+    import ast
+
+    from minidiff.tools.lines import ENTRY_POINTS, lesson_files
+
+    banned = {"minidiff", "bridge", "gradio", "argparse", "matplotlib"}
+    found = []
+    for path in lesson_files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:  # relative: a sibling file of the lesson only
+                target = (node.module or "").split(".")[0]
+                if node.level > 1 or not target or target == "tools" or f"{target}.py" in ENTRY_POINTS:
+                    found.append(f"{path.name}: from {'.' * node.level}{node.module or ''} import ...")
+            else:
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module] if isinstance(node, ast.ImportFrom) else []
+                found += [f"{path.name}: {name}" for name in names if name.split(".")[0] in banned]
+    assert len(lesson_files()) >= 9 and not found, found
+
+
 NAMED = re.compile(r"`((?:minidiff|bridge|diffusers)(?:\.\w+)+)`")
 
 

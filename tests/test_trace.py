@@ -13,11 +13,12 @@ from PIL import Image
 
 from minidiff.tools.shapes import Shapes
 from minidiff.tools.cli import run
-from minidiff.contract import StepRecorder
-from minidiff.model import objective_for
+from minidiff.tools.contract import StepRecorder
+from minidiff.flow import RectifiedFlow
 from minidiff.tools.figures import FIGURES, half_mask, noising_strip, trace_strip, two_object_picture
-from minidiff.images import noise_to_pil, pil_to_tensor, tensor_to_pil
-from minidiff.scheduler import SchedulerConfig
+from minidiff.images import pil_to_tensor, tensor_to_pil
+from minidiff.tools.pictures import noise_to_pil
+from minidiff.scheduler import DDPM
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -145,13 +146,13 @@ def test_strips_have_one_tile_per_record(minidiff_pipe):
 
 def test_noising_strip_starts_clean_and_ends_in_noise():
     image = Shapes(16, seed=3).pil_and_caption(0)[0]
-    strip = noising_strip(image, objective_for(SchedulerConfig()), [0, 999], gen())
+    strip = noising_strip(image, DDPM(), [0, 999], gen())
     tiles = [np.asarray(strip.crop((i * 96, 0, i * 96 + 96, 96)).resize((16, 16), Image.Resampling.NEAREST), float)
              for i in range(3)]
     clean = np.asarray(image, float)
     assert np.abs(tiles[1] - clean).mean() < 3 < np.abs(tiles[2] - clean).mean()
     with pytest.raises(ValueError, match="0..999"):
-        noising_strip(image, objective_for(SchedulerConfig()), [1000])
+        noising_strip(image, DDPM(), [1000])
 
 
 def cli(*args):
@@ -263,11 +264,9 @@ def test_ddpm_vs_flow_strip_starts_both_models_from_the_same_noise(tiny_pipe, ti
 
 def test_noising_strip_of_a_flow_schedule_is_the_straight_line():
     """A flow schedule noises as x_sigma = (1 - sigma) x_0 + sigma eps with sigma = t / T, labelled by sigma."""
-    from minidiff.flow import FlowMatchConfig
-
     image = Image.fromarray(np.full((16, 16, 3), 255, dtype=np.uint8))  # white: x_0 = 1 everywhere
     zero_noise = torch.Generator().manual_seed(0)
-    strip = noising_strip(image, objective_for(FlowMatchConfig()), [0, 500, 999], zero_noise)
+    strip = noising_strip(image, RectifiedFlow(), [0, 500, 999], zero_noise)
     eps = torch.randn((1, 3, 16, 16), generator=torch.Generator().manual_seed(0))
     expected = tensor_to_pil((1 - 0.5) * torch.ones(1, 3, 16, 16) + 0.5 * eps)[0]
     cell_w = strip.size[0] // 4

@@ -1,5 +1,5 @@
-"""Model folders as the scripts and the trainer write and read them: the format of
-`TextToImageModel.save_pretrained` (config.json beside model.safetensors), with every write
+"""Model folders as the scripts and the trainer write and read them: config.json (the model's config)
+beside model.safetensors (its weights; a latent model's autoencoder in autoencoder/), with every write
 atomic (a temporary file, synced, then renamed over the target: a crash mid-save leaves the
 previous file whole) and every way a folder can be broken explained in one line.
 
@@ -13,6 +13,7 @@ import difflib
 import json
 import os
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -20,8 +21,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .. import autoencoder as ae
-from ..model import AUTOENCODER_FOLDER, CONFIG_NAME, FORMAT, WEIGHTS_NAME, ModelConfig, TextToImageModel, tensors_for_saving
+from ..model import BACKBONES, OBJECTIVES, ModelConfig, TextToImageModel
+from ..text import TextEncoderConfig
 
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+AUTOENCODER_FOLDER = "autoencoder"  # a latent model's autoencoder, inside the model folder (diffusers: vae/)
+FORMAT = {"format": "minidiff", "format_version": 1}  # what config.json says a model folder is
 FORMAT_NAME, FORMAT_VERSION = FORMAT["format"], FORMAT["format_version"]
 
 
@@ -53,7 +58,7 @@ def write_json(path, data: dict) -> None:
 
 
 def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    tensors = tensors_for_saving(tensors)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}  # what safetensors writes
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
@@ -123,6 +128,28 @@ def load_autoencoder(folder, device: torch.device | str = "cpu") -> ae.Autoencod
     return autoencoder.to(device).eval()
 
 
+def config_to_dict(config: ModelConfig) -> dict:
+    """The model's config as config.json holds it."""
+    latent = {"autoencoder": asdict(config.autoencoder)} if config.autoencoder else {}
+    return {"objective": config.objective, config.backbone_name: asdict(config.backbone),
+            "text_encoder": asdict(config.text_encoder), "scheduler": asdict(config.scheduler), "vocab": config.vocab,
+            **latent}
+
+
+def config_from_dict(d: dict) -> ModelConfig:
+    """The model's config from config.json's values (`config_to_dict`'s)."""
+    objective = d.get("objective", "ddpm")  # configs written before flow models existed are DDPM
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
+    backbones = [name for name in BACKBONES if name in d]
+    if len(backbones) != 1:
+        raise ValueError(f"the config must describe one denoising network, one of {list(BACKBONES)}")
+    return ModelConfig(backbone=BACKBONES[backbones[0]][0](**d[backbones[0]]),
+                       text_encoder=TextEncoderConfig(**d["text_encoder"]),
+                       scheduler=OBJECTIVES[objective][0](**d["scheduler"]), vocab=list(d["vocab"]),
+                       autoencoder=ae.LatentSpace(**d["autoencoder"]) if d.get("autoencoder") else None)
+
+
 def save_model(directory, model: TextToImageModel, state_dict: dict[str, torch.Tensor] | None = None,
                trained_steps: int | None = None) -> None:
     """Write `directory`/config.json and model.safetensors (by default, the model's own weights).
@@ -131,7 +158,7 @@ def save_model(directory, model: TextToImageModel, state_dict: dict[str, torch.T
     if model.vae is not None:  # a latent model: its autoencoder first, then the config that names it
         save_autoencoder(directory / AUTOENCODER_FOLDER, model.vae)
     write_safetensors(directory / WEIGHTS_NAME, state_dict if state_dict is not None else model.state_dict())
-    config = {**FORMAT, **model.config.to_dict()}
+    config = {**FORMAT, **config_to_dict(model.config)}
     if trained_steps is not None:
         config["trained_steps"] = trained_steps
     write_json(directory / CONFIG_NAME, config)
@@ -160,7 +187,7 @@ def load_model(directory, device: torch.device | str = "cpu") -> TextToImageMode
             f"{FORMAT_VERSION}); retrain it or use the minidiff version that wrote it"
         )
     try:
-        config = ModelConfig.from_dict(raw)
+        config = config_from_dict(raw)
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{directory / CONFIG_NAME} does not describe a valid model ({error})") from None
     model = TextToImageModel(config, latent_autoencoder(directory, config))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import cores
 from .checkpoint import CheckpointError
-from ..images import ImageInputError
+from .pictures import ImageInputError
 
 DEFAULT_MODEL = "runs/shapes"
 USER_ERRORS = (CheckpointError, ImageInputError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError)
@@ -95,7 +95,7 @@ def pipeline_class(backend: str):
         from bridge import SD3Bridge
 
         return SD3Bridge
-    from ..pipeline import MiniDiffusionPipeline
+    from .pipeline import MiniDiffusionPipeline
 
     return MiniDiffusionPipeline
 
@@ -103,11 +103,4 @@ def pipeline_class(backend: str):
 def open_pipeline(model: str, backend: str, device=None, **options):
     """The one place a pipeline is built, for sample.py and app.py (`backend` already resolved by
     `pick_backend`; `options` go to its `from_pretrained`: the SD3 bridge's memory options)."""
-    if backend == "sd3":
-        return pipeline_class(backend).from_pretrained(model, device=device, **options)
-    from ..pipeline import MiniDiffusionPipeline
-    from ..runtime import pick_device
-    from .checkpoint import load_model
-
-    device = pick_device(device)  # a model folder's mistakes explained (checkpoint.load_model), then the pipeline
-    return MiniDiffusionPipeline(load_model(model, device), device, **options)
+    return pipeline_class(backend).from_pretrained(model, device=device, **options)

@@ -23,7 +23,8 @@ import torch
 from PIL import Image, ImageOps
 
 from .shapes import Shapes
-from ..images import load_image, pil_to_tensor
+from ..images import pil_to_tensor
+from .pictures import load_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_NAME = "metadata.jsonl"

@@ -1,5 +1,7 @@
 """How long the lesson is: the lines of every file at the top of minidiff/ (docstrings and blank
-lines included), in reading order, and of the machinery around it.
+lines included), in reading order, and of the machinery around it. The lesson's files import only
+each other and third-party libraries; the entry points at the top of minidiff/ (`import minidiff`
+and the `python -m minidiff.*` commands) reach into the machinery, so they are listed, not counted.
 
     python -m minidiff.tools.lines            # a Markdown table, as the README shows it
 """
@@ -16,14 +18,18 @@ READING_ORDER = [
     ("flow.py", "rectified flow: objective, shift, Euler sampler (SD3.5's scheduler)"),
     ("text.py", "tokenizer and text encoder (SD3.5: CLIP-L, CLIP-G, T5)"),
     ("unet.py", "the denoising network (SD3.5: the MMDiT)"),
-    ("model.py", "the components under one config; save and load"),
+    ("model.py", "the components under one config"),
     ("training.py", "the loss, one training step, a short loop"),
-    ("images.py", "pictures in and out"),
-    ("runtime.py", "devices"),
-    ("contract.py", "the calls every backend answers"),
-    ("pipeline.py", "sample, img2img and inpaint through one sampling loop"),
+    ("images.py", "pictures <-> tensors in [-1, 1]"),
+    ("runtime.py", "devices and mixed precision"),
+    ("pipeline.py", "text to image, img2img and inpainting through one sampling loop, on tensors"),
 ]
 NOT_COUNTED = ("mmdit.py", "autoencoder.py")  # components beside the UNet, each its own afternoon
+ENTRY_POINTS = {  # they import minidiff.tools: not lesson files
+    "__init__.py": "what `import minidiff` gives: the lesson's TrainConfig and train, the tools' pipeline",
+    "evaluate.py": "`python -m minidiff.evaluate`: runs minidiff/tools/evaluate.py",
+    "figures.py": "`python -m minidiff.figures`: runs minidiff/tools/figures.py",
+}
 LIMIT = 1400
 
 
@@ -32,23 +38,25 @@ def count(path: Path) -> int:
 
 
 def lesson_files() -> list[Path]:
-    """Every .py file at the top of minidiff/, the components beside the UNet aside."""
-    return sorted(p for p in PACKAGE.glob("*.py") if p.name not in NOT_COUNTED)
+    """Every .py file at the top of minidiff/, the components beside the UNet and the entry points aside."""
+    return sorted(p for p in PACKAGE.glob("*.py") if p.name not in NOT_COUNTED and p.name not in ENTRY_POINTS)
 
 
 def table() -> str:
     files = {p.name: count(p) for p in lesson_files()}
     described = dict(READING_ORDER)
     rows = [(name, files[name], described[name]) for name, _ in READING_ORDER if name in files]
-    rows += [(name, n, "what `import minidiff` gives" if name == "__init__.py" else "the command's entry point")
-             for name, n in files.items() if name not in described]
+    rows += [(name, n, "not in the reading order") for name, n in files.items() if name not in described]
     tools = sum(count(p) for p in (PACKAGE / "tools").glob("*.py"))
     lines = ["| file | lines | what it is |", "| --- | ---: | --- |"]
     lines += [f"| `minidiff/{name}` | {n} | {what} |" for name, n, what in rows]
     lines.append(f"| **the lesson** | **{sum(files.values())}** | (at most {LIMIT:,}) |")
     lines += [f"| `minidiff/{name}` | {count(PACKAGE / name)} | beside the UNet, not counted above |"
               for name in NOT_COUNTED if (PACKAGE / name).exists()]
-    lines.append(f"| `minidiff/tools/` | {tools} | the machinery: trainer, Shapes and data folders, app, evaluation, figures |")
+    lines += [f"| `minidiff/{name}` | {count(PACKAGE / name)} | {what} |" for name, what in ENTRY_POINTS.items()
+              if (PACKAGE / name).exists()]
+    lines.append(f"| `minidiff/tools/` | {tools} | the machinery: the user-facing pipeline and its contract, trainer, "
+                 f"checkpoints, data, app, evaluation, figures |")
     return "\n".join(lines)
 
 

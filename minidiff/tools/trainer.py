@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import shutil
 import signal
@@ -30,15 +31,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import cores
-from .checkpoint import (CheckpointError, atomic_write, load_autoencoder, read_json, read_safetensors, save_autoencoder,
-                         save_model, write_json, write_safetensors)
+from .checkpoint import (AUTOENCODER_FOLDER, CheckpointError, atomic_write, load_autoencoder, read_json, read_safetensors,
+                         save_autoencoder, save_model, write_json, write_safetensors)
 from ..autoencoder import Autoencoder, AutoencoderConfig, fit_latent_factors, train_autoencoder
 from .shapes import Shapes
-from ..model import AUTOENCODER_FOLDER, TextToImageModel
-from ..pipeline import MiniDiffusionPipeline
+from ..model import TextToImageModel
 from ..training import TrainConfig, TrainState, batch_indices, load_batch
 from .datasets import load_dataset
 from .pictures import make_grid
+from .pipeline import MiniDiffusionPipeline
 
 LOSS_BINS = 4  # the loss is also logged per quarter of the timestep range
 TRAIN_STATE_FORMAT, TRAIN_STATE_VERSION = "minidiff-train-state", 1  # state.json of a resumable checkpoint
@@ -47,6 +48,11 @@ GO_ON, TIME_LIMIT, INTERRUPTED, NOT_FINITE, FAILED = 0, 1, 2, 3, 4
 
 # A latent run's autoencoder, when trained first: benchmarks/autoencoder_quality.py's fastest recipe to 30 dB
 AUTOENCODER_BATCH_SIZE, AUTOENCODER_LR, AUTOENCODER_FIT_PICTURES = 16, 3e-3, 1024
+
+PRESETS = {  # train.py --preset: what each run changes of TrainConfig's defaults (BENCHMARKS.md measures them)
+    "cpu": {},
+    "gpu": dict(image_size=32, base_channels=64, steps=4000, batch_size=128, lr=1e-3, two_object_fraction=0.3),
+}
 
 # Settings a resumed run may change (`train.py --resume --steps 20000`); the others define the
 # run (model, data, batch, seed, ...) and must stay what the checkpoint says. A longer --steps
@@ -93,6 +99,14 @@ def read_train_state(checkpoint: Path) -> dict:
     return state
 
 
+def train_config_from_dict(values: dict) -> TrainConfig:
+    """The TrainConfig a checkpoint's state.json holds (JSON lists back to tuples)."""
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise ValueError(f"unknown training settings {', '.join(unknown)}")
+    return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
 def config_for_resume(checkpoint: Path, given: dict) -> tuple[TrainConfig, dict]:
     """The training config of a resumed run: the checkpoint's, with the settings in `given`
     (what the user asked for) applied where RUN_SETTINGS allows. Returns it and the changes,
@@ -100,7 +114,7 @@ def config_for_resume(checkpoint: Path, given: dict) -> tuple[TrainConfig, dict]
     quietly train a different model than the checkpoint's."""
     state = read_train_state(checkpoint)
     try:
-        config = TrainConfig.from_dict(state["train_config"])
+        config = train_config_from_dict(state["train_config"])
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{checkpoint / 'state.json'} holds an invalid train_config ({error})") from None
     changes = {}
@@ -229,7 +243,7 @@ class Trainer(TrainState):
             write_safetensors(tmp / "rng.safetensors", {"generator": self.generator.get_state()})
             write_json(tmp / "state.json", {
                 "format": TRAIN_STATE_FORMAT, "format_version": TRAIN_STATE_VERSION, "step": self.step,
-                "train_config": self.config.to_dict(), "loss_rows": self.loss_rows,
+                "train_config": dataclasses.asdict(self.config), "loss_rows": self.loss_rows,
                 "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "log_window": {**self.window, "bins": self.window["bins"].tolist()}})
             tmp.rename(final)

@@ -5,7 +5,7 @@
         ...                                                     # Frame every few steps, then one Result
     build_ui(WebApp(model)).launch(css=PAGE_CSS)                # the Gradio page over the same calls
 
-Everything here goes through the calls of `minidiff.contract` (`sample`, `img2img`, `inpaint`)
+Everything here goes through the calls of `minidiff.tools.contract` (`sample`, `img2img`, `inpaint`)
 on either backend. Watching the denoising is their `callback` (every few steps, decoded with a
 `StepRecorder`) and `capture_steps=[0]` (the starting point), not a second sampling loop. The
 call runs in a worker thread so that the page can be sent each frame while it runs.
@@ -37,13 +37,12 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from ..contract import StepRecorder
-from ..images import load_image, load_mask, open_image
 from ..text import UNKNOWN_WORDS_WARNING
 from . import cores
 from .checkpoint import atomic_write
 from .cli import USER_ERRORS, open_pipeline, pick_backend
-from .pictures import make_grid
+from .contract import StepRecorder
+from .pictures import load_image, load_mask, make_grid, open_image
 
 MODES = ("txt2img", "img2img", "inpaint")
 BACKEND_NAMES = {"minidiff": "minidiff", "sd3": "Stable Diffusion 3 (diffusers)"}

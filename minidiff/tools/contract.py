@@ -1,11 +1,8 @@
 """The calls every backend answers, minidiff's toy model and the Stable Diffusion 3.5 bridge alike:
 `sample`, `img2img` and `inpaint`, with diffusers' keywords, the fields of `Call` (docs/sampling.md).
-Classifier-free guidance is out = out_uncond + w (out_cond - out_uncond), w = `guidance_scale`, the
-negative prompt standing in for the unconditional one (Ho & Salimans' eq. 6 with their w = our w - 1, as
-in Imagen and diffusers). An edit of strength s runs the last `steps_run(N, s)` of N steps. `callback`
-gets a plain dict after every step (k-diffusion style): "i", "t" (the timestep the model was given), "x"
-(the sample after the step), "denoised" (x_0 predicted) and "noise_pred" (the model's output);
-`capture_steps` keeps some of them as pictures in `ImageOutput.trace`.
+Guidance and strength mean what minidiff/pipeline.py says. `callback` gets a plain dict after every
+step (k-diffusion style), the one `minidiff.pipeline.Pipeline.denoise` gives; `capture_steps` keeps
+some of them as pictures in `ImageOutput.trace`.
 """
 
 from __future__ import annotations
@@ -18,6 +15,8 @@ from typing import Callable
 
 from PIL import Image
 from tqdm import tqdm
+
+from ..pipeline import prompt_lists
 
 
 @dataclass
@@ -48,11 +47,7 @@ class Call:
 
     def prompts(self) -> tuple[list[str], list[str]]:
         """(prompts, negative prompts): two lists of equal length."""
-        prompts = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
-        negatives = self.negative_prompt
-        negatives = [negatives or ""] * len(prompts) if negatives is None or isinstance(negatives, str) else list(negatives)
-        if len(negatives) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(negatives)} negative prompts")
+        prompts, negatives = prompt_lists(self.prompt, self.negative_prompt)
         if not isinstance(self.num_images_per_prompt, int) or self.num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be a whole number >= 1, got {self.num_images_per_prompt}")
         return prompts, negatives
