@@ -43,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                   "optional metadata.jsonl of {\"file_name\", \"text\"} lines")
     p.add_argument("--two-object-fraction", type=float,
                    help="Shapes from 32 px: the share of pictures with two objects (the gpu preset: 0.3)")
+    p.add_argument("--renderer", choices=["pil", "torch"],
+                   help="Shapes: draw pictures one by one with PIL (the cpu preset) or a batch at once in torch "
+                        "(the gpu preset: the data keeps up with a GPU)")
     p.add_argument("--data-root", help="where mnist/fashion-mnist/cifar10 are downloaded (default ~/.cache/minidiff)")
     p.add_argument("--objective", choices=["ddpm", "flow"],
                    help="ddpm: predict the noise (Ho et al. 2020); flow: rectified flow, predict the velocity "
@@ -120,6 +123,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
                 hint = " or add --backbone mmdit" if network == "mmdit" else ""
                 raise UsageError(f"--{name.replace('_', '-')} sets the {network} network, but this run trains the "
                                  f"{backbone}; drop the flag{hint}")
+    if given.get("renderer") == "torch" and given.get("data", "shapes") != "shapes":
+        raise UsageError(f"--renderer torch draws Shapes; --data {given['data']} is read from files, so drop it")
     return TrainConfig(**{**PRESETS[preset], **given})
 
 

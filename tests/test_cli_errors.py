@@ -88,6 +88,8 @@ CASES = [
     Case("train: unknown data", NEW + ["--data", "imagenet"], None, "neither a folder nor one of"),
     Case("train: a share of two-object pictures above 1", NEW + ["--two-object-fraction", "1.5"], None,
          "--two-object-fraction must be between 0 and 1"),
+    Case("train: the torch renderer for data read from files", NEW + ["--renderer", "torch", "--data", "mnist"], None,
+         "--renderer torch draws Shapes"),
     Case("train: two objects at 16 px", NEW + ["--two-object-fraction", "0.3"], None,
          "--two-object-fraction needs --image-size 32 or more"),
     Case("train: empty data folder", NEW + ["--data", "{tmp}/data"], lambda t: data_folder(t, images=()),

@@ -265,3 +265,22 @@ def test_benchmark_writes_to_scratch_unless_published(tmp_path, monkeypatch):
         assert "<!-- begin renderer -->\n### " in text and "| 16 | 4 |" in text
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_trainer_draws_shapes_with_the_renderer_its_config_names(tmp_path, monkeypatch):
+    """renderer="torch" (the gpu preset's): every training batch comes from Shapes.batch in torch;
+    "pil" (the default): none does, so the CPU preset's data stays what it was."""
+    from conftest import TINY_TRAINING, tiny_train_config
+    from minidiff.tools.trainer import PRESETS, Trainer
+
+    calls = []
+    real = Shapes.batch
+    monkeypatch.setattr(Shapes, "batch", lambda self, indices, **kw: calls.append((list(indices), kw))
+                        or real(self, indices, **kw))
+    Trainer(tiny_train_config(tmp_path / "torch", renderer="torch")).train()
+    size = TINY_TRAINING["batch_size"]
+    assert calls == [(list(range(k * size, (k + 1) * size)), {"renderer": "torch"}) for k in range(TINY_TRAINING["steps"])]
+    calls.clear()
+    Trainer(tiny_train_config(tmp_path / "pil")).train()
+    assert calls == []
+    assert PRESETS["gpu"]["renderer"] == "torch" and "renderer" not in PRESETS["cpu"]

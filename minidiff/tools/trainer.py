@@ -51,7 +51,8 @@ AUTOENCODER_BATCH_SIZE, AUTOENCODER_LR, AUTOENCODER_FIT_PICTURES = 16, 3e-3, 102
 
 PRESETS = {  # train.py --preset: what each run changes of TrainConfig's defaults (BENCHMARKS.md measures them)
     "cpu": {},
-    "gpu": dict(image_size=32, base_channels=64, steps=4000, batch_size=128, lr=1e-3, two_object_fraction=0.3),
+    "gpu": dict(image_size=32, base_channels=64, steps=4000, batch_size=128, lr=1e-3, two_object_fraction=0.3,
+                renderer="torch"),
 }
 
 # Settings a resumed run may change (`train.py --resume --steps 20000`); the others define the
@@ -318,6 +319,13 @@ class Trainer(TrainState):
             raise error
 
     # ---- the loop ----------------------------------------------------------------------
+    def load_batch(self, indices) -> tuple[torch.Tensor, list[str]]:
+        """The pictures and captions of `indices`: Shapes drawn a batch at once in torch with
+        `renderer="torch"` (the same scenes and captions as PIL's, not the same pixels), else one by one."""
+        if self.config.renderer == "torch" and isinstance(self.dataset, Shapes):
+            return self.dataset.batch(indices, renderer="torch")
+        return load_batch(self.dataset, indices)
+
     def stop_code(self, loss: torch.Tensor, signals: list, start_time: float) -> int:
         """This rank's view: should training stop now? (Rank 0 alone keeps the clock.)"""
         if not torch.isfinite(loss):
@@ -342,8 +350,8 @@ class Trainer(TrainState):
                     # checkpoint must then hold the state that draws this step's numbers again
                     rng_at_step = self.generator.get_state()
                     cores.adjust()  # fewer threads while other programs keep cores busy (commands only)
-                    images, captions = load_batch(self.dataset, batch_indices(self.step, c.batch_size, self.rank,
-                                                                              self.world_size))
+                    images, captions = self.load_batch(batch_indices(self.step, c.batch_size, self.rank,
+                                                                     self.world_size))
                     stops = []
 
                     def should_stop(loss):  # every rank acts on the same decision: all stop after the same step
