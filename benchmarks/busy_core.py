@@ -10,6 +10,8 @@ Policies (what the command's environment holds; torch reads it when it loads Ope
 `adaptive` fix the thread count with OMP_NUM_THREADS, which turns minidiff's own choice off:
   adaptive    nothing set: the commands' default (minidiff.tools.cores: one thread fewer for every
               core other programs keep busy)
+  before      nothing set, and the thread choice turned off (cores.start replaced by a no-op): the
+              commands as they ran before issue 24
   fixed       OMP_NUM_THREADS = the cores: libgomp's default wait (spin ~3 ms, then sleep), as the
               commands ran before issue 24
   spin        the same with OMP_WAIT_POLICY=ACTIVE: OpenMP workers spin while they wait
@@ -37,10 +39,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SCRATCH = ROOT / "runs" / "benchmarks" / "busy_core"
 CORES = str(len(os.sched_getaffinity(0)))
-POLICIES = {"adaptive": {}, "fixed": {"OMP_NUM_THREADS": CORES},
+POLICIES = {"adaptive": {}, "before": {}, "fixed": {"OMP_NUM_THREADS": CORES},
             "spin": {"OMP_NUM_THREADS": CORES, "OMP_WAIT_POLICY": "ACTIVE"},
             "spin1000": {"OMP_NUM_THREADS": CORES, "GOMP_SPINCOUNT": "1000"},
             "passive": {"OMP_NUM_THREADS": CORES, "OMP_WAIT_POLICY": "PASSIVE"}, "one-thread": {"OMP_NUM_THREADS": "1"}}
+# `before`: the command run with minidiff's thread choice turned off
+WITHOUT_CORES = "import runpy, sys\nfrom minidiff.tools import cores\ncores.start = lambda: None\n" \
+                "target, sys.argv = sys.argv[1], sys.argv[1:]\n" \
+                "runpy.run_path(target, run_name='__main__') if target.endswith('.py') else " \
+                "runpy.run_module(target, run_name='__main__', alter_sys=True)\n"
 # the competitor: spins until its deadline, whatever happens to its parent
 BUSY_LOOP = "import os, sys, time\nos.sched_setaffinity(0, {int(sys.argv[1])})\nend = time.monotonic() + float(sys.argv[2])\n" \
             "while time.monotonic() < end:\n    pass\n"
@@ -92,6 +99,8 @@ def measure(args, policy: str, busy: bool) -> dict[str, tuple[float, float]]:
     try:
         found = {}
         for name, command in commands(args, out).items():
+            if policy == "before":  # python -c WITHOUT_CORES train.py ... / minidiff.evaluate ...
+                command = [sys.executable, "-c", WITHOUT_CORES, *command[2 if command[1] == "-m" else 1:]]
             if name == "train" or name in args.commands:
                 found[name] = run_timed(command, clean_env(policy))
         return {name: found[name] for name in args.commands}

@@ -1,5 +1,5 @@
 """Shared test fixtures: everything on CPU, deterministic, TF32 off, tiny models.
-(Thread count: torch's default, or OMP_NUM_THREADS when set.)
+(Thread count: torch's default, or OMP_NUM_THREADS when set; the commands tests start get the same.)
 
 The tiny training run is written once, here (`TINY_TRAINING`): as a `TrainConfig`
 (`tiny_train_config`) and as the same run's train.py flags (`tiny_train_flags`). The tiny models
@@ -13,9 +13,15 @@ carry `@pytest.mark.slow`: `pytest -m "not slow"` is the quick loop, `make test`
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
+# The commands the tests start get this process's thread count, fixed, so that their numbers compare
+# bit for bit with in-process runs whatever else the machine runs (tests/test_cores.py unsets it to
+# test the commands' own thread choice).
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 

@@ -112,3 +112,17 @@ def test_train_uses_fewer_threads_beside_a_busy_loop(tmp_path):
         busy.wait()
     assert done.returncode == 0, done.stderr[-2000:]
     assert "other programs keep" in done.stderr and "torch thread" in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["train.py", "minidiff.evaluate"])
+def test_the_benchmarks_before_policy_runs_a_command_without_the_thread_choice(target):
+    """benchmarks/busy_core.py's `before`: the command itself, with cores.start a no-op."""
+    from benchmarks.busy_core import WITHOUT_CORES
+
+    probe = WITHOUT_CORES.replace("cores.start = lambda: None",
+                                  "cores.start = lambda: print('start skipped', flush=True)")
+    done = subprocess.run([sys.executable, "-c", probe, target, "--help"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "start skipped" in done.stdout and "usage:" in done.stdout
