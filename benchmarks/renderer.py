@@ -30,7 +30,7 @@ import time
 import torch
 
 from benchmarks.common import Report, add_publish_flag, markdown_table, median_ratio, set_threads
-from minidiff.images import pil_to_tensor
+from minidiff.tools.pictures import pil_to_tensor
 from minidiff.tools.shapes import Shapes, render, render_batch, scene_caption
 
 TWO_OBJECT_FRACTION = 0.3  # at 32 px and up, as the GPU preset

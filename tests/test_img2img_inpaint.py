@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from minidiff.tools.shapes import Shapes
-from minidiff.images import pil_to_tensor
+from minidiff.tools.pictures import pil_to_tensor
 from minidiff.tools.pictures import ImageInputError
 from minidiff.scheduler import NoiseSchedule
 

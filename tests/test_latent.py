@@ -23,7 +23,7 @@ import train
 from minidiff.autoencoder import Autoencoder, AutoencoderConfig, fingerprint, fit_latent_factors, from_latents, \
     save_autoencoder, to_latents
 from minidiff.tools.shapes import Shapes
-from minidiff.images import tensor_to_pil
+from minidiff.tools.pictures import tensor_to_pil
 from minidiff.model import TextToImageModel
 from minidiff import MiniDiffusionPipeline
 from minidiff.tools.checkpoint import CheckpointError, load_model, read_safetensors, save_model

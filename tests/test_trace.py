@@ -16,7 +16,7 @@ from minidiff.tools.cli import run
 from minidiff.tools.contract import StepRecorder
 from minidiff.flow import RectifiedFlow
 from minidiff.tools.figures import FIGURES, half_mask, noising_strip, trace_strip, two_object_picture
-from minidiff.images import pil_to_tensor, tensor_to_pil
+from minidiff.tools.pictures import pil_to_tensor, tensor_to_pil
 from minidiff.tools.pictures import noise_to_pil
 from minidiff.scheduler import DDPM
 

@@ -23,8 +23,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .shapes import Shapes
-from ..images import pil_to_tensor
-from .pictures import load_image
+from .pictures import load_image, pil_to_tensor
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_NAME = "metadata.jsonl"

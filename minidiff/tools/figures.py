@@ -33,7 +33,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .shapes import COLOURS, Shapes, render
-from ..images import pil_to_tensor, tensor_to_pil
+from .pictures import pil_to_tensor, tensor_to_pil
 from ..scheduler import randn
 from .pictures import make_grid, scale_for
 

@@ -1,5 +1,6 @@
-"""Pictures for people: a user's image or mask loaded with clear errors, grids with labels, enlarged
-small images, inpainting's paste-back."""
+"""Pictures in and out: pictures <-> tensors (a picture's pixels 0..255 are the tensor's values in
+[-1, 1], what the model learns and samples), a user's image or mask loaded with clear errors, grids
+with labels, enlarged small images, inpainting's paste-back."""
 
 from __future__ import annotations
 
@@ -11,9 +12,19 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
-from ..images import tensor_to_pil
-
 DISPLAY_SIZE = 96  # pixels a small image is enlarged to (at least), nearest neighbour
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL image -> float tensor (3, H, W) in [-1, 1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """Float tensor (B, 3, H, W) in [-1, 1] -> list of PIL RGB images."""
+    array = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in array]
 
 
 class ImageInputError(ValueError):

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..images import pil_to_tensor, tensor_to_pil
 from ..pipeline import Pipeline
 from ..runtime import pick_device
 from .checkpoint import load_model, save_model
 from .contract import Call, ImageOutput, StepRecorder, TextToImagePipeline
-from .pictures import load_image, load_mask, mask_to_tensor, noise_to_pil
+from .pictures import load_image, load_mask, mask_to_tensor, noise_to_pil, pil_to_tensor, tensor_to_pil
 
 
 @dataclass

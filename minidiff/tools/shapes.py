@@ -33,7 +33,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from ..images import pil_to_tensor
+from .pictures import pil_to_tensor
 
 COLOURS = {
     "red": (230, 40, 40),
