@@ -345,4 +345,12 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run(main))
+    code = run(main)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under torchrun, gloo's threads can outlive the process group, and a C++ thread still running
+        # when the interpreter tears down aborts the process ("terminate called without an active
+        # exception") after all the work is saved: leave without the teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
