@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -75,6 +77,15 @@ def test_adjust_drops_a_thread_while_another_program_is_busy_and_takes_it_back(w
     readings.append((30.0, 39.0, 30.0))
     assert cores.adjust() == 2
     assert capsys.readouterr().err == ""  # no line when nothing changes
+
+
+def test_adjust_reads_the_machine_at_most_every_interval(watched, monkeypatch):
+    readings, threads = watched
+    readings.append((10.0, 19.0, 10.0))
+    assert cores.adjust() == 1
+    monkeypatch.setattr(cores, "INTERVAL", 60.0)
+    monkeypatch.setattr(cores, "time", SimpleNamespace(monotonic=lambda: 30.0, sleep=time.sleep))  # 20 s later
+    assert cores.adjust() == 1 and threads == [1]  # no reading taken (none is left to take)
 
 
 def test_nothing_is_watched_when_the_user_sets_the_thread_count(monkeypatch):

@@ -76,7 +76,7 @@ def start() -> None:
         first = reading(cpus)
     except (OSError, ValueError):
         return
-    _state = {"cpus": cpus, "most": most, "last": first, "threads": most, "wait": FIRST_READING}
+    _state = {"cpus": cpus, "most": most, "last": first, "threads": most, "decided": False}
 
 
 def adjust() -> int | None:
@@ -85,16 +85,16 @@ def adjust() -> int | None:
     if _state is None:
         return None
     waited = time.monotonic() - _state["last"][0]
-    if _state["wait"] == FIRST_READING and waited < FIRST_READING:
-        time.sleep(FIRST_READING - waited)  # once: the first decision needs a window this long
-    elif waited < _state["wait"]:
+    if not _state["decided"]:
+        time.sleep(max(0.0, FIRST_READING - waited))  # once: the first decision needs a window this long
+    elif waited < INTERVAL:
         return _state["threads"]
     try:
         current = reading(_state["cpus"])
     except (OSError, ValueError):
         return _state["threads"]
     others = others_busy(_state["last"], current)
-    _state.update(last=current, wait=INTERVAL)
+    _state.update(last=current, decided=True)
     threads = threads_for(others, _state["most"])
     if threads != _state["threads"] or threads != torch.get_num_threads():
         torch.set_num_threads(threads)
