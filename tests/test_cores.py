@@ -137,3 +137,11 @@ def test_the_benchmarks_before_policy_runs_a_command_without_the_thread_choice(t
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "start skipped" in done.stdout and "usage:" in done.stdout
+
+
+def test_every_batch_a_pipeline_draws_first_adjusts_the_thread_count(tiny_pipe, monkeypatch):
+    """The contract's batch loop is where sampling, evaluation and the app share the cores, either backend."""
+    calls = []
+    monkeypatch.setattr(cores, "adjust", lambda: calls.append(1))
+    tiny_pipe.sample(["a red circle"] * 3, num_inference_steps=1, batch_size=1, generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 3

@@ -17,6 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..pipeline import prompt_lists
+from . import cores
 
 
 @dataclass
@@ -139,7 +140,11 @@ class TextToImagePipeline(ABC):
     def run(self, call: Call) -> ImageOutput:
         batches = self.batches(call)
         bar = tqdm(batches, unit="batch", leave=False, **{"disable": len(batches) == 1, **self.progress})
-        return merge_outputs([self.generate(batch) for batch in bar])
+        outputs = []
+        for batch in bar:
+            cores.adjust()  # a command's thread count for the machine's load (nothing outside a command)
+            outputs.append(self.generate(batch))
+        return merge_outputs(outputs)
 
     def batches(self, call: Call) -> list[Call]:
         """The one place a call is cut into batches of at most `batch_size` images, in order."""

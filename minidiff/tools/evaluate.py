@@ -26,7 +26,6 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from . import cores
 from .shapes import COLOURS, SHAPES, caption_for
 
 REFERENCE = np.array(list(COLOURS.values()), dtype=np.float32)
@@ -134,7 +133,6 @@ def evaluate(pipe, samples_per_prompt: int = 8, seed: int = 0, progress: bool = 
     bar = tqdm(total=len(prompts) * samples_per_prompt, unit="image", disable=not progress, dynamic_ncols=True)
     for index, (prompt, expected) in enumerate(prompts):
         generator = torch.Generator().manual_seed(seed + index)
-        cores.adjust()  # fewer threads while other programs keep cores busy (commands only)
         out = pipe.sample(prompt, num_images_per_prompt=samples_per_prompt, generator=generator, **sample_kwargs)
         scores = [score(analyse(img, two_objects=len(expected) == 2), expected) for img in out.images]
         results["single" if len(expected) == 1 else "two"] += scores

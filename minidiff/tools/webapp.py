@@ -38,7 +38,6 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from ..text import UNKNOWN_WORDS_WARNING
-from . import cores
 from .checkpoint import atomic_write
 from .cli import USER_ERRORS, open_pipeline, pick_backend
 from .contract import StepRecorder
@@ -177,7 +176,6 @@ class AppModel:
 
     def call(self, mode: str, settings: Settings, image=None, mask=None, **watch):
         """The contract's call for `mode`, with the resolved settings and the same generator sample.py seeds."""
-        cores.adjust()  # fewer threads while other programs keep cores busy
         common = dict(negative_prompt=settings.negative_prompt or None, num_inference_steps=settings.steps,
                       guidance_scale=settings.guidance, generator=torch.Generator().manual_seed(settings.seed),
                       num_images_per_prompt=settings.num_images, sampler=settings.sampler, height=settings.height,
