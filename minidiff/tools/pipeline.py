@@ -72,9 +72,11 @@ class MiniDiffusionPipeline(Pipeline, TextToImagePipeline):
         decode_noise = noise_to_pil if self.model.sample_shape == (3, self.image_size, self.image_size) else None
         recorder = StepRecorder(call.capture_steps, self.steps_run(steps, call.strength), call.callback, self.decode,
                                 decode_noise)
-        x = self.generate_pixels(call.prompt, call.negative_prompt, call.num_images_per_prompt, steps, guidance,
-                                 call.generator, image, mask_image, call.strength, call.sampler, call.eta,
-                                 call.resample_jumps, recorder.callback, recorder.start)
+        x = self.generate_pixels(call.prompt, call.negative_prompt, num_images_per_prompt=call.num_images_per_prompt,
+                                 num_inference_steps=steps, guidance_scale=guidance, generator=call.generator,
+                                 image=image, mask_image=mask_image, strength=call.strength, sampler=call.sampler,
+                                 eta=call.eta, resample_jumps=call.resample_jumps, callback=recorder.callback,
+                                 on_start=recorder.start)
         if call.output_type == "pt":  # like diffusers: values in [0, 1]
             return ImageOutput(images=list(((x.float().cpu() + 1) / 2).clamp(0, 1)), trace=recorder.trace)
         return ImageOutput(images=tensor_to_pil(x), trace=recorder.trace)
