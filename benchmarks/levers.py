@@ -13,7 +13,8 @@ training settings of minidiff and are applied here by wrapping its parts:
 - prediction=v: DDPM with v-prediction (Salimans & Ho 2022): the network predicts
   v = sqrt(alpha-bar) eps - sqrt(1 - alpha-bar) x_0 and is trained on it; for sampling it is
   wrapped to return eps = sqrt(alpha-bar) v + sqrt(1 - alpha-bar) x_t;
-- precision=bf16: bfloat16 autocast of the forward pass on the CPU.
+- precision=bf16|float32: the forward pass under bfloat16 autocast, or in float32 (the trainer's
+  own choice: bf16 where the CPU has bf16 instructions, minidiff.runtime.precision_for).
 
 This is a proxy for benchmarks/time_to_quality.py, checked against it (BENCHMARKS.md): a
 variant's cost is its measured training time (`train s`, the Trainer's whole loop with this
@@ -106,7 +107,7 @@ def v_prediction_loss(model, tokenizer, schedule, images, captions, generator, c
 
 def train_variant(config, levers: dict) -> tuple[Trainer, float, float]:
     """Train `config` with `levers` applied; returns the trainer, wall and CPU seconds of train()."""
-    saved = training.diffusion_loss, training.autocast
+    saved = training.diffusion_loss
     try:
         trainer = Trainer(config)
         schedule = trainer.objective
@@ -117,13 +118,13 @@ def train_variant(config, levers: dict) -> tuple[Trainer, float, float]:
         if levers.get("prediction") == "v":
             predict_v(trainer.model.unet, schedule.alphas_cumprod)
             training.diffusion_loss = v_prediction_loss
-        if levers.get("precision") == "bf16":
-            training.autocast = lambda device, precision=None: torch.autocast("cpu", dtype=torch.bfloat16)
+        if "precision" in levers:
+            trainer.precision = {"bf16": torch.bfloat16, "float32": None}[levers["precision"]]
         wall, cpu = time.perf_counter(), time.process_time()
         trainer.train()
         return trainer, time.perf_counter() - wall, time.process_time() - cpu
     finally:
-        training.diffusion_loss, training.autocast = saved
+        training.diffusion_loss = saved
 
 
 def read_rows(path) -> list[dict]:
@@ -137,14 +138,15 @@ def read_rows(path) -> list[dict]:
     return list(latest.values())
 
 
-SHOWN = ("objective", "base_channels", "lr", "steps", "batch_size")  # columns of their own
+SHOWN = ("objective", "base_channels", "lr", "steps", "batch_size", "precision")  # columns of their own
 
 
 def body(rows: list[dict]) -> str:
     steps = sorted({s for row in rows for s in row["accuracy"]}, key=lambda k: tuple(float(v) for v in k.split("@")))
-    header = ["variant", "objective", "width", "peak lr", "steps x batch", "other changes", "train s", "ms/step",
-              "threads"] + ["accuracy, {} steps, guidance {}".format(*s.split("@")) for s in steps] + ["date, load at start"]
+    header = ["variant", "objective", "width", "peak lr", "steps x batch", "precision", "other changes", "train s",
+              "ms/step", "threads"] + ["accuracy, {} steps, guidance {}".format(*s.split("@")) for s in steps] + ["date, load at start"]
     table = [[r["name"], r["objective"], r["base_channels"], f"{r['lr']:g}", f"{r['steps']} x {r['batch_size']}",
+              r.get("precision", "bf16" if "precision=bf16" in r["changes"] else "float32"),  # rows before bf16 was the default
               r["other"] or "-", f"{r['train_seconds']:.0f}", f"{r['ms_per_step']:.0f}", r["threads"]]
              + [f"{r['accuracy'][s]:.1%}" if s in r["accuracy"] else "" for s in steps] + [f"{r['date']}, {r['load']}"]
              for r in rows]
@@ -181,15 +183,20 @@ def main(argv=None) -> int:
             trainer, wall, cpu = train_variant(config, levers)
             model = trainer.ema_model()
         pipe = MiniDiffusionPipeline(model, device="cpu")
-        accuracy = {f"{s}@{g:g}": evaluate(pipe, args.samples_per_prompt, 0, num_inference_steps=s,
-                                             guidance_scale=g)["single"]["both"]
-                    for s in args.eval_steps for g in args.guidance_scales}
+        accuracy, eval_seconds = {}, {}
+        for s in args.eval_steps:
+            for g in args.guidance_scales:
+                start = time.perf_counter()
+                accuracy[f"{s}@{g:g}"] = evaluate(pipe, args.samples_per_prompt, 0, num_inference_steps=s,
+                                                  guidance_scale=g)["single"]["both"]
+                eval_seconds[f"{s}@{g:g}"] = time.perf_counter() - start
         other = {k: v for k, v in {**changes, **levers}.items() if k not in SHOWN}
         row = {"name": name, "changes": ", ".join(f"{k}={v}" for k, v in {**changes, **levers}.items()),
                "other": ", ".join(f"{k}={v}" for k, v in other.items()), "objective": config.objective,
                "base_channels": config.base_channels, "lr": config.lr, "steps": config.steps,
                "batch_size": config.batch_size, "train_seconds": wall, "cpu_seconds": cpu,
                "ms_per_step": 1000 * wall / config.steps, "threads": threads, "accuracy": accuracy,
+               "eval_seconds": eval_seconds, "precision": "bf16" if trainer.precision == torch.bfloat16 else "float32",
                "date": date, "load": load}
         print(json.dumps(row), flush=True)
         with open(path, "a") as f:

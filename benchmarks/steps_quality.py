@@ -8,7 +8,9 @@
 For a trained model folder: prompt accuracy (minidiff.evaluate: every evaluation prompt,
 `--samples-per-prompt` fixed seeds each, judged by the pixel analyser) and seconds per image
 (wall-clock of that evaluation divided by the images it made, so it includes the text
-encoder and the conversion to PIL images) for
+encoder and the conversion to PIL images; "evaluation s" is that whole evaluation, what
+`python -m minidiff.evaluate` takes; "one image s" is one picture of one prompt alone, as the
+app and sample.py make it, the median of 3) for
 
 - each sampler the model accepts (a DDPM model: DDPM, Ho et al. 2020, and DDIM, Song et al.
   2021, eta = 0; a flow model: Euler, as SD3) at each of `--steps`, at the pipeline's
@@ -22,8 +24,11 @@ The same seeds are used everywhere, so rows differ only by the setting.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
+
+import torch
 
 from minidiff.tools.checkpoint import CheckpointError
 from minidiff.tools.evaluate import evaluate, evaluation_prompts
@@ -38,11 +43,20 @@ def measure(pipe, args, sampler: str, steps: int, guidance: float) -> dict:
     summary = evaluate(pipe, args.samples_per_prompt, seed=args.seed, num_inference_steps=steps,
                        guidance_scale=guidance, sampler=sampler)
     seconds = time.perf_counter() - start
+    prompt = evaluation_prompts(pipe.image_size, tokenizer=pipe.model.tokenizer)[0][0]
+    one = []
+    for repeat in range(3):  # one picture, as the app and sample.py make it: median of 3
+        begin = time.perf_counter()
+        pipe.sample(prompt, num_inference_steps=steps, guidance_scale=guidance, sampler=sampler,
+                    generator=torch.Generator().manual_seed(repeat))
+        one.append(time.perf_counter() - begin)
     row = {"sampler": sampler, "steps": steps, "guidance": guidance, "single": summary["single"]["both"],
            "colour": summary["single"]["colour"], "shape": summary["single"]["shape"],
-           "two": summary["two"]["both"] if summary["two"] else None, "seconds_per_image": seconds / images}
+           "two": summary["two"]["both"] if summary["two"] else None, "seconds_per_image": seconds / images,
+           "evaluation_seconds": seconds, "one_image_seconds": statistics.median(one)}
     print(f"{sampler} {steps:4d} steps, guidance {guidance:g}: single {row['single']:.1%}"
-          + (f", two {row['two']:.1%}" if row["two"] is not None else "") + f", {row['seconds_per_image']:.4f} s/image",
+          + (f", two {row['two']:.1%}" if row["two"] is not None else "") + f", {row['seconds_per_image']:.4f} s/image"
+          + f", evaluation {seconds:.1f} s, one image {row['one_image_seconds']:.3f} s",
           flush=True)
     return row
 
@@ -79,13 +93,14 @@ def table(rows) -> str:
     two = any(r["two"] is not None for r in rows)
     header = ["sampler", "steps", "guidance", "single-object accuracy", "colour", "shape"]
     header += ["two-object accuracy"] if two else []
-    header += ["s / image"]
+    header += ["s / image", "evaluation s", "one image s"]
     lines = []
     for r in rows:
         line = [r["sampler"], r["steps"], f"{r['guidance']:g}", f"{r['single']:.1%}", f"{r['colour']:.1%}",
                 f"{r['shape']:.1%}"]
         line += [f"{r['two']:.1%}"] if two else []
-        lines.append(line + [f"{r['seconds_per_image']:.4f}"])
+        lines.append(line + [f"{r['seconds_per_image']:.4f}", f"{r['evaluation_seconds']:.1f}",
+                             f"{r['one_image_seconds']:.3f}"])
     return markdown_table(header, lines)
 
 
@@ -123,7 +138,7 @@ def main(argv=None) -> int:
     plot(step_rows, guidance_rows, results_folder(args.publish) / f"{args.name}.png")
     body = "\n".join([
         f"Model `{args.model}` ({pipe.config.objective}, {pipe.image_size} px); {args.samples_per_prompt} samples per prompt, seed {args.seed}, "
-        f"{len(evaluation_prompts(pipe.image_size, tokenizer=pipe.model.tokenizer))} prompts. Seconds per image = wall-clock of the evaluation / images.",
+        f"{len(evaluation_prompts(pipe.image_size, tokenizer=pipe.model.tokenizer))} prompts. Seconds per image = wall-clock of the evaluation / images; one image: one prompt's one picture alone, median of 3.",
         "",
         f"Steps (guidance {default_guidance:g}):",
         "",

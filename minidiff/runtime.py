@@ -1,4 +1,4 @@
-"""Where tensors run: the device for "auto", and mixed precision on CUDA."""
+"""Where tensors run: the device for "auto", and mixed precision."""
 
 from __future__ import annotations
 
@@ -19,15 +19,20 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     return device
 
 
-def precision_for(device: torch.device) -> torch.dtype | None:
+def precision_for(device: torch.device, training: bool = False) -> torch.dtype | None:
     """The autocast dtype: bf16 on CUDA GPUs that compute it natively (Ampere and newer), fp16 on
-    older CUDA cards (training then needs a gradient scaler); None (float32) on CPU and MPS."""
+    older CUDA cards (training then needs a gradient scaler); for training on a CPU with bf16
+    instructions (x86 AVX512-BF16, which AMX CPUs have too) bf16, where sampling stays float32;
+    None (float32) elsewhere and on MPS."""
+    if device.type == "cpu":
+        native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)  # a private check: absent, float32
+        return torch.bfloat16 if training and native() else None
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None = None):
-    """Mixed precision on CUDA with `dtype` (default: `precision_for(device)`); a no-op elsewhere."""
+    """Mixed precision with `dtype` (default: `precision_for(device)`); float32 when that is None."""
     dtype = dtype or precision_for(device)
-    return torch.autocast("cuda", dtype=dtype) if dtype is not None and device.type == "cuda" else contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()

@@ -240,7 +240,7 @@ class TrainState:
         self.objective = self.model.objective
         self.ema = EMA(self.model, config.ema_decay)
         self.optimizer = optimizer or make_optimizer(self.model, config.lr, self.device)
-        self.precision = precision_for(self.device)  # bf16 or fp16 (+ a gradient scaler) autocast on CUDA
+        self.precision = precision_for(self.device, training=True)  # bf16 (CUDA, CPU) or fp16 (+ a gradient scaler)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == torch.float16 else None
         self.generator = torch.Generator().manual_seed(config.seed)
         self.train_model = self.model  # what forward/backward runs through (the trainer may compile or wrap it)

@@ -1,7 +1,7 @@
 """The laptop-GPU paths, checked as far as a CPU shows them: which autocast a CUDA card gets
 (the capability query patched), what train.py says about it, the gradient scaler's state in a
-checkpoint, torchrun on a Mac, and the out-of-memory hint. What a CPU cannot show: fp16 and
-bf16 numerics on a real GPU (autocast is a no-op on CPU)."""
+checkpoint, torchrun on a Mac, and the out-of-memory hint; and bf16 training on CPUs with bf16
+instructions. What a CPU cannot show: fp16 and bf16 numerics on a real GPU."""
 
 from __future__ import annotations
 
@@ -38,7 +38,16 @@ def test_precision_is_bf16_where_native_else_fp16(monkeypatch, card, expected):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", card)
     assert precision_for(torch.device("cuda")) == expected
     assert precision_for(torch.device("cuda", 1)) == expected
-    assert precision_for(torch.device("cpu")) is None and precision_for(torch.device("mps")) is None
+    assert precision_for(torch.device("cuda"), training=True) == expected
+    assert precision_for(torch.device("mps")) is None and precision_for(torch.device("mps"), training=True) is None
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_training_is_bf16_only_where_the_cpu_has_bf16_instructions_and_sampling_stays_float32(monkeypatch, native):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    assert precision_for(torch.device("cpu"), training=True) == (torch.bfloat16 if native else None)
+    assert precision_for(torch.device("cpu")) is None  # sampling: float32, where equality with diffusers is tested
+    assert training.TrainState(tiny_train_config("unused", steps=1)).precision == (torch.bfloat16 if native else None)
 
 
 @pytest.fixture
@@ -54,13 +63,17 @@ def no_training(monkeypatch):
     return built
 
 
-@pytest.mark.parametrize("card,named,scaler", [(None, "float32", False), (ampere, "bf16 autocast", False),
+@pytest.mark.parametrize("card,named,scaler", [(False, "float32", False), (True, "bf16 autocast", False),
+                                               (ampere, "bf16 autocast", False),
                                                (turing, "fp16 autocast + gradient scaler", True)])
 def test_first_log_line_names_the_precision_and_fp16_gets_a_gradient_scaler(tmp_path, monkeypatch, capsys,
                                                                              no_training, card, named, scaler):
-    if card is not None:  # the trainer asks the real rule what a CUDA card with this capability gets
+    if isinstance(card, bool):  # a CPU with (True) or without bf16 instructions
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: card)
+    else:  # the trainer asks the real rule what a CUDA card with this capability gets
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", card)
-        monkeypatch.setattr(training, "precision_for", lambda device: runtime.precision_for(torch.device("cuda")))
+        monkeypatch.setattr(training, "precision_for",
+                            lambda device, training=False: runtime.precision_for(torch.device("cuda"), training))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # GradScaler("cuda") without CUDA disables itself, with a warning
         assert run(train.main, ["--out", str(tmp_path / "run"), *TINY_FLAGS]) == 0
