@@ -8,9 +8,9 @@
    by self CPU time, and which attention kernel scaled_dot_product_attention dispatched to.
 2. Variants of the same step, each on its own copy of the model (same initial weights),
    timed in alternating rounds against the step as minidiff runs it now (the order flipped
-   every round); the speed-up is the median of the per-round time ratios:
-   channels_last memory format, bf16 autocast of the forward, Adam foreach / fused, and
-   every torch thread count from 1 to the number of cores.
+   every round); the speed-up is the median of the per-round time ratios: float32 and bf16
+   autocast of the forward, each in the default (NCHW) and the channels_last memory format,
+   Adam foreach / fused, and every torch thread count from 1 to the number of cores.
 3. bf16 sanity: the same `--sanity-steps` steps (same data, same noise) in float32 and under
    bf16 autocast from the same weights: the losses side by side, and the largest difference
    of one forward's noise prediction relative to its standard deviation.
@@ -33,15 +33,21 @@ from .common import (Report, TrainState, add_publish_flag, alternating_times, bu
 
 
 def make_variants(config, threads: int) -> dict[str, tuple[TrainState, int]]:
-    """name -> (train state, thread count). "as is" is minidiff's step today."""
-    def state(**kwargs):
-        return TrainState(build_model(config, "minidiff"), config, **kwargs)
+    """name -> (train state, thread count). "as is" is minidiff's step today: the trainer's own
+    precision (`minidiff.runtime.precision_for(device, training=True)`: bf16 autocast on a CPU
+    with bf16 instructions, else float32) and memory format (channels_last, except for bf16 on a CPU)."""
+    def state(precision="as is", memory_format=None, **kwargs):
+        s = TrainState(build_model(config, "minidiff"), config, **kwargs)
+        if precision != "as is":
+            s.precision = precision
+        if memory_format is not None:
+            s.model.to(memory_format=memory_format)
+        return s
 
     variants = {"as is": (state(), threads)}
-    channels_last = state()
-    channels_last.model.to(memory_format=torch.channels_last)
-    variants["channels_last"] = (channels_last, threads)
-    variants["bf16 autocast"] = (state(autocast_dtype=torch.bfloat16), threads)
+    for precision, name in ((None, "float32"), (torch.bfloat16, "bf16 autocast")):
+        for memory_format, suffix in ((torch.contiguous_format, ""), (torch.channels_last, " channels_last")):
+            variants[name + suffix] = (state(precision, memory_format), threads)
     variants["Adam foreach"] = (state(foreach=True), threads)
     variants["Adam fused"] = (state(fused=True), threads)
     for n in range(1, (os.cpu_count() or 1) + 1):
@@ -69,7 +75,8 @@ def profile(state: TrainState, batches, steps: int, top: int) -> tuple[list[list
 
 def bf16_sanity(config, batches, steps: int) -> dict:
     states = {"float32": TrainState(build_model(config, "minidiff"), config),
-              "bf16": TrainState(build_model(config, "minidiff"), config, autocast_dtype=torch.bfloat16)}
+              "bf16": TrainState(build_model(config, "minidiff"), config)}
+    states["float32"].precision, states["bf16"].precision = None, torch.bfloat16
     losses = {name: [s.train_step(*batches[i % len(batches)]) for i in range(steps)] for name, s in states.items()}
     # one forward of the trained float32 weights, with and without autocast
     model = states["float32"].model.eval()

@@ -236,11 +236,12 @@ class TrainState:
         self.config = config
         self.device = pick_device(config.device)
         self.model = (model if model is not None else build_model(config, captions, autoencoder)).to(self.device)
-        self.model.to(memory_format=torch.channels_last)  # convolutions run a few % faster
+        self.precision = precision_for(self.device, training=True)  # bf16 (CUDA, CPU) or fp16 (+ a gradient scaler)
+        if self.device.type != "cpu" or self.precision is None:  # faster convolutions, but not for bf16 on a CPU
+            self.model.to(memory_format=torch.channels_last)
         self.objective = self.model.objective
         self.ema = EMA(self.model, config.ema_decay)
         self.optimizer = optimizer or make_optimizer(self.model, config.lr, self.device)
-        self.precision = precision_for(self.device, training=True)  # bf16 (CUDA, CPU) or fp16 (+ a gradient scaler)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == torch.float16 else None
         self.generator = torch.Generator().manual_seed(config.seed)
         self.train_model = self.model  # what forward/backward runs through (the trainer may compile or wrap it)
