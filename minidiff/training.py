@@ -81,7 +81,7 @@ class TrainConfig:
     data: str = "shapes"
     data_root: str | None = None  # torchvision download cache (default ~/.cache/minidiff)
     two_object_fraction: float = 0.0  # Shapes
-    renderer: str = "pil"  # Shapes: "pil", a picture at a time, or "torch", a batch at once (tools.shapes)
+    renderer: str = "torch"  # Shapes: "torch", a batch at once, or "pil", a picture at a time (tools.shapes)
     # the run (tools.trainer)
     out: str = "runs/shapes"
     device: str | None = None

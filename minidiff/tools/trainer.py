@@ -51,8 +51,7 @@ AUTOENCODER_BATCH_SIZE, AUTOENCODER_LR, AUTOENCODER_FIT_PICTURES = 16, 3e-3, 102
 
 PRESETS = {  # train.py --preset: what each run changes of TrainConfig's defaults (BENCHMARKS.md measures them)
     "cpu": {},
-    "gpu": dict(image_size=32, base_channels=64, steps=4000, batch_size=128, lr=1e-3, two_object_fraction=0.3,
-                renderer="torch"),
+    "gpu": dict(image_size=32, base_channels=64, steps=4000, batch_size=128, lr=1e-3, two_object_fraction=0.3),
 }
 
 # Settings a resumed run may change (`train.py --resume --steps 20000`); the others define the
