@@ -268,10 +268,11 @@ def test_benchmark_writes_to_scratch_unless_published(tmp_path, monkeypatch):
 
 
 def test_the_trainer_draws_shapes_with_the_renderer_its_config_names(tmp_path, monkeypatch):
-    """renderer="torch" (the gpu preset's): every training batch comes from Shapes.batch in torch;
-    "pil" (the default): none does, so the CPU preset's data stays what it was."""
+    """renderer="torch" (both presets'): every training batch comes from Shapes.batch in torch;
+    "pil": none does (pictures one by one, as Shapes[i] draws them)."""
     from conftest import TINY_TRAINING, tiny_train_config
     from minidiff.tools.trainer import PRESETS, Trainer
+    from minidiff.training import TrainConfig
 
     calls = []
     real = Shapes.batch
@@ -281,6 +282,6 @@ def test_the_trainer_draws_shapes_with_the_renderer_its_config_names(tmp_path, m
     size = TINY_TRAINING["batch_size"]
     assert calls == [(list(range(k * size, (k + 1) * size)), {"renderer": "torch"}) for k in range(TINY_TRAINING["steps"])]
     calls.clear()
-    Trainer(tiny_train_config(tmp_path / "pil")).train()
+    Trainer(tiny_train_config(tmp_path / "pil", renderer="pil")).train()
     assert calls == []
-    assert PRESETS["gpu"]["renderer"] == "torch" and "renderer" not in PRESETS["cpu"]
+    assert TrainConfig().renderer == "torch" and all("renderer" not in preset for preset in PRESETS.values())
