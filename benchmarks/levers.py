@@ -154,7 +154,9 @@ def body(rows: list[dict]) -> str:
             "its EMA weights scored by minidiff.evaluate (8 samples x 18 single-object prompts, the model's "
             "default sampler and guidance unless the column says). A row is "
             "`python -m benchmarks.levers --threads 1 --variant NAME:CHANGES` with the CPU preset of its date "
-            "(until 26 Nov 03:34 UTC width 32, lr 1e-3, 1,200 steps; since, width 24, lr 2e-3, 1,150 steps) "
+            "(until 26 Nov 03:34 UTC width 32, lr 1e-3, 1,200 steps; since, width 24, lr 2e-3, 1,150 steps; "
+            "from 30 Nov 19:15 UTC bf16 autocast on this CPU, the precision column; from 30 Nov 19:52 UTC "
+            "Shapes drawn by the torch renderer, before that `renderer=torch` among the changes) "
             "and its changes; the columns give the settings that differ between rows. `train s`: wall-clock "
             "seconds of the training loop with that many torch threads, two such processes sharing the 2 "
             "cores (`python train.py` alone uses both).\n\n" + markdown_table(header, table))
