@@ -85,6 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep", type=int, help="resumable checkpoints kept (oldest deleted)")
     p.add_argument("--log-every", type=int, help="a row of loss.csv every N steps")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--mixed-precision", choices=["auto", "no", "bf16", "fp16"],
+                   help="autocast of the forward pass, as diffusers' scripts' --mixed_precision; auto (the default): "
+                        "bf16 on GPUs and CPUs that compute it natively, fp16 on older GPUs, else no (float32)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint, with its own settings "
                         "(only --steps, --lr, --device and the --*-every/--keep/--max-minutes flags may change)")

@@ -19,11 +19,13 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     return device
 
 
-def precision_for(device: torch.device, training: bool = False) -> torch.dtype | None:
-    """The autocast dtype: bf16 on CUDA GPUs that compute it natively (Ampere and newer), fp16 on
-    older CUDA cards (training then needs a gradient scaler); for training on a CPU with bf16
-    instructions (x86 AVX512-BF16, which AMX CPUs have too) bf16, where sampling stays float32;
-    None (float32) elsewhere and on MPS."""
+def precision_for(device: torch.device, training: bool = False, mixed_precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype (None: float32) for `mixed_precision` "no", "bf16" or "fp16" (diffusers' scripts'
+    choices) as asked; for "auto", bf16 on CUDA GPUs that compute it natively (Ampere on), else fp16 (with a
+    gradient scaler), and for training on a CPU with bf16 instructions (x86 AVX512-BF16, which AMX CPUs have)
+    bf16; float32 elsewhere, on MPS, and for sampling on a CPU."""
+    if mixed_precision != "auto":
+        return {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
     if device.type == "cpu":
         native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)  # a private check: absent, float32
         return torch.bfloat16 if training and native() else None

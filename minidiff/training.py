@@ -77,6 +77,7 @@ class TrainConfig:
     caption_dropout: float = 0.1
     ema_decay: float = 0.999  # the cap of the EMA's warm-up (see EMA)
     grad_clip: float = 1.0
+    mixed_precision: str = "auto"  # "no" (float32), "bf16", "fp16", or "auto": minidiff.runtime.precision_for
     # the data: shapes, mnist, fashion-mnist, cifar10 or an image folder (tools.datasets.load_dataset)
     data: str = "shapes"
     data_root: str | None = None  # torchvision download cache (default ~/.cache/minidiff)
@@ -93,10 +94,10 @@ class TrainConfig:
     max_minutes: float | None = None
 
     def __post_init__(self):
-        if self.backbone not in ("unet", "mmdit"):
-            raise ValueError(f"backbone must be one of ('unet', 'mmdit'), got {self.backbone!r}")
-        if self.objective not in ("ddpm", "flow"):
-            raise ValueError(f"objective must be one of ('ddpm', 'flow'), got {self.objective!r}")
+        for name, allowed in (("backbone", ("unet", "mmdit")), ("objective", ("ddpm", "flow")),
+                              ("mixed_precision", ("auto", "no", "bf16", "fp16"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.snr_gamma is not None and (self.objective != "ddpm" or not self.snr_gamma > 0):
             raise ValueError(f"snr_gamma (min-SNR weighting) must be above 0 and needs objective 'ddpm' "
                              f"(it weights the noise-prediction loss), got {self.snr_gamma} with {self.objective!r}")
@@ -236,13 +237,13 @@ class TrainState:
         self.config = config
         self.device = pick_device(config.device)
         self.model = (model if model is not None else build_model(config, captions, autoencoder)).to(self.device)
-        self.precision = precision_for(self.device, training=True)  # bf16 (CUDA, CPU) or fp16 (+ a gradient scaler)
+        self.precision = precision_for(self.device, True, config.mixed_precision)  # bf16, fp16 or None (float32)
         if self.device.type != "cpu" or self.precision is None:  # faster convolutions, but not for bf16 on a CPU
             self.model.to(memory_format=torch.channels_last)
         self.objective = self.model.objective
         self.ema = EMA(self.model, config.ema_decay)
         self.optimizer = optimizer or make_optimizer(self.model, config.lr, self.device)
-        self.scaler = torch.amp.GradScaler("cuda") if self.precision == torch.float16 else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == torch.float16 else None
         self.generator = torch.Generator().manual_seed(config.seed)
         self.train_model = self.model  # what forward/backward runs through (the trainer may compile or wrap it)
         self.step, self.lr = 0, None

@@ -42,6 +42,22 @@ def test_precision_is_bf16_where_native_else_fp16(monkeypatch, card, expected):
     assert precision_for(torch.device("mps")) is None and precision_for(torch.device("mps"), training=True) is None
 
 
+def test_mixed_precision_is_taken_as_asked_on_any_device_and_checked():
+    for device in ("cpu", "cuda", "mps"):
+        assert precision_for(torch.device(device), True, "no") is None
+        assert precision_for(torch.device(device), True, "bf16") == torch.bfloat16
+        assert precision_for(torch.device(device), False, "fp16") == torch.float16
+    with pytest.raises(ValueError, match="mixed_precision must be one of"):
+        training.TrainConfig(mixed_precision="float32")
+
+
+def test_mixed_precision_no_trains_in_float32_on_a_cpu_with_bf16(tmp_path, monkeypatch, capsys, no_training):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert run(train.main, ["--out", str(tmp_path / "run"), *TINY_FLAGS, "--mixed-precision", "no"]) == 0
+    assert capsys.readouterr().err.splitlines()[0].startswith("training on cpu (float32): ")
+    assert no_training[0].precision is None and no_training[0].config.mixed_precision == "no"
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_cpu_training_is_bf16_only_where_the_cpu_has_bf16_instructions_and_sampling_stays_float32(monkeypatch, native):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
@@ -73,7 +89,7 @@ def test_first_log_line_names_the_precision_and_fp16_gets_a_gradient_scaler(tmp_
     else:  # the trainer asks the real rule what a CUDA card with this capability gets
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", card)
         monkeypatch.setattr(training, "precision_for",
-                            lambda device, training=False: runtime.precision_for(torch.device("cuda"), training))
+                            lambda device, *args: runtime.precision_for(torch.device("cuda"), *args))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # GradScaler("cuda") without CUDA disables itself, with a warning
         assert run(train.main, ["--out", str(tmp_path / "run"), *TINY_FLAGS]) == 0

@@ -58,7 +58,7 @@ PRESETS = {  # train.py --preset: what each run changes of TrainConfig's default
 # run (model, data, batch, seed, ...) and must stay what the checkpoint says. A longer --steps
 # stretches the cosine learning-rate decay from the step where the run resumes.
 RUN_SETTINGS = ("out", "steps", "lr", "device", "max_minutes", "sample_every", "checkpoint_every", "keep", "log_every",
-                "compile", "data_root")
+                "compile", "data_root", "mixed_precision")
 
 
 @torch.no_grad()
