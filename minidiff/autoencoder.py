@@ -137,7 +137,11 @@ def to_latents(vae, images: torch.Tensor, generator: torch.Generator | None = No
     """Pixels in [-1, 1] -> the latents diffusion works on. StableDiffusion3Img2ImgPipeline.prepare_latents:
     `init_latents = retrieve_latents(self.vae.encode(image), generator=generator)`, then
     `init_latents = (init_latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor`."""
-    z = vae.encode(images).latent_dist.sample(generator)
+    return standardized(vae, vae.encode(images).latent_dist.sample(generator))
+
+
+def standardized(vae, z: torch.Tensor) -> torch.Tensor:
+    """z ~ q(z|x) -> (z - shift_factor) * scaling_factor: latents of mean 0, std 1 (fit_latent_factors)."""
     return (z - vae.config.shift_factor) * vae.config.scaling_factor
 
 
