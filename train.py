@@ -140,6 +140,8 @@ def check_config(config: TrainConfig, autoencoder: AutoencoderConfig | None = No
     for name in ("sample_every", "checkpoint_every", "warmup_steps", "cache_latents"):
         if getattr(config, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(config, name)}")
+    if config.cache_latents and not config.latent:
+        raise UsageError("--cache-latents keeps an autoencoder's latents: add --latent (or --autoencoder DIR), or drop it")
     if not config.shift > 0:
         raise UsageError(f"--shift must be above 0, got {config.shift}")
     if not 0 <= config.two_object_fraction <= 1:

@@ -21,12 +21,12 @@ from PIL import Image
 import sample
 import train
 from minidiff.autoencoder import Autoencoder, AutoencoderConfig, fingerprint, fit_latent_factors, from_latents, \
-    save_autoencoder, to_latents
+    to_latents
 from minidiff.tools.shapes import Shapes
 from minidiff.tools.pictures import tensor_to_pil
 from minidiff.model import TextToImageModel
 from minidiff import MiniDiffusionPipeline
-from minidiff.tools.checkpoint import CheckpointError, load_model, read_safetensors, save_model
+from minidiff.tools.checkpoint import CheckpointError, load_model, read_safetensors, save_autoencoder, save_model
 from minidiff.tools.cli import run
 from minidiff.tools.trainer import CACHE_LATENTS, Trainer, latest_checkpoint
 from minidiff.training import TrainState, batch_indices, build_model
@@ -210,9 +210,13 @@ def test_a_cached_run_resumes_bit_for_bit_with_its_pool_rebuilt(tmp_path):
     assert all(torch.equal(ref[k], run_[k]) for k in ref)
 
 
-def test_train_py_cache_latents_flag():
+def test_train_py_cache_latents_flag(tmp_path, capsys):
     assert train.build_config(train.parse_args(["--latent", "--cache-latents"])).cache_latents == CACHE_LATENTS
     assert train.build_config(train.parse_args(["--latent", "--cache-latents", "64"])).cache_latents == 64
+    check_error(train.main, ["--out", str(tmp_path / "pixels"), "--cache-latents", *tiny_train_flags()],
+                "--cache-latents keeps an autoencoder's latents: add --latent", capsys, tmp_path / "pixels")
+    check_error(train.main, ["--out", str(tmp_path / "pixels"), "--latent", "--cache-latents", "-1", *FLAGS],
+                "--cache-latents must be 0 or more", capsys, tmp_path / "pixels")
 
 
 # ---- sample, img2img, inpaint ----------------------------------------------------------------
