@@ -31,7 +31,8 @@ from minidiff.runtime import pick_device
 from minidiff.tools.checkpoint import load_autoencoder
 from minidiff.tools.cli import ArgumentParser, UsageError, run, writable_folder
 from minidiff.tools.datasets import DATA_NAMES, METADATA_NAME, ImageFolder, load_dataset
-from minidiff.tools.trainer import PRESETS, Trainer, config_for_resume, latest_checkpoint, prepare_autoencoder
+from minidiff.tools.trainer import CACHE_LATENTS, PRESETS, Trainer, config_for_resume, latest_checkpoint, \
+    prepare_autoencoder
 from minidiff.training import TrainConfig
 
 
@@ -60,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                          "(implies --latent)")
     p.add_argument("--autoencoder-steps", type=int, help="latent: steps of the autoencoder trained first "
                                                          f"(default {TrainConfig.autoencoder_steps})")
+    p.add_argument("--cache-latents", type=int, nargs="?", const=CACHE_LATENTS, metavar="N",
+                   help="latent: encode N pictures once (default N: %(const)s), then sample their q(z|x) each step, "
+                        "as diffusers' --cache_latents; 0: encode every batch. Default: " + str(TrainConfig.cache_latents))
     p.add_argument("--steps", type=int, help="optimizer steps in total")
     p.add_argument("--batch-size", type=int, help="images per step (per process under torchrun)")
     p.add_argument("--image-size", type=int)
@@ -136,9 +140,11 @@ def check_config(config: TrainConfig, autoencoder: AutoencoderConfig | None = No
     for name in ("steps", "batch_size", "keep", "log_every", "autoencoder_steps"):
         if getattr(config, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
-    for name in ("sample_every", "checkpoint_every", "warmup_steps"):
+    for name in ("sample_every", "checkpoint_every", "warmup_steps", "cache_latents"):
         if getattr(config, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(config, name)}")
+    if config.cache_latents and not config.latent:
+        raise UsageError("--cache-latents keeps an autoencoder's latents: add --latent (or --autoencoder DIR), or drop it")
     if not config.shift > 0:
         raise UsageError(f"--shift must be above 0, got {config.shift}")
     if not 0 <= config.two_object_fraction <= 1:

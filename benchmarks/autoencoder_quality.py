@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from minidiff.autoencoder import (AutoencoderConfig, fit_latent_factors, from_latents, save_autoencoder, to_latents,
-                                  train_autoencoder)
+from minidiff.autoencoder import AutoencoderConfig, fit_latent_factors, from_latents, to_latents, train_autoencoder
+from minidiff.tools.checkpoint import save_autoencoder
 from minidiff.tools.shapes import Shapes
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,6 +17,8 @@ picture 128 x 128 x 16 numbers (f = 8). This one makes a 32 x 32 x 3 Shapes pict
   scaling_factor (1 / std) after training; `to_latents` / `from_latents` apply them where SD3's
   pipelines do, through diffusers' AutoencoderKL interface (`encode(x).latent_dist.sample(generator)`,
   `decode(z).sample`, `config`), so on either VAE.
+- Saved and loaded like the other components (config.json + model.safetensors) by minidiff.tools.checkpoint
+  (`save_autoencoder`, `load_autoencoder`).
 """
 
 from __future__ import annotations
@@ -27,14 +29,9 @@ import json
 import math
 from collections import namedtuple
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
-
-CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
-FORMAT = {"format": "minidiff-autoencoder", "format_version": 1}  # what config.json says an autoencoder folder is
 
 
 @dataclass
@@ -137,7 +134,11 @@ def to_latents(vae, images: torch.Tensor, generator: torch.Generator | None = No
     """Pixels in [-1, 1] -> the latents diffusion works on. StableDiffusion3Img2ImgPipeline.prepare_latents:
     `init_latents = retrieve_latents(self.vae.encode(image), generator=generator)`, then
     `init_latents = (init_latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor`."""
-    z = vae.encode(images).latent_dist.sample(generator)
+    return standardized(vae, vae.encode(images).latent_dist.sample(generator))
+
+
+def standardized(vae, z: torch.Tensor) -> torch.Tensor:
+    """z ~ q(z|x) -> (z - shift_factor) * scaling_factor: latents of mean 0, std 1 (fit_latent_factors)."""
     return (z - vae.config.shift_factor) * vae.config.scaling_factor
 
 
@@ -194,26 +195,6 @@ def train_autoencoder(config: AutoencoderConfig, dataset, steps: int, batch_size
         images = torch.stack([dataset[i][0] for i in range(step * batch_size, (step + 1) * batch_size)])
         autoencoder_train_step(autoencoder, optimizer, images, generator, kl_weight)
     return autoencoder.eval(), optimizer
-
-
-def save_autoencoder(folder, autoencoder: Autoencoder) -> None:
-    """Write `folder`/model.safetensors and config.json (with "format": "minidiff-autoencoder"), as a
-    model folder holds them. (`minidiff.tools.checkpoint.save_autoencoder` writes atomically.)"""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in autoencoder.state_dict().items()}, folder / WEIGHTS_NAME)
-    (folder / CONFIG_NAME).write_text(json.dumps({**FORMAT, **autoencoder.config.to_dict()}, indent=2) + "\n")
-
-
-def load_autoencoder(folder, device="cpu") -> Autoencoder:
-    """What save_autoencoder wrote. (`minidiff.tools.checkpoint.load_autoencoder` does the same and
-    explains each way a folder can be broken.)"""
-    config = json.loads((Path(folder) / CONFIG_NAME).read_text())
-    if {key: config.get(key) for key in FORMAT} != FORMAT:
-        raise ValueError(f"{folder} is not a minidiff autoencoder of format {FORMAT['format_version']}")
-    autoencoder = Autoencoder(AutoencoderConfig.from_dict(config))
-    autoencoder.load_state_dict(load_file(Path(folder) / WEIGHTS_NAME))
-    return autoencoder.to(device).eval()
 
 
 def fingerprint(autoencoder: Autoencoder) -> str:

@@ -67,6 +67,7 @@ class TrainConfig:
     latent: bool = False  # denoise an autoencoder's latents, not pixels
     autoencoder: str | None = None  # latent: the autoencoder folder; None: train one first (tools.trainer)
     autoencoder_steps: int = 2400  # latent: the autoencoder's training steps, when trained first
+    cache_latents: int = 0  # latent: encode this many pictures once, then draw z ~ q(z|x) each step (tools.trainer)
     # the optimization
     steps: int = 1150
     batch_size: int = 64
@@ -274,8 +275,7 @@ class TrainState:
         run's generator (under torchrun with rank r's of world_size seeds drawn from it)."""
         if self.model.vae is None:
             return images
-        generator = self.generator
-        rank, world_size = shard
+        generator, (rank, world_size) = self.generator, shard
         if world_size > 1:
             seed = torch.randint(2**62, (world_size,), generator=self.generator)[rank].item()
             generator = torch.Generator().manual_seed(seed)

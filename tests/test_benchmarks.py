@@ -262,3 +262,29 @@ def test_time_to_quality_trains_a_diffusers_variant_with_its_recipe(run_benchmar
     for setting in ("objective=ddpm", "lr=0.0003", "snr_gamma=5.0", "weight_decay=0.01", "lr_schedule=constant"):
         assert setting in report
     assert "dd-lr3e-4" in json.loads((folder / "scratch" / "ttq-variant.json").read_text())
+
+
+@pytest.mark.slow
+def test_time_to_quality_counts_a_latent_runs_autoencoder_and_cache_in_its_clock(run_benchmark, monkeypatch):
+    """A latent variant trains its autoencoder and fills its latent cache on the run's clock, through
+    train.py's Trainer; both single- and two-object prompts are scored."""
+    import json
+
+    from benchmarks import time_to_quality
+
+    runs = []
+    original = time_to_quality.Run.__init__
+
+    def record(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        runs.append(self)
+
+    monkeypatch.setattr(time_to_quality.Run, "__init__", record)
+    folder = run_benchmark("time_to_quality", "--runs", "--variant",
+                           "lat:image_size=32,latent=true,autoencoder_steps=2,cache_latents=8,batch_size=2,"
+                           "two_object_fraction=0.3", "--name", "ttq-latent")
+    (run,) = runs
+    assert run.state.latent_cache.moments.shape == (8, 8, 8, 8) and run.state.step >= 0
+    point = json.loads((folder / "scratch" / "ttq-latent.json").read_text())["lat"]["points"][0]
+    assert point["minutes"] >= run.setup_seconds / 60 > 0 and point["two_object"] is not None
+    assert "Setup minutes" in (folder / "scratch" / "ttq-latent.md").read_text()

@@ -21,14 +21,15 @@ from PIL import Image
 import sample
 import train
 from minidiff.autoencoder import Autoencoder, AutoencoderConfig, fingerprint, fit_latent_factors, from_latents, \
-    save_autoencoder, to_latents
+    to_latents
 from minidiff.tools.shapes import Shapes
 from minidiff.tools.pictures import tensor_to_pil
 from minidiff.model import TextToImageModel
 from minidiff import MiniDiffusionPipeline
-from minidiff.tools.checkpoint import CheckpointError, load_model, read_safetensors, save_model
+from minidiff.tools.checkpoint import CheckpointError, load_model, read_safetensors, save_autoencoder, save_model
 from minidiff.tools.cli import run
-from minidiff.training import TrainState, build_model
+from minidiff.tools.trainer import CACHE_LATENTS, Trainer, latest_checkpoint
+from minidiff.training import TrainState, batch_indices, build_model
 
 from conftest import tiny_train_config, tiny_train_flags
 
@@ -153,6 +154,69 @@ def test_training_noises_sampled_latents_from_the_run_generator():
     assert loss.shape == (4,) and torch.isfinite(loss).all()
     pixel_state = TrainState(tiny_train_config("unused"), Shapes(16).captions())
     assert pixel_state.encode(images) is images
+
+
+# ---- the latent cache (train.py --cache-latents) ---------------------------------------------
+def cached_trainer(out="unused", pool=8, autoencoder=None, **overrides) -> Trainer:
+    return Trainer(latent_config(out, cache_latents=pool, **overrides), Shapes(SIZE),
+                   autoencoder=autoencoder or tiny_autoencoder())
+
+
+def test_cached_latents_are_the_pools_q_z_given_x_sampled_with_the_run_generator(monkeypatch):
+    trainer = cached_trainer(pool=8)
+    vae = trainer.model.vae
+    posterior = vae.encode(pictures(8)).latent_dist  # the pool: the data's first 8 pictures, encoded once
+    assert torch.allclose(trainer.latent_cache.moments, torch.cat([posterior.mean, posterior.logvar], 1), atol=1e-5)
+    expected_captions = [Shapes(SIZE)[i][1] for i in (6, 7, 0, 1)]
+    monkeypatch.setattr(Shapes, "__getitem__", lambda *args: pytest.fail("a cached run draws no pictures"))
+    moments, captions = trainer.load_batch(range(6, 10))  # the pool's pictures 6, 7, 0, 1
+    assert captions == expected_captions
+    assert torch.equal(moments, trainer.latent_cache.moments[[6, 7, 0, 1]])
+    expected_generator = generator(0)
+    expected_generator.set_state(trainer.generator.get_state())
+    latents = trainer.encode(moments)  # a fresh z ~ q(z|x), as to_latents draws it from the pictures
+    monkeypatch.undo()
+    expected = to_latents(vae, pictures(8)[[6, 7, 0, 1]], expected_generator)
+    assert torch.allclose(latents, expected, atol=1e-5)
+    assert torch.equal(trainer.generator.get_state(), expected_generator.get_state())
+    assert not torch.allclose(latents, trainer.encode(moments))  # drawn again at the next step
+    loss, _ = trainer.train_step(moments, captions)
+    assert torch.isfinite(loss).all()
+
+
+@torch.no_grad()
+def test_cached_latents_of_each_rank_are_its_slice_of_the_global_batch():
+    trainer = cached_trainer(pool=8)
+    start = trainer.generator.get_state()
+    whole = trainer.encode(trainer.load_batch(range(8))[0])  # one process, batch 8
+    slices = []
+    for rank in range(2):  # two processes, batch 4 each, the same generator state
+        trainer.generator.set_state(start)
+        slices.append(trainer.encode(trainer.load_batch(batch_indices(0, 4, rank, 2))[0], shard=(rank, 2)))
+    assert torch.equal(torch.cat(slices), whole)
+
+
+def test_a_cached_run_resumes_bit_for_bit_with_its_pool_rebuilt(tmp_path):
+    autoencoder = tiny_autoencoder()
+    reference = cached_trainer(tmp_path / "ref", pool=6, autoencoder=autoencoder, checkpoint_every=2)
+    reference.train()
+    first = cached_trainer(tmp_path / "run", pool=6, autoencoder=autoencoder, checkpoint_every=2, steps=2)
+    first.train()
+    resumed = cached_trainer(tmp_path / "run", pool=6, autoencoder=autoencoder, checkpoint_every=2)
+    resumed.load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    resumed.train()
+    assert resumed.step == reference.step == 4
+    ref, run_ = (read_safetensors(tmp_path / name / "model.safetensors") for name in ("ref", "run"))
+    assert all(torch.equal(ref[k], run_[k]) for k in ref)
+
+
+def test_train_py_cache_latents_flag(tmp_path, capsys):
+    assert train.build_config(train.parse_args(["--latent", "--cache-latents"])).cache_latents == CACHE_LATENTS
+    assert train.build_config(train.parse_args(["--latent", "--cache-latents", "64"])).cache_latents == 64
+    check_error(train.main, ["--out", str(tmp_path / "pixels"), "--cache-latents", *tiny_train_flags()],
+                "--cache-latents keeps an autoencoder's latents: add --latent", capsys, tmp_path / "pixels")
+    check_error(train.main, ["--out", str(tmp_path / "pixels"), "--latent", "--cache-latents", "-1", *FLAGS],
+                "--cache-latents must be 0 or more", capsys, tmp_path / "pixels")
 
 
 # ---- sample, img2img, inpaint ----------------------------------------------------------------

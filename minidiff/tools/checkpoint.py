@@ -28,6 +28,7 @@ CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 AUTOENCODER_FOLDER = "autoencoder"  # a latent model's autoencoder, inside the model folder (diffusers: vae/)
 FORMAT = {"format": "minidiff", "format_version": 1}  # what config.json says a model folder is
 FORMAT_NAME, FORMAT_VERSION = FORMAT["format"], FORMAT["format_version"]
+AUTOENCODER_FORMAT = {"format": "minidiff-autoencoder", "format_version": 1}  # ... and an autoencoder folder
 
 
 class CheckpointError(ValueError):
@@ -102,23 +103,24 @@ def read_safetensors(path) -> dict[str, torch.Tensor]:
 
 
 def save_autoencoder(folder, autoencoder: ae.Autoencoder) -> None:
-    """`minidiff.autoencoder.save_autoencoder`'s two files, each written atomically."""
-    write_safetensors(Path(folder) / ae.WEIGHTS_NAME, autoencoder.state_dict())
-    write_json(Path(folder) / ae.CONFIG_NAME, {**ae.FORMAT, **autoencoder.config.to_dict()})
+    """`folder`/model.safetensors and config.json (its AutoencoderConfig, with "format":
+    "minidiff-autoencoder"), as a model folder holds them; each file written atomically."""
+    write_safetensors(Path(folder) / WEIGHTS_NAME, autoencoder.state_dict())
+    write_json(Path(folder) / CONFIG_NAME, {**AUTOENCODER_FORMAT, **autoencoder.config.to_dict()})
 
 
 def load_autoencoder(folder, device: torch.device | str = "cpu") -> ae.Autoencoder:
-    """`minidiff.autoencoder.load_autoencoder`, with every way the folder can be broken explained in one
-    CheckpointError; nothing half-loaded."""
+    """What save_autoencoder wrote, in eval mode; every way the folder can be broken is explained in one
+    CheckpointError, and nothing is half-loaded."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"autoencoder folder {folder} is missing; train one with `python train.py --latent`")
-    raw = read_json(folder / ae.CONFIG_NAME)
-    if {key: raw.get(key) for key in ae.FORMAT} != ae.FORMAT:
+    raw = read_json(folder / CONFIG_NAME)
+    if {key: raw.get(key) for key in AUTOENCODER_FORMAT} != AUTOENCODER_FORMAT:
         raise CheckpointError(f"{folder} is not a minidiff autoencoder (config.json has format {raw.get('format')!r} "
-                              f"version {raw.get('format_version')!r}, not {ae.FORMAT['format']!r} version "
-                              f"{ae.FORMAT['format_version']})")
-    weights = read_safetensors(folder / ae.WEIGHTS_NAME)
+                              f"version {raw.get('format_version')!r}, not {AUTOENCODER_FORMAT['format']!r} version "
+                              f"{AUTOENCODER_FORMAT['format_version']})")
+    weights = read_safetensors(folder / WEIGHTS_NAME)
     try:
         autoencoder = ae.Autoencoder(ae.AutoencoderConfig.from_dict(raw))
         autoencoder.load_state_dict(weights)  # strict: every tensor, each of the right shape

@@ -11,6 +11,10 @@ the same stop decision. Each rank reads its own slice of the global batch
 (`batch_indices`), and every rank draws the randomness of the whole global batch from the
 same generator and keeps its slice (`diffusion_loss`), so N processes with batch B train
 like one process with batch N x B.
+
+A latent run with `cache_latents` N encodes the first N pictures of its data once, after the autoencoder
+is ready, as diffusers' SD3 scripts do with `--cache_latents` (`LatentCache`); the pool is a function of
+the seed and the autoencoder, rebuilt the same on resume.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from tqdm import tqdm
 from . import cores
 from .checkpoint import (AUTOENCODER_FOLDER, CheckpointError, atomic_write, load_autoencoder, read_json, read_safetensors,
                          save_autoencoder, save_model, write_json, write_safetensors)
-from ..autoencoder import Autoencoder, AutoencoderConfig, fit_latent_factors, train_autoencoder
+from ..autoencoder import Autoencoder, AutoencoderConfig, DiagonalGaussian, fit_latent_factors, standardized, \
+    train_autoencoder
 from .shapes import Shapes
 from ..model import TextToImageModel
 from ..training import TrainConfig, TrainState, batch_indices, load_batch
@@ -48,6 +53,7 @@ GO_ON, TIME_LIMIT, INTERRUPTED, NOT_FINITE, FAILED = 0, 1, 2, 3, 4
 
 # A latent run's autoencoder, when trained first: benchmarks/autoencoder_quality.py's fastest recipe to 30 dB
 AUTOENCODER_BATCH_SIZE, AUTOENCODER_LR, AUTOENCODER_FIT_PICTURES = 16, 3e-3, 1024
+CACHE_LATENTS = 8192  # train.py --cache-latents without a number: pictures encoded once (LatentCache)
 
 PRESETS = {  # train.py --preset: what each run changes of TrainConfig's defaults (BENCHMARKS.md measures them)
     "cpu": {},
@@ -195,6 +201,29 @@ def prepare_autoencoder(config: TrainConfig, dataset, say=lambda text: None) -> 
     return autoencoder
 
 
+class LatentCache:
+    """diffusers' `--cache_latents` (train_dreambooth_lora_sd3.py: `latents_cache.append(vae.encode(pixels).latent_dist)`
+    once, then `latents_cache[step].sample()` each step) for an endless dataset: q(z|x) of its first `size`
+    pictures, kept as (mean, log-variance) stacked on the channels as the encoder outputs them, (N, 2C, h, w).
+    Index i reads picture i mod `size`; `Trainer.encode` draws a fresh z from it at every step."""
+
+    def __init__(self, vae: Autoencoder, load_batch, size: int, chunk: int = 256):
+        moments, self.captions = [], []
+        device = next(vae.parameters()).device
+        with torch.no_grad():
+            for start in range(0, size, chunk):
+                images, captions = load_batch(range(start, min(size, start + chunk)))
+                posterior = vae.encode(images.to(device)).latent_dist
+                moments.append(torch.cat([posterior.mean, posterior.logvar], dim=1).cpu())
+                self.captions += captions
+        self.moments = torch.cat(moments)
+
+    def batch(self, indices) -> tuple[torch.Tensor, list[str]]:
+        """The cached q(z|x) of `indices` (B, 2C, h, w) and their captions."""
+        positions = [i % len(self.captions) for i in indices]
+        return self.moments[positions], [self.captions[i] for i in positions]
+
+
 class Trainer(TrainState):
     """Trains a TextToImageModel on `dataset` (default: the one config.data names); a latent run
     (`config.latent`) on the latents of `autoencoder` (default: `prepare_autoencoder`'s).
@@ -213,6 +242,9 @@ class Trainer(TrainState):
         if config.latent and autoencoder is None:  # the first phase of a latent run (train.py says so as it goes)
             autoencoder = prepare_autoencoder(config, self.dataset)
         super().__init__(config, self.dataset.captions(), autoencoder=autoencoder)
+        self.latent_cache = None  # the pool's pictures are drawn by load_batch, like the run's
+        if config.latent and config.cache_latents:
+            self.latent_cache = LatentCache(self.model.vae, self.load_batch, config.cache_latents)
         # what forward/backward runs through: compiled and/or DDP-wrapped, same parameters
         if wrap is not None:
             self.train_model = wrap(self.model)
@@ -319,11 +351,25 @@ class Trainer(TrainState):
 
     # ---- the loop ----------------------------------------------------------------------
     def load_batch(self, indices) -> tuple[torch.Tensor, list[str]]:
-        """The pictures and captions of `indices`: Shapes drawn a batch at once in torch with
-        `renderer="torch"` (the same scenes and captions as PIL's, not the same pixels), else one by one."""
+        """The pictures and captions of `indices` (with a latent cache: their cached q(z|x)): Shapes drawn
+        a batch at once in torch with `renderer="torch"` (the same scenes and captions as PIL's, not the
+        same pixels), else one by one."""
+        if self.latent_cache is not None:
+            return self.latent_cache.batch(indices)
         if self.config.renderer == "torch" and isinstance(self.dataset, Shapes):
             return self.dataset.batch(indices, renderer="torch")
         return load_batch(self.dataset, indices)
+
+    def encode(self, images: torch.Tensor, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+        """x_0 of this step (TrainState.encode); with a latent cache `images` is this rank's cached q(z|x)
+        and z = mean + std * eps (DiagonalGaussian.sample), eps drawn for the whole global batch from the
+        run's generator and sliced, as diffusion_loss draws its noise."""
+        if self.latent_cache is None:
+            return super().encode(images, shard)
+        (rank, world_size), b = shard, images.shape[0]
+        posterior = DiagonalGaussian(images)
+        noise = torch.randn((world_size * b, *posterior.mean.shape[1:]), generator=self.generator)
+        return standardized(self.model.vae, posterior.mean + posterior.std * noise[rank * b:(rank + 1) * b])
 
     def stop_code(self, loss: torch.Tensor, signals: list, start_time: float) -> int:
         """This rank's view: should training stop now? (Rank 0 alone keeps the clock.)"""
