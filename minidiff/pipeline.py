@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import TextToImageModel
-from .runtime import autocast, pick_device
+from .runtime import autocast, pick_device, precision_for
 from .scheduler import DDIMScheduler, randn
 
 
@@ -66,7 +66,7 @@ class Pipeline:
         use_cfg = guidance_scale > 1
         x_in = torch.cat([x, x]) if use_cfg else x
         timesteps = torch.full((x_in.shape[0],), t, device=self.device, dtype=self.model.objective.timestep_dtype)
-        with autocast(self.device):
+        with autocast(self.device, precision_for(self.device)):
             out = self.model.denoiser(x_in, timesteps, context, mask).float()
         if use_cfg:
             out_cond, out_uncond = out.chunk(2)  # conditional rows first (encode_prompts)

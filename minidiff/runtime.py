@@ -34,7 +34,6 @@ def precision_for(device: torch.device, training: bool = False, mixed_precision:
     return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None = None):
-    """Mixed precision with `dtype` (default: `precision_for(device)`); float32 when that is None."""
-    dtype = dtype or precision_for(device)
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed precision with `dtype` (`precision_for`'s choice); float32 when it is None."""
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()

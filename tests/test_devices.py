@@ -51,6 +51,19 @@ def test_mixed_precision_is_taken_as_asked_on_any_device_and_checked():
         training.TrainConfig(mixed_precision="float32")
 
 
+def test_autocast_with_no_dtype_is_float32_even_where_the_default_would_be_bf16(monkeypatch):
+    """mixed_precision "no" on an Ampere card: the step's autocast(device, None) must not fall back to
+    the card's bf16."""
+    import contextlib
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", ampere)
+    assert isinstance(runtime.autocast(torch.device("cuda"), None), contextlib.nullcontext)
+    with runtime.autocast(torch.device("cpu"), torch.bfloat16):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with runtime.autocast(torch.device("cpu"), None):
+        assert not torch.is_autocast_enabled("cpu")
+
+
 def test_mixed_precision_no_trains_in_float32_on_a_cpu_with_bf16(tmp_path, monkeypatch, capsys, no_training):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     assert run(train.main, ["--out", str(tmp_path / "run"), *TINY_FLAGS, "--mixed-precision", "no"]) == 0

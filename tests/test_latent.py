@@ -163,7 +163,7 @@ def cached_trainer(out="unused", pool=8, autoencoder=None, **overrides) -> Train
 
 
 def test_cached_latents_are_the_pools_q_z_given_x_sampled_with_the_run_generator(monkeypatch):
-    trainer = cached_trainer(pool=8)
+    trainer = cached_trainer(pool=8, renderer="pil")  # the pictures Shapes[i] draws, as pictures() takes them
     vae = trainer.model.vae
     posterior = vae.encode(pictures(8)).latent_dist  # the pool: the data's first 8 pictures, encoded once
     assert torch.allclose(trainer.latent_cache.moments, torch.cat([posterior.mean, posterior.logvar], 1), atol=1e-5)
