@@ -76,7 +76,11 @@ def test_cpu_training_is_bf16_only_where_the_cpu_has_bf16_instructions_and_sampl
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     assert precision_for(torch.device("cpu"), training=True) == (torch.bfloat16 if native else None)
     assert precision_for(torch.device("cpu")) is None  # sampling: float32, where equality with diffusers is tested
-    assert training.TrainState(tiny_train_config("unused", steps=1)).precision == (torch.bfloat16 if native else None)
+    state = training.TrainState(tiny_train_config("unused", steps=1))
+    assert state.precision == (torch.bfloat16 if native else None)
+    conv = next(m for m in state.model.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1)
+    # channels_last speeds float32 convolutions up, and took bf16's gain away on a CPU (BENCHMARKS.md section 5)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) != native
 
 
 @pytest.fixture
