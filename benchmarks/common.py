@@ -11,7 +11,6 @@ network behind an adapter with minidiff's call signature `unet(x_t, t, context, 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -140,19 +139,19 @@ def build_model(config: TrainConfig, backbone: str, device="cpu", autoencoder=No
 class TrainState(training.TrainState):
     """The lesson's TrainState (minidiff.training: the step `python train.py` takes) with the
     benchmarks' variants: `weight_decay` > 0 makes the optimizer AdamW, `lr_schedule="constant"`
-    keeps the peak rate after the warm-up (diffusers' train_text_to_image.py recipe),
-    `autocast_dtype` autocasts the forward on any device, and `optimizer_options` go to Adam
-    (foreach / fused, for profile_step.py). `train_step` returns the loss as a float."""
+    keeps the peak rate after the warm-up (diffusers' train_text_to_image.py recipe), and
+    `optimizer_options` go to Adam (foreach / fused, for profile_step.py). The precision is the
+    lesson's (`config.mixed_precision`). `train_step` returns the loss as a float."""
 
     def __init__(self, model: TextToImageModel, config: TrainConfig, device="cpu",
-                 autocast_dtype: torch.dtype | None = None, weight_decay: float = 0.0, lr_schedule: str = "cosine",
+                 weight_decay: float = 0.0, lr_schedule: str = "cosine",
                  **optimizer_options):
         device = torch.device(device)
         optimizer = (torch.optim.Adam(model.parameters(), lr=config.lr, **optimizer_options) if optimizer_options
                      else make_optimizer(model, config.lr, device, torch.optim.AdamW, weight_decay=weight_decay)
                      if weight_decay > 0 else make_optimizer(model, config.lr, device))
         super().__init__(dataclasses.replace(config, device=str(device)), model=model, optimizer=optimizer)
-        self.autocast_dtype, self.lr_schedule = autocast_dtype, lr_schedule
+        self.lr_schedule = lr_schedule
 
     def learning_rate(self) -> float:
         c = self.config
@@ -161,9 +160,7 @@ class TrainState(training.TrainState):
         return super().learning_rate()
 
     def train_step(self, images: torch.Tensor, captions: list[str]) -> float:
-        with (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
-              else contextlib.nullcontext()):
-            per_sample, _ = super().train_step(images, captions)
+        per_sample, _ = super().train_step(images, captions)
         return per_sample.mean().item()
 
 
