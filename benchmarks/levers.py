@@ -14,7 +14,8 @@ training settings of minidiff and are applied here by wrapping its parts:
   v = sqrt(alpha-bar) eps - sqrt(1 - alpha-bar) x_0 and is trained on it; for sampling it is
   wrapped to return eps = sqrt(alpha-bar) v + sqrt(1 - alpha-bar) x_t;
 - precision=bf16|float32: the forward pass under bfloat16 autocast, or in float32 (the trainer's
-  own choice: bf16 where the CPU has bf16 instructions, minidiff.runtime.precision_for).
+  own choice: bf16 where the CPU has bf16 instructions, minidiff.runtime.precision_for);
+- adam_beta2=B: Adam's second-moment decay (torch's default 0.999), set on the optimizer's groups.
 
 This is a proxy for benchmarks/time_to_quality.py, checked against it (BENCHMARKS.md): a
 variant's cost is its measured training time (`train s`, the Trainer's whole loop with this
@@ -46,7 +47,7 @@ from minidiff.tools.trainer import Trainer
 from .common import (Report, add_publish_flag, load_average, markdown_table, parse_variant, preset_config,
                      results_folder, set_threads)
 
-LEVERS = {"sigma_sampling": str, "stratified": int, "prediction": str, "precision": str}
+LEVERS = {"sigma_sampling": str, "stratified": int, "prediction": str, "precision": str, "adam_beta2": float}
 
 
 def stratified(sample):
@@ -118,6 +119,9 @@ def train_variant(config, levers: dict) -> tuple[Trainer, float, float]:
         if levers.get("prediction") == "v":
             predict_v(trainer.model.unet, schedule.alphas_cumprod)
             training.diffusion_loss = v_prediction_loss
+        if "adam_beta2" in levers:
+            for group in trainer.optimizer.param_groups:
+                group["betas"] = (group["betas"][0], levers["adam_beta2"])
         if "precision" in levers:
             trainer.precision = {"bf16": torch.bfloat16, "float32": None}[levers["precision"]]
         wall, cpu = time.perf_counter(), time.process_time()
@@ -156,7 +160,8 @@ def body(rows: list[dict]) -> str:
             "`python -m benchmarks.levers --threads 1 --variant NAME:CHANGES` with the CPU preset of its date "
             "(until 26 Nov 03:34 UTC width 32, lr 1e-3, 1,200 steps; since, width 24, lr 2e-3, 1,150 steps; "
             "from 30 Nov 19:15 UTC bf16 autocast on this CPU, the precision column; from 30 Nov 19:52 UTC "
-            "Shapes drawn by the torch renderer, before that `renderer=torch` among the changes) "
+            "Shapes drawn by the torch renderer, before that `renderer=torch` among the changes; from 1 Dec 01:43 UTC "
+            "shift 0.5, warm-up 50, 850 steps, attention in the middle block only) "
             "and its changes; the columns give the settings that differ between rows. `train s`: wall-clock "
             "seconds of the training loop with that many torch threads, two such processes sharing the 2 "
             "cores (`python train.py` alone uses both).\n\n" + markdown_table(header, table))
