@@ -13,7 +13,7 @@ Code name            paper symbol
 sigmas[i]            sigma (SD3's t), the noise level, 1 -> 0 over the run: z_t = a_t x_0 + b_t eps
                      (Esser eq. 2) with rectified flow's a_t = 1 - t, b_t = t (their eq. 13)
 timesteps[i]         sigma * num_train_timesteps, what the network is given (as diffusers)
-shift                the timestep shift of Esser et al. eq. 23 (SD3.5 uses 3.0)
+shift                the timestep shift of Esser et al. eq. 23 (SD3.5 uses 3.0; the 16 px toy 0.5)
 model_output         v_theta(x_sigma, sigma) ~ eps - x_0, the velocity d x_sigma / d sigma
 pred_original_sample x_0 = x_sigma - sigma * v
 
@@ -48,8 +48,8 @@ class FlowMatchConfig:
 
 
 def shift_sigmas(sigmas, shift: float):
-    """sigma' = shift * sigma / (1 + (shift - 1) * sigma), Esser et al. 2024 eq. 23: shift > 1 spends
-    more of the run at high noise (larger images need it: more pixels carry the same signal)."""
+    """sigma' = shift * sigma / (1 + (shift - 1) * sigma), Esser et al. 2024 eq. 23: shift > 1 spends more of
+    the run at high noise (SD3.5 at 1024 px: 3, more pixels carry the same signal), shift < 1 less (16 px: 0.5)."""
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 

@@ -55,7 +55,7 @@ class TrainConfig:
     backbone: str = "unet"  # "unet", or "mmdit" (SD3.5's transformer, minidiff/mmdit.py)
     base_channels: int = 24  # unet: width
     channel_mults: tuple[int, ...] = (1, 2, 2)  # unet
-    attention_levels: tuple[int, ...] = (2,)  # unet: levels (0 = full size) with attention
+    attention_levels: tuple[int, ...] = ()  # unet: levels (0 = full size) with attention, besides the middle block
     num_layers: int = 4  # mmdit: joint blocks
     num_heads: int = 4  # mmdit: width = num_heads * head_dim
     head_dim: int = 16  # mmdit
@@ -63,16 +63,16 @@ class TrainConfig:
     text_dim: int = 128
     objective: str = "flow"  # "flow" (predict the velocity, as SD3) or "ddpm" (predict the noise)
     beta_schedule: str = "cosine"  # ddpm
-    shift: float = 1.0  # flow: the timestep shift of Esser et al. eq. 23 (SD3.5: 3.0)
+    shift: float = 0.5  # flow: the timestep shift of Esser et al. eq. 23 (SD3.5 at 1024 px: 3.0; below 1 at 16 px)
     latent: bool = False  # denoise an autoencoder's latents, not pixels
     autoencoder: str | None = None  # latent: the autoencoder folder; None: train one first (tools.trainer)
     autoencoder_steps: int = 2400  # latent: the autoencoder's training steps, when trained first
     cache_latents: int = 0  # latent: encode this many pictures once, then draw z ~ q(z|x) each step (tools.trainer)
     # the optimization
-    steps: int = 1150
+    steps: int = 850
     batch_size: int = 64
     lr: float = 2e-3  # peak learning rate
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     seed: int = 0
     snr_gamma: float | None = None  # ddpm: min-SNR-gamma weighting (the paper's: 5); None: L_simple
     caption_dropout: float = 0.1
