@@ -58,7 +58,7 @@ CACHE_LATENTS = 8192  # train.py --cache-latents without a number: pictures enco
 PRESETS = {  # train.py --preset: what each run changes of TrainConfig's defaults (BENCHMARKS.md measures them)
     "cpu": {},
     "gpu": dict(image_size=32, base_channels=64, steps=4000, batch_size=128, lr=1e-3, two_object_fraction=0.3,
-                attention_levels=(2,), shift=1.0, warmup_steps=100),  # as measured on an H200 (30 Nov)
+                attention_levels=(2,), shift=1.0, warmup_steps=100),  # as BENCHMARKS.md section 2 measured it on an H200
 }
 
 # Settings a resumed run may change (`train.py --resume --steps 20000`); the others define the
