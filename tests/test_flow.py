@@ -15,7 +15,7 @@ import train
 from minidiff import MiniDiffusionPipeline
 from minidiff.tools.cli import run
 from minidiff.flow import FlowMatchConfig, FlowMatchEulerScheduler, RectifiedFlow, shift_sigmas
-from minidiff.training import diffusion_loss
+from minidiff.training import TrainConfig, diffusion_loss
 
 from conftest import tiny_train_flags
 
@@ -165,7 +165,6 @@ def test_flow_loss_is_velocity_regression_on_the_straight_path():
 
 def test_flow_model_config_round_trips_and_picks_euler(tiny_flow_model_dir, tiny_flow_pipe, tiny_pipe):
     config = json.loads((tiny_flow_model_dir / "config.json").read_text())
-    from minidiff.training import TrainConfig
     assert config["objective"] == "flow" and config["scheduler"]["shift"] == TrainConfig().shift == 0.5  # the preset's
     assert tiny_flow_pipe.config.objective == "flow" and tiny_flow_pipe.samplers == ("euler",)
     assert tiny_pipe.config.objective == "ddpm" and tiny_pipe.samplers == ("ddpm", "ddim")
