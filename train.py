@@ -61,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                          "(implies --latent)")
     p.add_argument("--autoencoder-steps", type=int, help="latent: steps of the autoencoder trained first "
                                                          f"(default {TrainConfig.autoencoder_steps})")
+    p.add_argument("--autoencoder-down-factor", type=int, metavar="F",
+                   help="latent: the autoencoder trained first makes latents F times smaller a side (2, 4 or 8; "
+                        f"default {TrainConfig.autoencoder_down_factor}; 2 keeps two small objects apart at 32 px)")
     p.add_argument("--cache-latents", type=int, nargs="?", const=CACHE_LATENTS, metavar="N",
                    help="latent: encode N pictures once (default N: %(const)s), then sample their q(z|x) each step, "
                         "as diffusers' --cache_latents; 0: encode every batch. Default: " + str(TrainConfig.cache_latents))
@@ -130,6 +133,9 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
                 hint = " or add --backbone mmdit" if network == "mmdit" else ""
                 raise UsageError(f"--{name.replace('_', '-')} sets the {network} network, but this run trains the "
                                  f"{backbone}; drop the flag{hint}")
+    if "autoencoder" in given and "autoencoder_down_factor" in given:
+        raise UsageError("--autoencoder-down-factor sets the autoencoder trained first; --autoencoder DIR brings "
+                         "its own, with its own factor: drop one of them")
     if given.get("renderer") == "torch" and given.get("data", "shapes") != "shapes":
         raise UsageError(f"--renderer torch draws Shapes; --data {given['data']} is read from files, so drop it")
     return TrainConfig(**{**PRESETS[preset], **given})
@@ -145,6 +151,8 @@ def check_config(config: TrainConfig, autoencoder: AutoencoderConfig | None = No
             raise UsageError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(config, name)}")
     if config.cache_latents and not config.latent:
         raise UsageError("--cache-latents keeps an autoencoder's latents: add --latent (or --autoencoder DIR), or drop it")
+    if config.autoencoder_down_factor != TrainConfig.autoencoder_down_factor and not config.latent:
+        raise UsageError("--autoencoder-down-factor shapes a latent run's autoencoder: add --latent, or drop it")
     if not config.shift > 0:
         raise UsageError(f"--shift must be above 0, got {config.shift}")
     if not 0 <= config.two_object_fraction <= 1:
@@ -237,7 +245,9 @@ def latent_autoencoder_config(config: TrainConfig) -> AutoencoderConfig | None:
     own = Path(config.out) / "autoencoder"
     if own.is_dir() or config.autoencoder is not None:
         return load_autoencoder(own if own.is_dir() else config.autoencoder).config
-    return AutoencoderConfig()  # its image_size is only where it was trained; the factor is what counts
+    if config.autoencoder_down_factor not in (2, 4, 8):
+        raise UsageError(f"--autoencoder-down-factor must be 2, 4 or 8, got {config.autoencoder_down_factor}")
+    return AutoencoderConfig.with_down_factor(config.autoencoder_down_factor)  # the factor is what counts here
 
 
 def open_autoencoder(config: TrainConfig, dataset, distributed: dict, say):

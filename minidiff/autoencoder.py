@@ -54,6 +54,14 @@ class AutoencoderConfig:
     def down_factor(self) -> int:
         return 2 ** (len(self.block_out_channels) - 1)
 
+    @classmethod
+    def with_down_factor(cls, down_factor: int, **fields) -> "AutoencoderConfig":
+        """The default widths with one level per halving: f = 2: (16, 32), f = 4: (16, 32, 32), ..."""
+        if down_factor < 2 or down_factor & (down_factor - 1):
+            raise ValueError(f"the down factor must be a power of 2 from 2 up, got {down_factor}")
+        first, *rest = cls.block_out_channels
+        return cls(block_out_channels=(first,) + (rest[-1],) * int(math.log2(down_factor)), **fields)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

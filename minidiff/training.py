@@ -67,6 +67,7 @@ class TrainConfig:
     latent: bool = False  # denoise an autoencoder's latents, not pixels
     autoencoder: str | None = None  # latent: the autoencoder folder; None: train one first (tools.trainer)
     autoencoder_steps: int = 2400  # latent: the autoencoder's training steps, when trained first
+    autoencoder_down_factor: int = 4  # latent: f of that autoencoder (latents f times smaller a side)
     cache_latents: int = 0  # latent: encode this many pictures once, then draw z ~ q(z|x) each step (tools.trainer)
     # the optimization
     steps: int = 850

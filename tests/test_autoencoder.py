@@ -53,6 +53,18 @@ def test_shapes_and_sizes_the_factor_does_not_divide():
         tiny_config(image_size=18)
 
 
+def test_with_down_factor_adds_one_level_per_halving():
+    assert AutoencoderConfig.with_down_factor(4) == AutoencoderConfig()  # the default is f = 4
+    for f, widths in ((2, (16, 32)), (4, (16, 32, 32)), (8, (16, 32, 32, 32))):
+        config = AutoencoderConfig.with_down_factor(f, image_size=16, latent_channels=8)
+        assert (config.down_factor, config.block_out_channels, config.image_size, config.latent_channels) == \
+            (f, widths, 16, 8)
+        assert Autoencoder(config).encode(torch.zeros(1, 3, 16, 16)).latent_dist.mean.shape == (1, 8, 16 // f, 16 // f)
+    for bad in (0, 1, 3, 6):
+        with pytest.raises(ValueError, match=f"a power of 2 from 2 up, got {bad}"):
+            AutoencoderConfig.with_down_factor(bad)
+
+
 # ---- SD3's latent conventions, against diffusers' own code --------------------------------
 def tiny_diffusers_vae() -> AutoencoderKL:
     torch.manual_seed(0)

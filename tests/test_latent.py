@@ -306,6 +306,12 @@ def test_train_latent_trains_the_autoencoder_first_and_resumes_bit_for_bit(tmp_p
     assert ref.keys() == resumed.keys() and all(torch.equal(ref[k], resumed[k]) for k in ref)
     assert fingerprint(load_model(tmp_path / "run").vae) == fingerprint(tiny_autoencoder())
 
+    assert run(train.main, ["--out", str(tmp_path / "f2"), "--latent", "--autoencoder-down-factor", "2",
+                            "--autoencoder-steps", "2", "--steps", "2", *FLAGS]) == 0
+    f2 = load_model(tmp_path / "f2")
+    assert f2.vae.config.block_out_channels == (16, 32) and f2.config.backbone.image_size == SIZE // 2
+    assert f2.config.image_size == SIZE
+
     out = tmp_path / "picture.png"
     assert run(sample.main, ["--model", str(tmp_path / "run"), "--prompt", "a red circle", "--steps", "2", "--out",
                              str(out), "--device", "cpu"]) == 0
@@ -337,6 +343,15 @@ def test_bad_latent_inputs_are_one_clear_line_and_exit_2(tmp_path, autoencoder_d
                 "--image-size 30 is not divisible by the autoencoder's down factor 4", capsys, new)
     check_error(train.main, ["--out", str(new), "--autoencoder", str(autoencoder_dir), *tiny_train_flags(image_size=36)],
                 "on 9 px latents", capsys, new)
+    check_error(train.main, ["--out", str(new), "--latent", "--autoencoder-down-factor", "3", *FLAGS],
+                "--autoencoder-down-factor must be 2, 4 or 8, got 3", capsys, new)
+    check_error(train.main, ["--out", str(new), "--latent", "--autoencoder-down-factor", "8",
+                             *tiny_train_flags(image_size=20)],
+                "--image-size 20 is not divisible by the autoencoder's down factor 8", capsys, new)
+    check_error(train.main, ["--out", str(new), "--autoencoder", str(autoencoder_dir), "--autoencoder-down-factor", "2",
+                             *FLAGS], "brings its own, with its own factor: drop one of them", capsys, new)
+    check_error(train.main, ["--out", str(new), "--autoencoder-down-factor", "2", *FLAGS],
+                "--autoencoder-down-factor shapes a latent run's autoencoder: add --latent", capsys, new)
     assert not new.exists()
 
     model = tmp_path / "model"

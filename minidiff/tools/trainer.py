@@ -168,8 +168,8 @@ def train_run_autoencoder(config: TrainConfig, dataset) -> Autoencoder:
     """A latent run's autoencoder, trained on its data (the generator seeded with `config.seed`), its
     latent factors fitted on the first pictures."""
     cores.adjust()  # the thread count for the autoencoder's training (a command only)
-    autoencoder, _ = train_autoencoder(AutoencoderConfig(image_size=config.image_size), dataset,
-                                       config.autoencoder_steps, AUTOENCODER_BATCH_SIZE, AUTOENCODER_LR,
+    shape = AutoencoderConfig.with_down_factor(config.autoencoder_down_factor, image_size=config.image_size)
+    autoencoder, _ = train_autoencoder(shape, dataset, config.autoencoder_steps, AUTOENCODER_BATCH_SIZE, AUTOENCODER_LR,
                                        generator=torch.Generator().manual_seed(config.seed))
     fit_latent_factors(autoencoder, torch.stack([dataset[i][0] for i in range(AUTOENCODER_FIT_PICTURES)]))
     return autoencoder
