@@ -311,6 +311,7 @@ def test_train_latent_trains_the_autoencoder_first_and_resumes_bit_for_bit(tmp_p
     f2 = load_model(tmp_path / "f2")
     assert f2.vae.config.block_out_channels == (16, 32) and f2.config.backbone.image_size == SIZE // 2
     assert f2.config.image_size == SIZE
+    assert MiniDiffusionPipeline(f2).sample("a red circle", num_inference_steps=2).images[0].size == (SIZE, SIZE)
 
     out = tmp_path / "picture.png"
     assert run(sample.main, ["--model", str(tmp_path / "run"), "--prompt", "a red circle", "--steps", "2", "--out",
