@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 UNKNOWN_WORDS_WARNING = "ignoring words the model was not trained on"  # then ": " and the words
@@ -72,14 +73,13 @@ class TextEncoder(nn.Module):
         self.config = config
         self.token_embedding = nn.Embedding(config.vocab_size, config.dim)
         self.position_embedding = nn.Parameter(torch.randn(config.max_length, config.dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(
-            config.dim, config.num_heads, dim_feedforward=4 * config.dim, dropout=0.0,
-            activation="gelu", batch_first=True, norm_first=True,
-        )
+        layer = nn.TransformerEncoderLayer(config.dim, config.num_heads, dim_feedforward=4 * config.dim, dropout=0.0,
+                                           activation="gelu", batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, config.num_layers, enable_nested_tensor=False)
         self.final_norm = nn.LayerNorm(config.dim)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = self.token_embedding(ids) + self.position_embedding[: ids.shape[1]]  # (B, L, D)
-        x = self.encoder(x, src_key_padding_mask=~mask)
+        with sdpa_kernel(SDPBackend.MATH):  # bf16 flash on a CPU: 7x slower here (benchmarks/attention_kernels.py)
+            x = self.encoder(x, src_key_padding_mask=~mask)
         return self.final_norm(x)
