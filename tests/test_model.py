@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minidiff.model import TextToImageModel
-from minidiff.text import Tokenizer
+from minidiff.text import TextEncoder, TextEncoderConfig, Tokenizer
 from minidiff.tools.checkpoint import config_from_dict, config_to_dict
 from minidiff.unet import UNet, UNetConfig, timestep_embedding
 
@@ -22,6 +22,15 @@ def test_tokenizer_pads_marks_and_warns_on_unknown_words():
         ids2, _ = tok(["a red dragon circle"])
     assert torch.equal(ids2[0], ids[0])  # the unknown word is dropped, nothing else changes
     assert tok(["An RED circle"])[0].equal(ids[:1])  # case and "an" are normalised
+
+
+def test_text_encoder_attends_with_the_math_kernel_under_bf16():
+    """bf16's flash kernel on a CPU is several times slower at caption lengths (benchmarks/attention_kernels.py)."""
+    encoder, ids = TextEncoder(TextEncoderConfig()).train(), torch.randint(3, 32, (4, 15))
+    with torch.profiler.profile() as profile, torch.autocast("cpu", dtype=torch.bfloat16):
+        encoder(ids, ids > 5).float().sum().backward()
+    kernels = {event.key for event in profile.key_averages() if "_attention_" in event.key}
+    assert "aten::_scaled_dot_product_attention_math" in kernels and not any("flash" in k for k in kernels), kernels
 
 
 def test_timestep_embedding_is_distinct_per_step():
