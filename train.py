@@ -62,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--autoencoder-steps", type=int, help="latent: steps of the autoencoder trained first "
                                                          f"(default {TrainConfig.autoencoder_steps})")
     p.add_argument("--autoencoder-down-factor", type=int, metavar="F",
-                   help="latent: the autoencoder trained first makes latents F times smaller a side (2, 4 or 8; "
+                   help="latent: the autoencoder trained first makes latents F times smaller a side (a power of 2; "
                         f"default {TrainConfig.autoencoder_down_factor}; 2 keeps two small objects apart at 32 px)")
     p.add_argument("--cache-latents", type=int, nargs="?", const=CACHE_LATENTS, metavar="N",
                    help="latent: encode N pictures once (default N: %(const)s), then sample their q(z|x) each step, "
@@ -245,9 +245,10 @@ def latent_autoencoder_config(config: TrainConfig) -> AutoencoderConfig | None:
     own = Path(config.out) / "autoencoder"
     if own.is_dir() or config.autoencoder is not None:
         return load_autoencoder(own if own.is_dir() else config.autoencoder).config
-    if config.autoencoder_down_factor not in (2, 4, 8):
-        raise UsageError(f"--autoencoder-down-factor must be 2, 4 or 8, got {config.autoencoder_down_factor}")
-    return AutoencoderConfig.with_down_factor(config.autoencoder_down_factor)  # the factor is what counts here
+    try:  # the factor is what counts here
+        return AutoencoderConfig.with_down_factor(config.autoencoder_down_factor)
+    except ValueError as error:
+        raise UsageError(f"--autoencoder-down-factor: {error}") from None
 
 
 def open_autoencoder(config: TrainConfig, dataset, distributed: dict, say):

@@ -345,7 +345,7 @@ def test_bad_latent_inputs_are_one_clear_line_and_exit_2(tmp_path, autoencoder_d
     check_error(train.main, ["--out", str(new), "--autoencoder", str(autoencoder_dir), *tiny_train_flags(image_size=36)],
                 "on 9 px latents", capsys, new)
     check_error(train.main, ["--out", str(new), "--latent", "--autoencoder-down-factor", "3", *FLAGS],
-                "--autoencoder-down-factor must be 2, 4 or 8, got 3", capsys, new)
+                "--autoencoder-down-factor: the down factor must be a power of 2 from 2 up, got 3", capsys, new)
     check_error(train.main, ["--out", str(new), "--latent", "--autoencoder-down-factor", "8",
                              *tiny_train_flags(image_size=20)],
                 "--image-size 20 is not divisible by the autoencoder's down factor 8", capsys, new)

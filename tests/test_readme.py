@@ -59,7 +59,7 @@ README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]  # each run in its own fresh copy
 TINY_TRAIN = ["--steps", "2", "--batch-size", "4", "--base-channels", "16", "--channel-mults", "1", "2",
               "--attention-levels", "1", "--text-dim", "32", "--sample-every", "0", "--checkpoint-every", "0",
-              "--autoencoder-steps", "2", "--device", "cpu"]  # the last: a latent run's autoencoder
+              "--autoencoder-steps", "2", "--device", "cpu"]  # --autoencoder-steps: a latent run's, first
 SHORTEN = {  # a command running this script (regex) gets these flags appended
     r"\btrain\.py\b": TINY_TRAIN,
     r"-m\s+minidiff\.evaluate\b": ["--samples-per-prompt", "1", "--steps", "2"],
