@@ -109,6 +109,15 @@ class PatchEmbed(nn.Module):
         return (rearrange(self.proj(x), "b d h w -> b (h w) d") + pos).contiguous()
 
 
+class RMSNorm(nn.RMSNorm):
+    """x / rms(x) * g, in float32 as diffusers' RMSNorm: under bf16 autocast q and k arrive in bf16 while g
+    stays float32, which PyTorch's fused kernel refuses (with a warning). The result has the wider dtype."""
+
+    def forward(self, x):
+        out = F.rms_norm(x.float(), self.normalized_shape, self.weight.float(), self.eps)
+        return out.to(torch.promote_types(x.dtype, self.weight.dtype))
+
+
 class Attention(nn.Module):
     """q, k, v (and out) projections of one stream, split into heads, with optional RMS q/k norm."""
 
@@ -117,7 +126,7 @@ class Attention(nn.Module):
         d, self.heads = cfg.width, cfg.num_attention_heads
         self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
         # SD3.5: RMS norm of each head's q and k, x / rms(x) * g (keeps the attention logits in check)
-        norm = (lambda: nn.RMSNorm(cfg.attention_head_dim, eps=1e-6)) if cfg.qk_norm else nn.Identity
+        norm = (lambda: RMSNorm(cfg.attention_head_dim, eps=1e-6)) if cfg.qk_norm else nn.Identity
         self.q_norm, self.k_norm = norm(), norm()
         self.out = nn.Linear(d, d) if out else None  # the last block's text stream has no output
 

@@ -3,6 +3,8 @@ sizes, float32 on CPU), and runs diffusers' SD3 pipelines through the bridge to 
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -110,6 +112,25 @@ def test_context_mask_and_pooled_default():
         torch.testing.assert_close(alone, with_pooled, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(model(x, t, context, context_mask=torch.ones(2, 6, dtype=torch.bool)),
                                model(x, t, context), rtol=1e-5, atol=1e-5)
+
+
+def test_qk_norm_under_bf16_autocast_is_diffusers_float32_rms_norm_without_a_warning():
+    """Under bf16 autocast the q/k RMS norm gets bf16 heads and float32 weights: it normalises in float32,
+    as diffusers' RMSNorm does, rather than warn and fall back (torch's fused kernel takes one dtype)."""
+    from diffusers.models.normalization import RMSNorm as DiffusersRMSNorm
+
+    cfg = {**TINY, "qk_norm": "rms_norm"}
+    model = randomise(MMDiT(MMDiTConfig(**cfg)))
+    with warnings.catch_warnings(), torch.autocast("cpu", dtype=torch.bfloat16):
+        warnings.simplefilter("error")
+        model(*inputs(cfg)[:3], pooled=inputs(cfg)[3])
+    ours = model.blocks[0].image.q_norm
+    theirs = DiffusersRMSNorm(cfg["attention_head_dim"], eps=1e-6)
+    theirs.weight.data.copy_(ours.weight)
+    heads = torch.randn(2, 2, 5, cfg["attention_head_dim"]).bfloat16()
+    got, expected = ours(heads), theirs(heads)
+    assert got.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_fresh_model_starts_at_zero_and_learns():
