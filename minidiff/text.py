@@ -1,9 +1,8 @@
 """Text conditioning: a word-level tokenizer and a small transformer encoder.
 
-The encoder is trained jointly with the UNet (no pretrained CLIP: the toy captions use a
-few dozen words). Its output, one vector per token, is what the UNet's cross-attention
-reads. The empty prompt encodes to the unconditional embedding used by classifier-free
-guidance (Ho & Salimans 2022).
+The encoder is trained jointly with the UNet (no pretrained CLIP: the toy captions use a few dozen words).
+Its output, one vector per token, is what the UNet's cross-attention reads. The empty prompt encodes
+to the unconditional embedding used by classifier-free guidance (Ho & Salimans 2022).
 """
 
 from __future__ import annotations
@@ -21,8 +20,7 @@ UNKNOWN_WORDS_WARNING = "ignoring words the model was not trained on"  # then ":
 
 
 class Tokenizer:
-    """Lower-cased words -> integer ids, padded to `max_length`. Unknown words are dropped
-    with one warning naming them."""
+    """Lower-cased words -> integer ids, padded to `max_length`; unknown words dropped with one warning."""
 
     def __init__(self, vocab: list[str], max_length: int = 16):
         words = [w for w in vocab if w not in (PAD, BOS, EOS)]
@@ -71,7 +69,9 @@ class TextEncoder(nn.Module):
     def __init__(self, config: TextEncoderConfig):
         super().__init__()
         self.config = config
+        # CLIP's init, words and positions on one scale: with N(0, 1) words it is a bag of words (BENCHMARKS §9)
         self.token_embedding = nn.Embedding(config.vocab_size, config.dim)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
         self.position_embedding = nn.Parameter(torch.randn(config.max_length, config.dim) * 0.02)
         layer = nn.TransformerEncoderLayer(config.dim, config.num_heads, dim_feedforward=4 * config.dim, dropout=0.0,
                                            activation="gelu", batch_first=True, norm_first=True)
