@@ -82,6 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--patch-size", type=int,
                    help=f"MMDiT pixels per image token, p x p (default {TrainConfig.patch_size})")
     p.add_argument("--text-dim", type=int, help="text encoder width")
+    p.add_argument("--text-clip-init", action="store_true", default=None,
+                   help="the text encoder's word embeddings start at std 0.02 like its positions (CLIP's init), "
+                        "so it reads word order from the start: what two-object prompts need (docs/training.md)")
     p.add_argument("--lr", type=float, help="peak learning rate (Adam)")
     p.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up")
     p.add_argument("--seed", type=int)

@@ -99,12 +99,12 @@ class TextToImageModel(nn.Module):
         return self
 
     @classmethod
-    def for_captions(cls, captions, backbone: UNetConfig | MMDiTConfig, text_dim: int = 128,
-                     scheduler: SchedulerConfig | FlowMatchConfig | None = None, autoencoder: Autoencoder | None = None):
-        """Build a model whose vocabulary covers `captions` (its text width `text_dim`); with an
-        `autoencoder`, a latent model (`backbone` then sized for its latents)."""
+    def for_captions(cls, captions, backbone: UNetConfig | MMDiTConfig, text_dim: int = 128, scheduler=None,
+                     autoencoder: Autoencoder | None = None, text_clip_init: bool = False):
+        """Build a model whose vocabulary covers `captions` (text width `text_dim`, TextEncoderConfig.clip_init
+        `text_clip_init`); with an `autoencoder`, a latent model (`backbone` then sized for its latents)."""
         tokenizer = Tokenizer.from_captions(captions)
-        text = TextEncoderConfig(vocab_size=len(tokenizer.vocab), max_length=tokenizer.max_length, dim=text_dim)
+        text = TextEncoderConfig(len(tokenizer.vocab), tokenizer.max_length, text_dim, clip_init=text_clip_init)
         backbone = backbone.with_text_dim(text_dim)  # the network reads text tokens of that width
         latent = LatentSpace.of(autoencoder) if autoencoder else None
         return cls(ModelConfig(backbone=backbone, text_encoder=text, scheduler=scheduler or SchedulerConfig(),

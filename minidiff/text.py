@@ -23,8 +23,7 @@ class Tokenizer:
     """Lower-cased words -> integer ids, padded to `max_length`; unknown words dropped with one warning."""
 
     def __init__(self, vocab: list[str], max_length: int = 16):
-        words = [w for w in vocab if w not in (PAD, BOS, EOS)]
-        self.vocab = [PAD, BOS, EOS] + words
+        self.vocab = [PAD, BOS, EOS] + [w for w in vocab if w not in (PAD, BOS, EOS)]
         self.index = {w: i for i, w in enumerate(self.vocab)}
         self.max_length = max_length
 
@@ -61,6 +60,7 @@ class TextEncoderConfig:
     dim: int = 128
     num_layers: int = 2
     num_heads: int = 4
+    clip_init: bool = False  # words start N(0, 1) (nn.Embedding's), or at std 0.02 as the positions (CLIP's)
 
 
 class TextEncoder(nn.Module):
@@ -69,9 +69,9 @@ class TextEncoder(nn.Module):
     def __init__(self, config: TextEncoderConfig):
         super().__init__()
         self.config = config
-        # CLIP's init, words and positions on one scale: with N(0, 1) words it is a bag of words (BENCHMARKS §9)
         self.token_embedding = nn.Embedding(config.vocab_size, config.dim)
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        if config.clip_init:  # else words 50x the positions: a near bag of words, blind to order (BENCHMARKS §9)
+            nn.init.normal_(self.token_embedding.weight, std=0.02)
         self.position_embedding = nn.Parameter(torch.randn(config.max_length, config.dim) * 0.02)
         layer = nn.TransformerEncoderLayer(config.dim, config.num_heads, dim_feedforward=4 * config.dim, dropout=0.0,
                                            activation="gelu", batch_first=True, norm_first=True)

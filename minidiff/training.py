@@ -47,8 +47,7 @@ from .unet import UNetConfig
 
 @dataclass
 class TrainConfig:
-    """A training run. The defaults are the CPU preset (`python train.py`); `tools.trainer.PRESETS`
-    lists what the GPU run changes."""
+    """A training run. The defaults are the CPU preset (`python train.py`); `tools.trainer.PRESETS` the GPU's."""
 
     # the model
     image_size: int = 16
@@ -61,6 +60,7 @@ class TrainConfig:
     head_dim: int = 16  # mmdit
     patch_size: int = 2  # mmdit: p x p pixels per image token
     text_dim: int = 128
+    text_clip_init: bool = False  # text encoder: words start at std 0.02 as its positions (CLIP); two objects need it
     objective: str = "flow"  # "flow" (predict the velocity, as SD3) or "ddpm" (predict the noise)
     beta_schedule: str = "cosine"  # ddpm
     shift: float = 0.5  # flow: the timestep shift of Esser et al. eq. 23 (SD3.5 at 1024 px: 3.0; below 1 at 16 px)
@@ -127,13 +127,13 @@ class TrainConfig:
 
 
 def build_model(config: TrainConfig, captions, autoencoder: Autoencoder | None = None) -> TextToImageModel:
-    """The model a run starts from: weights drawn from `config.seed`, vocabulary from `captions`;
-    a latent model on its trained, frozen `autoencoder`."""
+    """A run's first model: weights from `config.seed`, words from `captions`, a latent one on its frozen `autoencoder`."""
     if config.latent != (autoencoder is not None):
         raise ValueError("a latent run (latent=True) needs its trained autoencoder, and a pixel run takes none")
     torch.manual_seed(config.seed)
     backbone = config.backbone_config(autoencoder.config if autoencoder is not None else None)
-    return TextToImageModel.for_captions(captions, backbone, config.text_dim, config.scheduler_config(), autoencoder)
+    return TextToImageModel.for_captions(captions, backbone, config.text_dim, config.scheduler_config(), autoencoder,
+                                         config.text_clip_init)
 
 
 class EMA:

@@ -34,21 +34,39 @@ def test_text_encoder_attends_with_the_math_kernel_under_bf16():
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_text_encoder_tells_the_left_object_from_the_right_from_its_first_step(seed):
-    """Words and positions start on one scale (CLIP's init), so moving "red" from the first object to the
-    second changes its encoding about as much as changing it to "blue" does, before any training. With
-    nn.Embedding's N(0, 1) words beside std-0.02 positions it changed 2% as much: a bag of words, and
+def test_clip_init_tells_the_left_object_from_the_right_from_the_first_step(seed):
+    """With clip_init words start at the positions' std 0.02 (CLIP's init), so moving "red" from the first
+    object to the second changes its encoding about as much as changing it to "blue" does. With
+    nn.Embedding's N(0, 1) words (the default) it changes 2% as much: nearly a bag of words, with which
     two-object colours were never learnt (BENCHMARKS.md section 9)."""
     left, right = "a red circle on the left and a blue square", "a blue square on the left and a red circle"
     tokenizer = Tokenizer.from_captions([left])
-    torch.manual_seed(seed)
-    encoder = TextEncoder(TextEncoderConfig(vocab_size=len(tokenizer.vocab), max_length=tokenizer.max_length))
     ids, mask = tokenizer([left, right])
-    with torch.no_grad():
-        out = encoder(ids, mask)
     first, second = (ids == tokenizer.index["red"]).float().argmax(dim=1)  # where "red" is in each caption
-    red_first, red_second, blue_first = out[0, first], out[1, second], out[1, first]
-    assert (red_first - red_second).norm() > 0.5 * (red_first - blue_first).norm()
+    ratios = {}
+    for clip_init in (True, False):
+        torch.manual_seed(seed)
+        encoder = TextEncoder(TextEncoderConfig(len(tokenizer.vocab), tokenizer.max_length, clip_init=clip_init))
+        with torch.no_grad():
+            out = encoder(ids, mask)
+        red_first, red_second, blue_first = out[0, first], out[1, second], out[1, first]
+        ratios[clip_init] = ((red_first - red_second).norm() / (red_first - blue_first).norm()).item()
+    assert ratios[True] > 0.5 and ratios[False] < 0.1, ratios
+
+
+def test_text_clip_init_reaches_the_model_and_its_saved_config():
+    from minidiff.training import TrainConfig, build_model
+
+    captions = ["a red circle", "a blue square on the left and a red circle on the right"]
+    for flag in (False, True):
+        model = build_model(TrainConfig(text_clip_init=flag), captions)
+        assert model.config.text_encoder.clip_init is flag
+        assert config_from_dict(config_to_dict(model.config)).text_encoder.clip_init is flag
+        std = model.text_encoder.token_embedding.weight.std().item()
+        assert abs(std - (0.02 if flag else 1.0)) < 0.3 * (0.02 if flag else 1.0), std
+    old = config_to_dict(build_model(TrainConfig(), captions).config)
+    del old["text_encoder"]["clip_init"]  # a folder saved before the option loads as it was trained
+    assert config_from_dict(old).text_encoder.clip_init is False
 
 
 def test_timestep_embedding_is_distinct_per_step():
