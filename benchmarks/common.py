@@ -133,7 +133,7 @@ def build_model(config: TrainConfig, backbone: str, device="cpu", autoencoder=No
         return training.build_model(config, make_dataset(config).captions(), autoencoder).to(device)
     torch.manual_seed(config.seed)
     return BaselineModel.for_captions(make_dataset(config).captions(), config.backbone_config(), config.text_dim,
-                                      config.scheduler_config()).to(device)
+                                      config.scheduler_config(), text_clip_init=config.text_clip_init).to(device)
 
 
 class TrainState(training.TrainState):

@@ -38,6 +38,10 @@ def test_baseline_trains_with_minidiffs_loss_and_samples_with_its_pipeline():
     reference = build_model(config, "minidiff")  # same seed: the text encoders start equal
     for a, b in zip(model.text_encoder.parameters(), reference.text_encoder.parameters()):
         assert torch.equal(a, b)
+    clip = tiny_config(text_clip_init=True)  # and with CLIP's init (train.py --text-clip-init)
+    for a, b in zip(build_model(clip, "diffusers").text_encoder.parameters(),
+                    build_model(clip, "minidiff").text_encoder.parameters()):
+        assert torch.equal(a, b)
 
     state = TrainState(model, config)
     images = torch.rand(2, 3, 16, 16) * 2 - 1
