@@ -44,7 +44,7 @@ from PIL import Image
 
 from minidiff.autoencoder import AutoencoderConfig, fit_latent_factors, from_latents, to_latents, train_autoencoder
 from minidiff.tools.checkpoint import save_autoencoder
-from minidiff.tools.evaluate import analyse, score
+from minidiff.tools.evaluate import accuracy, analyse, score
 from minidiff.tools.pictures import tensor_to_pil
 from minidiff.tools.shapes import Shapes
 
@@ -71,7 +71,7 @@ def scored_reconstructions(autoencoder, two_objects: bool, count: int = HELD_OUT
     originals = torch.stack([data[i][0] for i in range(count)])
     found = [analyse(image, two_objects) for image in tensor_to_pil(reconstruct(autoencoder, originals))]
     scores = [score(f, [(o["colour"], o["shape"]) for o in data.scene(i)]) for i, f in enumerate(found)]
-    return {kind: round(sum(s[kind] for s in scores) / count, 3) for kind in ("colour", "shape", "both")}
+    return {kind: round(share, 3) for kind, share in accuracy(scores).items()}
 
 
 def to_uint8_grid(rows: list[torch.Tensor], scale: int) -> Image.Image:

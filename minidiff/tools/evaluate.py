@@ -110,6 +110,11 @@ def score(found: list, expected: list) -> dict[str, bool]:
     }
 
 
+def accuracy(scores: list[dict[str, bool]]) -> dict[str, float]:
+    """The share of `score` results right, per kind: {"colour": ..., "shape": ..., "both": ...}."""
+    return {k: sum(s[k] for s in scores) / len(scores) for k in ("colour", "shape", "both")}
+
+
 def check_shapes_model(pipe, prompts: list[str], name: str = "this model") -> None:
     """Refuse a model that was not trained on Shapes: its vocabulary lacks words of the
     evaluation prompts (a model trained on other captions would be scored on prompts it
@@ -141,7 +146,7 @@ def evaluate(pipe, samples_per_prompt: int = 8, seed: int = 0, progress: bool = 
     bar.close()
     summary = {"per_prompt": per_prompt}
     for kind, scores in results.items():
-        summary[kind] = {k: sum(s[k] for s in scores) / len(scores) for k in ("colour", "shape", "both")} if scores else None
+        summary[kind] = accuracy(scores) if scores else None
     return summary
 
 
